@@ -1,0 +1,17 @@
+"""keras_colopt: collaborative optimization (prune, cluster, quantize) for Keras models.
+
+Example:
+    >>> import keras_colopt as colopt
+    >>> result = colopt.collaborative_fit(model, x, y, phases=[
+    ...     colopt.Train(epochs=5), colopt.Prune(sparsity=0.5, epochs=3),
+    ...     colopt.Cluster(clusters=8, epochs=3), colopt.Quantize(epochs=2)])
+    >>> colopt.export.to_tflite(result.model, "model.tflite", quantization="int8")
+"""
+
+__version__ = "0.1.0"
+
+from keras_colopt import callbacks, export, stats  # noqa: E402,F401
+from keras_colopt.fit import FitResult, collaborative_fit  # noqa: E402,F401
+from keras_colopt.invariants import InvariantViolation  # noqa: E402,F401
+from keras_colopt.phases import Cluster, Phase, Prune, Quantize, Train  # noqa: E402,F401
+from keras_colopt.plan import Plan, PlanError, resolve  # noqa: E402,F401

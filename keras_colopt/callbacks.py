@@ -1,0 +1,276 @@
+"""Drop-in callbacks: CompressionMetrics and InvariantGuard.
+
+Both work in a plain `model.fit` (with a tfmot-wrapped model built by hand, or
+an unwrapped one) and are installed by `collaborative_fit`. Both are
+re-entrant: per-run state is reset in `on_train_begin`, so one instance serves
+every phase of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import warnings
+from typing import Dict, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from keras_colopt import invariants, stats
+from keras_colopt.engines import get_engine
+
+log = logging.getLogger("keras_colopt")
+
+
+def layer_stats(model, engine=None) -> Dict[str, stats.TensorStats]:
+    """Per-layer compression statistics of the weights each layer computes with.
+
+    Args:
+        model: a tf_keras model, wrapped or not.
+
+    Returns:
+        `{base layer name: TensorStats}` over every layer with a kernel; a layer's
+        kernels are pooled, `unique` is the largest per-kernel count and
+        `unique_per_channel_max` the largest per-output-channel count.
+    """
+    engine = engine or get_engine(model, compiled=False)
+    out = {}
+    for layer in model.layers:
+        ks = engine.kernels(layer)
+        if not ks:
+            continue
+        parts = [stats.tensor_stats(n, w, axis) for n, w, axis in ks]
+        name = engine.base_name(layer)
+        out[name] = stats.TensorStats(
+            name=name, shape=parts[0].shape,
+            sparsity=(sum(p.zeros for p in parts) / max(1, sum(p.size for p in parts))),
+            zeros=sum(p.zeros for p in parts), size=sum(p.size for p in parts),
+            unique=max(p.unique for p in parts),
+            unique_per_channel_max=max((p.unique_per_channel_max or 0) for p in parts) or None)
+    return out
+
+
+class CompressionMetrics(tf_keras.callbacks.Callback):
+    """Logs per-layer sparsity and unique weight counts every epoch.
+
+    Statistics are computed on the weights each layer really computes with
+    (masked, re-clustered, fake-quantized), not on raw variables. Per-layer
+    scalars go to TensorBoard under `sparsity/<layer>`,
+    `unique_weights/<layer>` and `unique_weights_per_channel/<layer>`, with
+    kernel histograms under `weights/<layer>`, in `<log_dir>/compression`.
+    Layer names are the user's (unwrapped) names, so a series runs on across
+    phases. Only model-wide aggregates go into `logs`:
+    `compression/sparsity` (zeros over all kernel weights) and
+    `compression/max_unique_weights`.
+
+    Args:
+        log_dir: TensorBoard log directory, or `None` for `logs` only.
+            Defaults to `None`.
+        histograms: also write kernel histograms. Defaults to `True`.
+
+    Example:
+        >>> cb = CompressionMetrics(log_dir="logs/run1")
+        >>> # model.fit(x, y, callbacks=[cb]); cb.layer_stats["dense"].sparsity
+    """
+
+    def __init__(self, log_dir=None, histograms=True):
+        super().__init__()
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError("CompressionMetrics: `log_dir` must be a path or None. Expected a "
+                             "directory for TensorBoard event files. "
+                             f"Received: log_dir={log_dir!r}")
+        if not isinstance(histograms, bool):
+            raise ValueError("CompressionMetrics: `histograms` must be a bool. "
+                             f"Received: histograms={histograms!r}")
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.histograms = histograms
+        self.layer_stats: Dict[str, stats.TensorStats] = {}
+        self._writer = None
+        self._engine = None
+
+    def get_config(self):
+        return {"log_dir": self.log_dir, "histograms": self.histograms}
+
+    def on_train_begin(self, logs=None):
+        self._engine = get_engine(self.model, compiled=False)
+        self.layer_stats = {}
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "compression"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.layer_stats = layer_stats(self.model, self._engine)
+        agg = stats.summarize(self.layer_stats.values())
+        if logs is not None:
+            logs["compression/sparsity"] = agg["sparsity"]
+            logs["compression/max_unique_weights"] = agg["max_unique"]
+        if self._writer is None:
+            return
+        per_channel = {n for n, e in self._engine.expectations(self.model).items()
+                       if e.get("per_channel")}
+        kernels = {}
+        if self.histograms:
+            kernels = {self._engine.base_name(l): ks for l in self.model.layers
+                       for ks in [self._engine.kernels(l)] if ks}
+        with self._writer.as_default(step=epoch):
+            for name, s in self.layer_stats.items():
+                tf.summary.scalar(f"sparsity/{name}", s.sparsity)
+                tf.summary.scalar(f"unique_weights/{name}", s.unique)
+                if name in per_channel and s.unique_per_channel_max is not None:
+                    tf.summary.scalar(f"unique_weights_per_channel/{name}",
+                                      s.unique_per_channel_max)
+            for name, ks in kernels.items():
+                tf.summary.histogram(f"weights/{name}",
+                                     np.concatenate([np.ravel(w) for _, w, _ in ks]))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+Number = Union[int, float]
+
+
+def _check_target(arg, value, ok, expected):
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for k, v in items:
+        if k is not None and not isinstance(k, str):
+            raise ValueError(f"InvariantGuard: `{arg}` keys must be layer names. "
+                             f"Received: {arg}={value!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+            raise ValueError(f"InvariantGuard: `{arg}` must be {expected}, or a dict of layer "
+                             f"name -> such a value, or None to read it from the model's "
+                             f"wrappers. Received: {arg}={value!r}")
+    return dict(value) if isinstance(value, dict) else value
+
+
+class InvariantGuard(tf_keras.callbacks.Callback):
+    """Checks at every epoch end that compression invariants hold.
+
+    Each pruned layer must keep at least its target sparsity once its pruning
+    schedule has ended; each clustered layer must have at most its number of
+    clusters (per output channel when clustering, or the layer's 8-bit weight
+    quantizer, is per channel). Checked on the weights the layers really
+    compute with.
+
+    Expectations given here apply to every layer tfmot can prune/cluster
+    (a float/int) or to the named layers (a dict); those not given are read
+    from the model's wrappers (pruning schedules, clustering wrappers,
+    PQAT/CQAT/PCQAT quantizers).
+
+    Args:
+        sparsity: minimal sparsity, a dict `{layer: sparsity}`, or `None`.
+            Defaults to `None`.
+        clusters: maximal unique values, a dict `{layer: clusters}`, or
+            `None`. Defaults to `None`.
+        mode: `"raise"` (raise `InvariantViolation`, stopping training) or
+            `"warn"`. Defaults to `"raise"`.
+        tolerance: how far below its target a layer's sparsity may fall
+            (absolute), on top of one weight of rounding. Defaults to `0.005`.
+        per_channel: count clusters per output channel for every layer.
+            Defaults to `False` (per channel only where the model says so).
+        phase: label used in messages; defaults to what the wrappers show
+            ("prune", "cluster", "PCQAT", ...).
+
+    Example:
+        >>> guard = InvariantGuard(sparsity=0.5, clusters=8)
+        >>> # model.fit(x, y, callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), guard])
+    """
+
+    def __init__(self, sparsity=None, clusters=None, mode="raise", tolerance=0.005,
+                 per_channel=False, phase=None):
+        super().__init__()
+        self.sparsity = _check_target("sparsity", sparsity, lambda v: 0 <= v < 1,
+                                      "a number in [0, 1)")
+        self.clusters = _check_target("clusters", clusters,
+                                      lambda v: v >= 1 and float(v).is_integer(),
+                                      "an integer >= 1")
+        if mode not in ("raise", "warn"):
+            raise ValueError("InvariantGuard: `mode` must be 'raise' or 'warn'. "
+                             f"Received: mode={mode!r}")
+        if (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
+                or not 0 <= tolerance < 1):
+            raise ValueError("InvariantGuard: `tolerance` must be in [0, 1), e.g. 0.005. "
+                             f"Received: tolerance={tolerance!r}")
+        if not isinstance(per_channel, bool):
+            raise ValueError("InvariantGuard: `per_channel` must be a bool. "
+                             f"Received: per_channel={per_channel!r}")
+        self.mode = mode
+        self.tolerance = float(tolerance)
+        self.per_channel = per_channel
+        self.phase = phase
+        self.violations = []
+        self._engine = None
+
+    def get_config(self):
+        return {"sparsity": self.sparsity, "clusters": self.clusters, "mode": self.mode,
+                "tolerance": self.tolerance, "per_channel": self.per_channel,
+                "phase": self.phase}
+
+    def on_train_begin(self, logs=None):
+        self._engine = get_engine(self.model, compiled=False)
+        self.violations = []
+        names = {self._engine.base_name(l) for l in self.model.layers}
+        for arg in ("sparsity", "clusters"):
+            value = getattr(self, arg)
+            if isinstance(value, dict):
+                missing = sorted(set(value) - names)
+                if missing:
+                    raise ValueError(
+                        f"InvariantGuard: `{arg}` names layer(s) {missing} that model "
+                        f"'{self.model.name}' does not have. Expected names from: "
+                        f"{sorted(names)}. Received: {arg}={value!r}")
+
+    def expectations(self) -> Dict[str, "invariants.Expectation"]:
+        """The expectation of every checked layer, for the current model."""
+        eng = self._engine or get_engine(self.model, compiled=False)
+        from_wrappers = eng.expectations(self.model)
+        out = {}
+        for layer in self.model.layers:
+            name = eng.base_name(layer)
+            w = from_wrappers.get(name, {})
+            sp = self._given(self.sparsity, name, layer, eng, w.get("sparsity"))
+            cl = self._given(self.clusters, name, layer, eng, w.get("clusters"))
+            if w.get("wrapper") == "prune" and not w.get("sparsity_ready", True):
+                sp = None  # the schedule is still ramping up
+            if sp is None and cl is None:
+                continue
+            pc = self.per_channel or bool(w.get("per_channel")) or eng.quantized_per_channel(layer)
+            out[name] = invariants.Expectation(sparsity=sp, clusters=None if cl is None
+                                               else int(cl), per_channel=pc)
+        return out
+
+    @staticmethod
+    def _given(value, name, layer, eng, default):
+        if isinstance(value, dict):
+            return value.get(name, default)
+        if value is not None and (eng.can_touch(layer, "prune") or eng.can_touch(layer, "cluster")):
+            return value
+        return default
+
+    def on_epoch_end(self, epoch, logs=None):
+        eng = self._engine
+        phase = self.phase or eng.wrapper_kind(self.model)
+        found = []
+        exp = self.expectations()
+        for layer in self.model.layers:
+            name = eng.base_name(layer)
+            if name in exp:
+                found += invariants.check_layer(name, eng.kernels(layer), exp[name],
+                                                self.tolerance, phase=phase, epoch=epoch)
+        self.violations += found
+        if logs is not None:
+            logs["invariants/violations"] = len(found)
+        if not found:
+            return
+        err = invariants.InvariantViolation(found, model=self.model)
+        if self.mode == "raise":
+            raise err
+        warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+        log.warning("%s", err)

@@ -1,0 +1,617 @@
+"""The tfmot engine: tf_keras (Keras 2) models through tensorflow-model-optimization.
+
+This is the only module that imports tfmot. It applies one phase of a plan to
+a model (re-wrapping it), reads the weights each layer really computes with,
+and reads the expectations (target sparsity, number of clusters) from the
+model's wrappers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+# tfmot sets TF_USE_LEGACY_KERAS=1 as a side effect of its import; we import it
+# here only, and restore the user's environment right after.
+_prev_legacy = os.environ.get("TF_USE_LEGACY_KERAS")
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+from tensorflow_model_optimization.python.core.clustering.keras import (  # noqa: E402
+    cluster_wrapper, clustering_registry)
+from tensorflow_model_optimization.python.core.quantization.keras import (  # noqa: E402
+    quantize_wrapper)
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (  # noqa: E402,E501
+    cluster_preserve_quantize_registry as cpq)
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (  # noqa: E402,E501
+    prune_preserve_quantize_registry as ppq)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
+    default_8bit_quantize_registry)
+from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: E402
+    prune_registry, pruning_wrapper)
+
+if _prev_legacy is None:
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+else:
+    os.environ["TF_USE_LEGACY_KERAS"] = _prev_legacy
+
+log = logging.getLogger("keras_colopt")
+
+_INITS = {
+    "kmeans++": tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS,
+    "linear": tfmot.clustering.keras.CentroidInitialization.LINEAR,
+    "density": tfmot.clustering.keras.CentroidInitialization.DENSITY_BASED,
+    "random": tfmot.clustering.keras.CentroidInitialization.RANDOM,
+}
+
+_KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
+_WEIGHTED = (tf_keras.layers.Conv2D, tf_keras.layers.Dense, tf_keras.layers.DepthwiseConv2D)
+_ACTIVATION_LAYERS = (tf_keras.layers.ReLU, tf_keras.layers.Activation)
+_WRAPPERS = (pruning_wrapper.PruneLowMagnitude, cluster_wrapper.ClusterWeights,
+             quantize_wrapper.QuantizeWrapper)
+
+
+# --------------------------------------------------------------------------- model checks
+
+def check_model(model, compiled: bool = True) -> None:
+    """Raises a clear error unless `model` is a (compiled) tf_keras Sequential/Functional model."""
+    if isinstance(model, tf_keras.Model):
+        pass
+    elif _is_keras3(model):
+        raise TypeError(
+            "This is a Keras 3 model (`import keras`), which tensorflow-model-optimization "
+            "cannot wrap (its cluster_weights silently returns None for one). Expected a "
+            "tf_keras (Keras 2) model. Build the model with `import tf_keras as keras` "
+            "(pip package tf-keras), or rebuild it from its config with tf_keras. "
+            f"Received: model of type {type(model).__module__}.{type(model).__name__}")
+    else:
+        raise TypeError(
+            "Expected a compiled tf_keras Sequential or Functional model. "
+            f"Received: model={model!r} of type {type(model).__name__}")
+    if not (isinstance(model, tf_keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise TypeError(
+            f"Model '{model.name}' is a subclassed tf_keras.Model ({type(model).__name__}); "
+            "tfmot can only re-wrap the layers of Sequential and Functional models. Expected "
+            "a Sequential or Functional model. Rebuild it with the Functional API "
+            "(keras.Model(inputs, outputs)).")
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Expected a model with known input shapes. "
+            "Give the first layer an input_shape (or use keras.Input) before calling.")
+    if compiled and (getattr(model, "optimizer", None) is None
+                     or not getattr(model, "compiled_loss", None)):
+        raise ValueError(
+            f"Model '{model.name}' is not compiled. Expected a model compiled with an "
+            "optimizer and a loss: every phase re-compiles with the same loss and metrics "
+            "and a fresh copy of your optimizer. Call model.compile(optimizer=..., loss=..., "
+            "metrics=[...]) first.")
+
+
+def _is_keras3(model) -> bool:
+    return type(model).__module__.startswith("keras.") or any(
+        c.__module__.startswith("keras.src") for c in type(model).__mro__)
+
+
+def clone_model(model):
+    """A deep copy of `model` (new layer objects, same weights) that shares nothing with it."""
+    clone = tf_keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def compile_config(model) -> dict:
+    """What `model.compile` was given, in a form that can compile another model."""
+    def fresh(obj):
+        if isinstance(obj, (tf_keras.metrics.Metric, tf_keras.losses.Loss)):
+            return type(obj).from_config(obj.get_config())
+        if isinstance(obj, dict):
+            return {k: fresh(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(fresh(v) for v in obj)
+        return obj
+
+    cl = model.compiled_loss
+    cm = model.compiled_metrics
+    opt = model.optimizer
+    return {
+        "optimizer_class": type(opt),
+        "optimizer_config": opt.get_config(),
+        "loss": model.loss,
+        "loss_weights": getattr(cl, "_user_loss_weights", None),
+        "metrics": fresh(getattr(cm, "_user_metrics", None)) if cm is not None else None,
+        "weighted_metrics": fresh(getattr(cm, "_user_weighted_metrics", None)) if cm else None,
+        "run_eagerly": model._run_eagerly,
+        "steps_per_execution": int(model._steps_per_execution.numpy())
+        if getattr(model, "_steps_per_execution", None) is not None else 1,
+        "_fresh": fresh,
+    }
+
+
+def compile_like(model, cfg: dict, learning_rate: Optional[float] = None) -> None:
+    """Compiles `model` as the original was, with a fresh optimizer (optionally a new rate)."""
+    ocfg = dict(cfg["optimizer_config"])
+    if learning_rate is not None:
+        ocfg["learning_rate"] = float(learning_rate)
+    optimizer = cfg["optimizer_class"].from_config(ocfg)
+    fresh = cfg["_fresh"]
+    model.compile(optimizer=optimizer, loss=fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
+                  metrics=fresh(cfg["metrics"]), weighted_metrics=fresh(cfg["weighted_metrics"]),
+                  run_eagerly=cfg["run_eagerly"], steps_per_execution=cfg["steps_per_execution"])
+
+
+# --------------------------------------------------------------------------- layers
+
+def base_layer(layer):
+    """The user's layer inside any tfmot wrapper."""
+    while isinstance(layer, _WRAPPERS) or isinstance(layer, tf_keras.layers.Wrapper) and \
+            type(layer).__module__.startswith("tensorflow_model_optimization"):
+        layer = layer.layer
+    return layer
+
+
+def base_name(layer) -> str:
+    return base_layer(layer).name
+
+
+def _prunable_weight_names(layer) -> List[str]:
+    if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
+        return [w.name for w in layer.get_prunable_weights()]
+    if not prune_registry.PruneRegistry.supports(layer):
+        return []
+    return list(prune_registry.PruneRegistry._weight_names(layer))
+
+
+def _clusterable_weight_names(layer) -> List[str]:
+    if isinstance(layer, tfmot.clustering.keras.ClusterableLayer):
+        return [n for n, _ in layer.get_clusterable_weights()]
+    if not clustering_registry.ClusteringRegistry.supports(layer):
+        return []
+    return list(clustering_registry.ClusteringRegistry._weight_names(layer))
+
+
+def can_touch(layer, kind: str) -> bool:
+    """Whether a phase of `kind` ("prune", "cluster", "quantize") can apply to `layer`."""
+    layer = base_layer(layer)
+    if kind == "prune":
+        return bool(_prunable_weight_names(layer))
+    if kind == "cluster":
+        return bool(_clusterable_weight_names(layer))
+    if kind == "quantize":
+        return default_8bit_quantize_registry.Default8BitQuantizeRegistry().supports(layer) or \
+            isinstance(layer, tf_keras.layers.InputLayer)
+    return False
+
+
+def _has_kernel(layer) -> bool:
+    return any(getattr(layer, a, None) is not None for a in _KERNEL_ATTRS)
+
+
+def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
+    """Which layers a phase touches, and which weighted layers it cannot touch.
+
+    Returns:
+        (touched, skipped): base layer names. Raises ValueError for a name in
+        `phase.layers` that does not exist or that the phase cannot touch.
+    """
+    layers = [base_layer(l) for l in model.layers]
+    by_name = {l.name: l for l in layers}
+    sel = phase.layers
+    if sel is None:
+        chosen = [l for l in layers if _has_kernel(l) or kind == "quantize"]
+    elif callable(sel):
+        chosen = [l for l in layers if sel(l)]
+        if not chosen:
+            raise ValueError(
+                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
+                f"'{model.name}'. Expected it to return True for at least one of: "
+                f"{sorted(by_name)}. Received: layers={sel!r}")
+    else:
+        missing = [n for n in sel if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"{type(phase).__name__}: no layer named {missing} in model '{model.name}'. "
+                f"Expected names from: {[l.name for l in layers]}. Fix the names in `layers=`. "
+                f"Received: layers={sel!r}")
+        chosen = [by_name[n] for n in sel]
+    touched = [l.name for l in chosen if can_touch(l, kind)]
+    skipped = [l.name for l in chosen if not can_touch(l, kind) and l.weights]
+    if sel is not None and not callable(sel) and skipped:
+        raise ValueError(
+            f"{type(phase).__name__}: tfmot cannot {kind} the layer(s) {skipped} you named "
+            f"(type {[type(by_name[n]).__name__ for n in skipped]}). Expected layers it supports "
+            "(Dense, Conv1D/2D/3D, ...; DepthwiseConv2D is never pruned or clustered). Remove "
+            f"them from `layers=`. Received: layers={sel!r}")
+    if kind == "quantize" and sel is None and skipped:
+        raise ValueError(
+            f"Quantize: tfmot's 8-bit scheme does not support layer(s) {skipped} of model "
+            f"'{model.name}'. Expected every layer to be quantizable when `layers` is not "
+            "given. Pass Quantize(layers=[...]) with the layers to quantize, or replace "
+            "those layers.")
+    return touched, skipped
+
+
+def activation_after(model) -> Dict[str, str]:
+    """Weighted layers (Conv2D/Dense/DepthwiseConv2D) followed by a standalone activation layer.
+
+    tfmot's quantize transforms fuse such a pair, and the preserving quantizer
+    (PQAT/CQAT/PCQAT) is then not applied to the weighted layer: its sparsity
+    or clusters are silently lost. Returns {weighted layer: activation layer}.
+    """
+    found = {}
+    for layer in (base_layer(l) for l in model.layers):
+        if not isinstance(layer, _WEIGHTED):
+            continue
+        for node in layer._outbound_nodes:
+            nxt = base_layer(node.outbound_layer)
+            if isinstance(nxt, _ACTIVATION_LAYERS):
+                found[layer.name] = nxt.name
+    return found
+
+
+# --------------------------------------------------------------------------- apply phases
+
+def pruning_schedule(phase, steps_per_epoch: int):
+    """The tfmot schedule of a Prune phase for `steps_per_epoch` steps per epoch.
+
+    The ramp covers the first `max(1, epochs - 1)` epochs and ends on a step
+    where the mask is updated, so the target is reached exactly.
+
+    Returns:
+        (schedule, end_step): `end_step` is the pruning step after which the
+        layer holds its target sparsity.
+    """
+    ramp_epochs = max(1, phase.epochs - 1)
+    ramp_steps = max(1, ramp_epochs * steps_per_epoch)
+    frequency = max(1, ramp_steps // 10)
+    end_step = (ramp_steps // frequency) * frequency
+    if phase.schedule == "constant" or phase.m_by_n is not None:
+        return (tfmot.sparsity.keras.ConstantSparsity(
+            phase.sparsity, begin_step=0, end_step=-1, frequency=frequency), frequency)
+    return (tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=phase.initial_sparsity, final_sparsity=phase.sparsity,
+        begin_step=0, end_step=end_step, frequency=frequency), end_step)
+
+
+def strip(model):
+    """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
+    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
+        model = tfmot.sparsity.keras.strip_pruning(model)
+    if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
+        model = tfmot.clustering.keras.strip_clustering(model)
+    return model
+
+
+def apply_phase(model, planned, steps_per_epoch: int):
+    """Wraps `model` for one planned phase.
+
+    Returns:
+        (new_model, companion_callbacks, touched_layer_names)
+    """
+    phase = planned.phase
+    kind = phase.kind
+    if kind == "train":
+        return model, [], []
+    # Drop the previous phase's training wrappers; their work is in the weights now.
+    model = strip(model)
+    touched, skipped = select_layers(model, phase, kind)
+    if skipped:
+        log.info("%s does not touch %d layer(s) it cannot %s: %s", planned.label, len(skipped),
+                 kind, ", ".join(skipped))
+    wanted = set(touched)
+
+    if kind == "prune":
+        schedule, _ = pruning_schedule(phase, steps_per_epoch)
+        kwargs = {"pruning_schedule": schedule}
+        if phase.m_by_n is not None:
+            kwargs["sparsity_m_by_n"] = tuple(phase.m_by_n)
+
+        def wrap(layer):
+            if layer.name in wanted:
+                return tfmot.sparsity.keras.prune_low_magnitude(layer, **kwargs)
+            return layer
+        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        return new, [tfmot.sparsity.keras.UpdatePruningStep()], touched
+
+    if kind == "cluster":
+        kwargs = {"number_of_clusters": phase.clusters,
+                  "cluster_centroids_init": _INITS[phase.init],
+                  "preserve_sparsity": planned.preserve_sparsity,
+                  "cluster_per_channel": phase.per_channel}
+
+        def wrap(layer):
+            if layer.name in wanted:
+                return tfmot.clustering.keras.cluster_weights(layer, **kwargs)
+            return layer
+        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        return new, [], touched
+
+    if kind == "quantize":
+        def annotate(layer):
+            if layer.name in wanted and not isinstance(layer, tf_keras.layers.InputLayer):
+                return tfmot.quantization.keras.quantize_annotate_layer(layer)
+            return layer
+        annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+        if planned.preserve_clusters:
+            scheme = tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+                preserve_sparsity=planned.preserve_sparsity)
+        elif planned.preserve_sparsity:
+            scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+        else:
+            scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+        with tfmot.quantization.keras.quantize_scope():
+            new = tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        return new, [], [n for n in touched if _has_kernel(_find(model, n))]
+    raise AssertionError(kind)
+
+
+def _find(model, name):
+    for l in model.layers:
+        if base_name(l) == name:
+            return base_layer(l)
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- effective weights
+
+def _channel_axis(layer, weight_name: str) -> Optional[int]:
+    if "depthwise" in weight_name:
+        return -2
+    return -1
+
+
+def kernels(layer) -> List[Tuple[str, np.ndarray, Optional[int]]]:
+    """The kernels `layer` really computes with, as numpy arrays.
+
+    Reading a wrapper's raw variables is wrong in three cases, each handled:
+    a pruned kernel is `weight * mask`; a clustering wrapper's kernel comes
+    from its centroids once re-associated (done here, as its call does); a QAT
+    wrapper's kernel is what its weight quantizer outputs (which masks for
+    PQAT and gathers centroids for CQAT/PCQAT), fake-quantized.
+
+    Returns:
+        [(weight_name, array, channel_axis)] for each kernel-like weight.
+    """
+    if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+        out = []
+        for w, mask, _ in getattr(layer, "pruning_vars", []):
+            n = _short(w.name)
+            out.append((n, (w * mask).numpy(), _channel_axis(layer.layer, n)))
+        return out
+    if isinstance(layer, cluster_wrapper.ClusterWeights):
+        if not layer.original_clusterable_weights:
+            return []
+        layer.update_clustered_weights_associations()
+        return [(n, np.asarray(layer.get_weight_from_layer(n)), _channel_axis(layer.layer, n))
+                for n in layer.original_clusterable_weights]
+    if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+        out = []
+        for w, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            n = _short(w.name)
+            if n not in _KERNEL_ATTRS:
+                continue
+            out.append((n, np.asarray(quantizer(w, False, weights=qvars)),
+                        _channel_axis(layer.layer, n)))
+        return out
+    return [(a, getattr(layer, a).numpy(), _channel_axis(layer, a))
+            for a in _KERNEL_ATTRS if getattr(layer, a, None) is not None]
+
+
+def _short(name: str) -> str:
+    return name.split(":")[0].split("/")[-1]
+
+
+# --------------------------------------------------------------------------- expectations
+
+def expectations(model) -> Dict[str, dict]:
+    """What the model's wrappers promise, per base layer name.
+
+    Returns:
+        {layer: {"sparsity": float or None, "sparsity_ready": bool,
+                 "clusters": int or None, "per_channel": bool, "wrapper": str}}
+        `sparsity_ready` is False while a pruning schedule is still ramping.
+    """
+    out = {}
+    for layer in model.layers:
+        e = None
+        if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            sched = layer.pruning_schedule
+            if layer.sparsity_m_by_n:
+                m, n = layer.sparsity_m_by_n
+                target = 1.0 - m / n
+            else:
+                target = float(getattr(sched, "final_sparsity",
+                                       getattr(sched, "target_sparsity", 0.0)))
+            end = int(getattr(sched, "end_step", -1))
+            begin = int(getattr(sched, "begin_step", 0))
+            step = int(layer.pruning_step.numpy()) if hasattr(layer, "pruning_step") else -1
+            ready = step >= (end if end > 0 else begin + 1)
+            e = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
+                 "per_channel": False, "wrapper": "prune"}
+        elif isinstance(layer, cluster_wrapper.ClusterWeights):
+            masks = list(layer.sparsity_masks.values()) if layer.preserve_sparsity else []
+            e = {"sparsity": _mask_sparsity(masks), "sparsity_ready": True,
+                 "clusters": layer.number_of_clusters,
+                 "per_channel": bool(layer.cluster_per_channel), "wrapper": "cluster"}
+        elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            sp, cl, pc = None, None, False
+            for _, quantizer, qvars in getattr(layer, "_weight_vars", []):
+                if isinstance(quantizer, cpq.ClusterPreserveDefaultWeightsQuantizer):
+                    cent = qvars.get(cpq.CLUSTER_CENTROIDS)
+                    if cent is not None:
+                        cl = int(cent.shape[-1])
+                        pc = len(cent.shape) > 1
+                    if cpq.SPARSITY_MASK in qvars and quantizer.preserve_sparsity:
+                        sp = _mask_sparsity([qvars[cpq.SPARSITY_MASK]])
+                elif isinstance(quantizer, ppq.PrunePreserveDefaultWeightsQuantizer):
+                    sp = _mask_sparsity([qvars["sparsity_mask"]])
+            if sp is not None or cl is not None:
+                e = {"sparsity": sp, "sparsity_ready": True, "clusters": cl, "per_channel": pc,
+                     "wrapper": "quantize"}
+        if e is not None:
+            out[base_name(layer)] = e
+    return out
+
+
+def _mask_sparsity(masks) -> Optional[float]:
+    if not masks:
+        return None
+    zeros = sum(int(np.count_nonzero(np.asarray(m) == 0)) for m in masks)
+    size = sum(int(np.asarray(m).size) for m in masks)
+    return zeros / size if size else None
+
+
+def wrapper_kind(model) -> str:
+    """A label for what the model's wrappers do: "prune", "cluster", "QAT", "PQAT", ... or "none"."""
+    kinds = set()
+    for layer in model.layers:
+        if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            kinds.add("prune")
+        elif isinstance(layer, cluster_wrapper.ClusterWeights):
+            kinds.add("cluster")
+        elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            kinds.add("quantize")
+    if "quantize" in kinds:
+        e = expectations(model).values()
+        sp = any(v["sparsity"] is not None for v in e)
+        cl = any(v["clusters"] is not None for v in e)
+        return {(False, False): "QAT", (True, False): "PQAT", (False, True): "CQAT",
+                (True, True): "PCQAT"}[(sp, cl)]
+    return "+".join(sorted(kinds)) or "none"
+
+
+def is_qat(model) -> bool:
+    return any(isinstance(l, quantize_wrapper.QuantizeWrapper) for l in model.layers)
+
+
+def quantized_per_channel(layer) -> bool:
+    """Whether a QAT wrapper quantizes this layer's kernel per output channel."""
+    if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
+        return False
+    return any(getattr(q, "per_axis", False) for _, q, _ in getattr(layer, "_weight_vars", []))
+
+
+# --------------------------------------------------------------------------- activation folding
+
+_FOLDABLE = {"relu": "relu", "relu6": "relu6"}
+
+
+def _foldable_activation(layer) -> Optional[str]:
+    """The activation name a standalone activation layer can be folded into, or None."""
+    if isinstance(layer, tf_keras.layers.ReLU):
+        cfg = layer.get_config()
+        if cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
+            return None
+        mv = cfg.get("max_value")
+        if mv is None:
+            return "relu"
+        return "relu6" if float(mv) == 6.0 else None
+    if isinstance(layer, tf_keras.layers.Activation):
+        name = tf_keras.activations.serialize(layer.activation)
+        name = name if isinstance(name, str) else None
+        return _FOLDABLE.get(name)
+    return None
+
+
+def fold_plan(model) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
+    """Which (weighted layer, activation layer) pairs can be folded into one layer.
+
+    Returns:
+        (foldable, unfoldable): foldable maps weighted layer -> (activation
+        layer, activation name); unfoldable maps weighted layer -> reason.
+    """
+    foldable, unfoldable = {}, {}
+    for wname, aname in activation_after(model).items():
+        w, a = _find(model, wname), _find(model, aname)
+        act = _foldable_activation(a)
+        if act is None:
+            unfoldable[wname] = f"activation layer '{aname}' is not a plain relu/relu6"
+        elif len(w._outbound_nodes) != 1 or len(w._inbound_nodes) != 1 \
+                or len(a._inbound_nodes) != 1:
+            unfoldable[wname] = f"'{wname}' or '{aname}' is shared or has several consumers"
+        elif tf_keras.activations.serialize(w.activation) != "linear":
+            unfoldable[wname] = f"'{wname}' already has an activation"
+        else:
+            foldable[wname] = (aname, act)
+    return foldable, unfoldable
+
+
+def fold_activations(model, pairs: Dict[str, Tuple[str, str]]):
+    """Folds standalone activation layers into the weighted layer before them.
+
+    `Conv2D(activation=None) -> ReLU()` becomes `Conv2D(activation="relu")`:
+    the same function, but one that tfmot's PQAT/CQAT/PCQAT preserve (with a
+    separate ReLU layer they silently quantize the Conv2D without preservation).
+
+    Args:
+        model: a Sequential or Functional model (not modified).
+        pairs: from `fold_plan`: weighted layer -> (activation layer, activation).
+
+    Returns:
+        A new model with the same weights, without the folded activation layers.
+    """
+    if not pairs:
+        return model
+    config = model.get_config()
+    removed = {aname: wname for wname, (aname, _) in pairs.items()}
+    for entry in config["layers"]:
+        name = entry["config"]["name"]
+        if name in pairs:
+            entry["config"]["activation"] = pairs[name][1]
+    config["layers"] = [e for e in config["layers"] if e["config"]["name"] not in removed]
+    if isinstance(model, tf_keras.Sequential):
+        new = tf_keras.Sequential.from_config(config)
+    else:
+        def rename(obj):
+            if isinstance(obj, list):
+                if obj and isinstance(obj[0], str) and obj[0] in removed:
+                    return [removed[obj[0]]] + obj[1:]
+                return [rename(o) for o in obj]
+            if isinstance(obj, dict):
+                return {k: rename(v) for k, v in obj.items()}
+            return obj
+        for entry in config["layers"]:
+            entry["inbound_nodes"] = rename(entry.get("inbound_nodes", []))
+        config["output_layers"] = rename(config["output_layers"])
+        new = tf_keras.Model.from_config(config)
+    old = {l.name: l for l in model.layers}
+    for layer in new.layers:
+        layer.set_weights(old[layer.name].get_weights())
+    return new
+
+
+# --------------------------------------------------------------------------- preflight
+
+def preflight(model, plan) -> Dict[str, List[str]]:
+    """Checks every phase of `plan` against `model` before any training.
+
+    Raises ValueError for a `layers=` selection that names a missing or
+    unsupported layer, for a Quantize phase the model cannot take, and for a
+    standalone activation that would make preserving QAT skip a layer and
+    that cannot be folded.
+
+    Returns:
+        {phase label: [layers it cannot touch]} for the log.
+    """
+    skipped = {}
+    for planned in plan:
+        if planned.phase.kind == "train":
+            continue
+        touched, skip = select_layers(model, planned.phase, planned.phase.kind)
+        skipped[planned.label] = skip
+        if planned.phase.kind == "quantize" and (planned.preserve_sparsity
+                                                 or planned.preserve_clusters):
+            unfoldable = {k: v for k, v in fold_plan(model)[1].items() if k in touched}
+            if unfoldable:
+                items = "; ".join(f"'{k}': {v}" for k, v in unfoldable.items())
+                raise ValueError(
+                    f"{planned.label}: layer(s) {sorted(unfoldable)} are followed by a "
+                    "standalone activation layer, which makes tfmot quantize them without "
+                    f"preservation (their sparsity/clusters would be lost silently): {items}. "
+                    "Expected the activation inside the layer, e.g. Conv2D(..., "
+                    "activation='relu'). Move it there, or exclude these layers with "
+                    "Quantize(layers=[...]).")
+    return skipped

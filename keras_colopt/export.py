@@ -1,0 +1,276 @@
+"""Export to `.tflite`, and read back what survived in it.
+
+`to_tflite` strips the training wrappers and converts; `inspect_tflite` reads
+the weight tensors of a `.tflite` with LiteRT and reports their sparsity and
+unique values (per tensor and per output channel); `evaluate_tflite` runs it.
+int8 weights are stored densely: sparsity and clustering show in the gzip
+size and in `inspect_tflite`, not in the raw file size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import tempfile
+from typing import List, Optional
+
+import numpy as np
+
+from keras_colopt import stats
+
+QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
+_WEIGHT_OPS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3,
+               "TRANSPOSE_CONV": 0, "CONV_3D": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """A written `.tflite` file.
+
+    Attributes:
+        path: where it was written.
+        quantization: the quantization used.
+        tflite_bytes: file size.
+        gzip_bytes: size after gzip -9 (what sparsity and clustering reduce).
+    """
+
+    path: str
+    quantization: str
+    tflite_bytes: int
+    gzip_bytes: int
+
+
+def gzip_size(path_or_bytes) -> int:
+    """Size in bytes of the gzip (level 9) compression of a file or a bytes object."""
+    data = path_or_bytes
+    if not isinstance(data, (bytes, bytearray)):
+        with open(path_or_bytes, "rb") as f:
+            data = f.read()
+    return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
+
+
+def _check_target_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"`path` must be a file path ending in .tflite. Received: path={path!r}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"Cannot write {path!r}: directory {folder!r} does not exist. Expected "
+                         "an existing directory. Create it first (os.makedirs).")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"Cannot write {path!r}: directory {folder!r} is not writable. "
+                              "Pick a directory you can write to.")
+    if os.path.isdir(path):
+        raise ValueError(f"Cannot write {path!r}: it is a directory. Expected a file path such "
+                         "as 'model.tflite'.")
+    return path
+
+
+def _representative(data, limit=256):
+    import tensorflow as tf
+
+    if isinstance(data, tf.data.Dataset):
+        def gen():
+            n = 0
+            for batch in data:
+                batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+                for sample in np.asarray(batch):
+                    if n >= limit:
+                        return
+                    n += 1
+                    yield [sample[None].astype(np.float32)]
+        return gen
+    arr = np.asarray(data)
+    if arr.ndim < 2 or len(arr) == 0:
+        raise ValueError("`representative_data` must be a non-empty array of input samples "
+                         f"(first axis = samples). Received an array of shape {arr.shape}.")
+
+    def gen():
+        for sample in arr[:limit]:
+            yield [sample[None].astype(np.float32)]
+    return gen
+
+
+def convert(model, quantization: str = "int8", representative_data=None) -> bytes:
+    """Converts a (possibly wrapped) model to `.tflite` bytes.
+
+    Args:
+        model: a tf_keras model; pruning/clustering wrappers are stripped, QAT
+            wrappers are read by the converter (their ranges are used).
+        quantization: `"int8"` (full-integer ops, float input/output),
+            `"dynamic"` (int8 weights, float activations), `"float16"` or
+            `"none"`. Defaults to `"int8"`.
+        representative_data: input samples for calibrating `"int8"` when the
+            model is not quantization-aware trained (post-training
+            quantization). Up to 256 are used.
+    """
+    import tensorflow as tf
+
+    from keras_colopt.engines import get_engine
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"Unknown `quantization`. Expected one of {QUANTIZATIONS}. "
+                         f"Received: quantization={quantization!r}")
+    engine = get_engine(model, compiled=False)
+    stripped = engine.strip(model)
+    qat = engine.is_qat(stripped)
+    if quantization == "int8" and not qat and representative_data is None:
+        raise ValueError(
+            "int8 post-training quantization needs calibration data: this model was not "
+            "quantization-aware trained. Expected `representative_data` (a few hundred "
+            "input samples). Pass representative_data=x_train[:256], or train with a "
+            "Quantize phase.")
+    converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
+    if quantization != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantization == "int8" and not qat:
+        converter.representative_dataset = _representative(representative_data)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def to_tflite(model, path, quantization: str = "int8", representative_data=None) -> ExportInfo:
+    """Strips the training wrappers, converts, and writes `path` atomically.
+
+    The target directory is checked before converting, and the file is
+    written to a temporary file first, then renamed: a failure never leaves a
+    half-written file where a good one was.
+
+    Args:
+        model: a tf_keras model (e.g. `collaborative_fit(...).model`).
+        path: the `.tflite` file to write.
+        quantization: see `convert`. Defaults to `"int8"`.
+        representative_data: see `convert`.
+
+    Returns:
+        An `ExportInfo` with the raw and gzip sizes.
+
+    Example:
+        >>> info = to_tflite(result.model, "model.tflite", quantization="int8")
+        >>> info.gzip_bytes
+    """
+    path = _check_target_path(path)
+    data = convert(model, quantization, representative_data)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".colopt-", suffix=".tflite", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
+                      gzip_bytes=gzip_size(data))
+
+
+def _interpreter(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No .tflite file at {path!r}.")
+    interp = Interpreter(model_path=os.fspath(path))
+    interp.allocate_tensors()
+    return interp
+
+
+@dataclasses.dataclass(frozen=True)
+class TFLiteWeight:
+    """One weight tensor of a `.tflite`, as deployed.
+
+    Attributes:
+        name: the tensor's name in the file.
+        op: the op that uses it (CONV_2D, FULLY_CONNECTED, ...).
+        dtype: its stored type (int8 for int8 models).
+        shape: its shape.
+        sparsity: fraction of stored zeros.
+        unique: distinct stored values over the tensor.
+        unique_per_channel_max: most distinct stored values in one output channel.
+        per_channel_quantized: whether it has one scale per output channel.
+    """
+
+    name: str
+    op: str
+    dtype: str
+    shape: tuple
+    sparsity: float
+    unique: int
+    unique_per_channel_max: int
+    per_channel_quantized: bool
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def inspect_tflite(path) -> List[TFLiteWeight]:
+    """Per-weight-tensor sparsity and unique values of a `.tflite` file, read with LiteRT.
+
+    Example:
+        >>> for w in inspect_tflite("model.tflite"):
+        ...     print(w.name, w.sparsity, w.unique_per_channel_max)
+    """
+    interp = _interpreter(path)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    ops = interp._get_ops_details()
+    producer = {}
+    for op in ops:
+        for out in op["outputs"]:
+            producer[int(out)] = op
+    out = []
+    for op in ops:
+        if op["op_name"] not in _WEIGHT_OPS or len(op["inputs"]) < 2:
+            continue
+        idx = int(op["inputs"][1])
+        src = producer.get(idx)
+        if src is not None and src["op_name"] == "DEQUANTIZE":  # float16 / dynamic weights
+            idx = int(src["inputs"][0])
+        elif src is not None:
+            continue  # a computed tensor, not a stored weight
+        t = tensors[idx]
+        w = np.asarray(interp.get_tensor(idx))
+        q = t.get("quantization_parameters", {})
+        scales = np.asarray(q.get("scales", []))
+        axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op["op_name"]]
+        s = stats.tensor_stats(t["name"], w, channel_axis=axis if w.ndim > 1 else None)
+        out.append(TFLiteWeight(name=t["name"], op=op["op_name"], dtype=str(w.dtype),
+                                shape=tuple(int(d) for d in w.shape), sparsity=s.sparsity,
+                                unique=s.unique,
+                                unique_per_channel_max=int(s.unique_per_channel_max or s.unique),
+                                per_channel_quantized=bool(scales.size > 1)))
+    return out
+
+
+def predict_tflite(path, x, batch_size: int = 256) -> np.ndarray:
+    """Runs a `.tflite` on `x` with LiteRT and returns the (dequantized) outputs."""
+    interp = _interpreter(path)
+    inp = interp.get_input_details()[0]
+    outd = interp.get_output_details()[0]
+    x = np.asarray(x)
+    results = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        interp.resize_tensor_input(inp["index"], list(chunk.shape))
+        interp.allocate_tensors()
+        inp = interp.get_input_details()[0]
+        outd = interp.get_output_details()[0]
+        if inp["dtype"] in (np.int8, np.uint8):
+            scale, zp = inp["quantization"]
+            chunk = np.round(chunk / scale + zp).astype(inp["dtype"])
+        interp.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
+        interp.invoke()
+        y = interp.get_tensor(outd["index"])
+        if outd["dtype"] in (np.int8, np.uint8):
+            scale, zp = outd["quantization"]
+            y = (y.astype(np.float32) - zp) * scale
+        results.append(np.asarray(y, dtype=np.float32))
+    return np.concatenate(results, axis=0)
+
+
+def evaluate_tflite(path, x, y) -> float:
+    """Top-1 accuracy of a classification `.tflite` on `(x, y)` (integer labels)."""
+    pred = predict_tflite(path, x)
+    return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y).reshape(-1)))

@@ -1,0 +1,277 @@
+"""Phase objects: validated, serializable descriptions of one training segment.
+
+A phase says *what* a segment of `collaborative_fit` does (train, prune,
+cluster, quantize) and for how many epochs; `plan.resolve` decides how phases
+combine (which earlier work each one preserves). Phases know nothing of tfmot.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, Sequence, Union
+
+LayerSelector = Union[None, Sequence[str], Callable]
+
+_PRUNE_SCHEDULES = ("polynomial", "constant")
+_CLUSTER_INITS = ("kmeans++", "linear", "density", "random")
+_QUANTIZE_PRESERVE = ("auto", "none", "sparsity", "clusters", "sparsity+clusters")
+
+
+def _fail(what: str, expected: str, fix: str, **received) -> None:
+    got = ", ".join(f"{k}={v!r}" for k, v in received.items())
+    raise ValueError(f"{what}. Expected {expected}. {fix} Received: {got}")
+
+
+def _check_epochs(cls: str, epochs) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        _fail(f"{cls}: `epochs` must be a positive integer",
+              "an int >= 1", f"Give the number of epochs this phase trains, e.g. {cls}(epochs=2).",
+              epochs=epochs)
+
+
+def _check_learning_rate(cls: str, learning_rate) -> None:
+    if learning_rate is None:
+        return
+    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real)
+            or not learning_rate > 0 or learning_rate != learning_rate):
+        _fail(f"{cls}: `learning_rate` must be a positive number or None",
+              "a float > 0, or None to keep the compiled optimizer's learning rate",
+              "Pass e.g. learning_rate=1e-4.", learning_rate=learning_rate)
+
+
+def _check_layers(cls: str, layers) -> None:
+    if layers is None or callable(layers):
+        return
+    if isinstance(layers, str):
+        _fail(f"{cls}: `layers` must be a list of layer names, not a single string",
+              "None, a list of layer names, or a predicate `layer -> bool`",
+              f"Wrap the name in a list: layers=[{layers!r}].", layers=layers)
+    try:
+        names = list(layers)
+    except TypeError:
+        names = None
+    if names is None or not names or not all(isinstance(n, str) for n in names):
+        _fail(f"{cls}: `layers` must select at least one layer",
+              "None (every supported layer), a non-empty list of layer names, or a "
+              "predicate `layer -> bool`", "Pass e.g. layers=['dense_1'].", layers=layers)
+
+
+class Phase:
+    """Base class of every phase. Subclasses define `kind` and their arguments."""
+
+    kind = "phase"
+
+    def __init__(self, epochs, learning_rate=None, layers: LayerSelector = None):
+        name = type(self).__name__
+        _check_epochs(name, epochs)
+        _check_learning_rate(name, learning_rate)
+        _check_layers(name, layers)
+        self.epochs = int(epochs)
+        self.learning_rate = None if learning_rate is None else float(learning_rate)
+        self.layers = list(layers) if (layers is not None and not callable(layers)) else layers
+
+    def get_config(self) -> dict:
+        """Returns exactly the constructor's keyword arguments."""
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "layers": self.layers}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self).__name__, repr(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+                         if v is not None)
+        return f"{type(self).__name__}({args})"
+
+
+class Train(Phase):
+    """Plain training: no compression. Usually the first phase (the baseline).
+
+    Args:
+        epochs: number of epochs. Must be >= 1.
+        learning_rate: overrides the compiled optimizer's learning rate for
+            this phase. Defaults to `None` (keep it).
+
+    Example:
+        >>> Train(epochs=5)
+        Train(epochs=5)
+    """
+
+    kind = "train"
+
+    def __init__(self, epochs, learning_rate=None):
+        super().__init__(epochs, learning_rate=learning_rate)
+
+    def get_config(self):
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate}
+
+
+class Prune(Phase):
+    """Magnitude pruning to a target sparsity.
+
+    The sparsity follows `schedule` from `initial_sparsity` to `sparsity` over
+    the phase's first `max(1, epochs - 1)` epochs (steps derived from the
+    number of steps per epoch); the last epoch, when there are two or more,
+    fine-tunes at the target sparsity so accuracy can recover.
+
+    Args:
+        sparsity: target fraction of zero weights in each pruned kernel, in
+            [0, 1). Defaults to `0.5`.
+        epochs: number of epochs. Must be >= 1.
+        schedule: `"polynomial"` (cubic ramp, tfmot's PolynomialDecay) or
+            `"constant"` (the target from the first step). Defaults to
+            `"polynomial"`.
+        initial_sparsity: sparsity at the start of a polynomial ramp.
+            Defaults to `0.0`.
+        m_by_n: structured sparsity `(m, n)`: keep at most `m` of every `n`
+            consecutive weights, e.g. `(2, 4)`. Then `sparsity` must equal
+            `1 - m/n` (the default 0.5 matches 2:4). Defaults to `None`.
+        learning_rate: per-phase learning rate. Defaults to `None`.
+        layers: names of the layers to prune, or a predicate `layer -> bool`.
+            Defaults to `None` (every layer that can be pruned).
+
+    Example:
+        >>> Prune(sparsity=0.5, epochs=3)
+        Prune(sparsity=0.5, epochs=3, schedule='polynomial', initial_sparsity=0.0)
+    """
+
+    kind = "prune"
+
+    def __init__(self, sparsity=0.5, epochs=None, schedule="polynomial", initial_sparsity=0.0,
+                 m_by_n=None, learning_rate=None, layers=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+        if (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
+                or not 0.0 <= sparsity < 1.0):
+            _fail("Prune: `sparsity` must be in [0, 1)", "a float with 0 <= sparsity < 1",
+                  "A sparsity of 0.5 zeroes half of each pruned kernel; 1.0 would zero all of it.",
+                  sparsity=sparsity)
+        if schedule not in _PRUNE_SCHEDULES:
+            _fail("Prune: unknown `schedule`", f"one of {_PRUNE_SCHEDULES}",
+                  "Use 'polynomial' to ramp up or 'constant' to prune at once.", schedule=schedule)
+        if (isinstance(initial_sparsity, bool) or not isinstance(initial_sparsity, numbers.Real)
+                or not 0.0 <= initial_sparsity <= sparsity):
+            _fail("Prune: `initial_sparsity` must be in [0, sparsity]",
+                  f"a float with 0 <= initial_sparsity <= sparsity={sparsity}",
+                  "Lower initial_sparsity or raise sparsity.", initial_sparsity=initial_sparsity)
+        if m_by_n is not None:
+            ok = (isinstance(m_by_n, (tuple, list)) and len(m_by_n) == 2
+                  and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in m_by_n)
+                  and 0 < m_by_n[0] < m_by_n[1])
+            if not ok:
+                _fail("Prune: `m_by_n` must be a pair (m, n) of integers with 0 < m < n",
+                      "e.g. (2, 4): keep 2 of every 4 weights", "Pass m_by_n=(2, 4).", m_by_n=m_by_n)
+            m_by_n = (int(m_by_n[0]), int(m_by_n[1]))
+            implied = 1.0 - m_by_n[0] / m_by_n[1]
+            if abs(implied - sparsity) > 1e-9:
+                _fail("Prune: `sparsity` contradicts `m_by_n`",
+                      f"sparsity == 1 - m/n = {implied:g} for m_by_n={m_by_n}",
+                      f"Pass sparsity={implied:g} (or leave m_by_n out).",
+                      sparsity=sparsity, m_by_n=m_by_n)
+        self.sparsity = float(sparsity)
+        self.schedule = schedule
+        self.initial_sparsity = float(initial_sparsity)
+        self.m_by_n = m_by_n
+
+    def get_config(self):
+        return {"sparsity": self.sparsity, "epochs": self.epochs, "schedule": self.schedule,
+                "initial_sparsity": self.initial_sparsity, "m_by_n": self.m_by_n,
+                "learning_rate": self.learning_rate, "layers": self.layers}
+
+
+class Cluster(Phase):
+    """Weight clustering (weight sharing) to `clusters` unique values per kernel.
+
+    Args:
+        clusters: number of cluster centroids per kernel (per output channel
+            when `per_channel`). Must be >= 2; >= 3 when sparsity is
+            preserved, since zero takes one of them.
+        epochs: number of epochs. Must be >= 1.
+        init: centroid initialization, one of `"kmeans++"`, `"linear"`,
+            `"density"`, `"random"`. Defaults to `"kmeans++"`.
+        per_channel: cluster each Conv2D output channel separately.
+            Dense layers are always clustered per tensor. Defaults to `False`.
+        preserve_sparsity: `"auto"` (preserve when a Prune phase comes
+            before), `True` or `False`. Defaults to `"auto"`.
+        learning_rate: per-phase learning rate. Defaults to `None`.
+        layers: names of the layers to cluster, or a predicate. Defaults to
+            `None` (every layer that can be clustered).
+
+    Example:
+        >>> Cluster(clusters=8, epochs=2)
+        Cluster(clusters=8, epochs=2, init='kmeans++', per_channel=False, preserve_sparsity='auto')
+    """
+
+    kind = "cluster"
+
+    def __init__(self, clusters=8, epochs=None, init="kmeans++", per_channel=False,
+                 preserve_sparsity="auto", learning_rate=None, layers=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+        if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 2:
+            _fail("Cluster: `clusters` must be an integer >= 2",
+                  "an int >= 2 (>= 3 when sparsity is preserved, zero being one cluster)",
+                  "Pass e.g. clusters=8.", clusters=clusters)
+        if init not in _CLUSTER_INITS:
+            _fail("Cluster: unknown `init`", f"one of {_CLUSTER_INITS}",
+                  "'kmeans++' is the usual choice.", init=init)
+        if not isinstance(per_channel, bool):
+            _fail("Cluster: `per_channel` must be a bool", "True or False",
+                  "Pass per_channel=True to cluster each Conv2D output channel separately.",
+                  per_channel=per_channel)
+        if preserve_sparsity not in ("auto", True, False) or (
+                not isinstance(preserve_sparsity, (bool, str))):
+            _fail("Cluster: `preserve_sparsity` must be 'auto', True or False",
+                  "'auto' (preserve when a Prune phase comes before), True, or False",
+                  "Leave it at 'auto' unless you want to override the phase order.",
+                  preserve_sparsity=preserve_sparsity)
+        self.clusters = int(clusters)
+        self.init = init
+        self.per_channel = per_channel
+        self.preserve_sparsity = preserve_sparsity
+
+    def get_config(self):
+        return {"clusters": self.clusters, "epochs": self.epochs, "init": self.init,
+                "per_channel": self.per_channel, "preserve_sparsity": self.preserve_sparsity,
+                "learning_rate": self.learning_rate, "layers": self.layers}
+
+
+class Quantize(Phase):
+    """Quantization-aware training (8-bit, tfmot's default scheme).
+
+    Preservation of earlier phases' work: after Prune it is PQAT, after
+    Cluster CQAT, after both PCQAT.
+
+    Args:
+        epochs: number of epochs. Must be >= 1.
+        preserve: `"auto"` (from the phase order), `"none"` (plain QAT),
+            `"sparsity"` (PQAT), `"clusters"` (CQAT) or `"sparsity+clusters"`
+            (PCQAT). Defaults to `"auto"`.
+        learning_rate: per-phase learning rate. Defaults to `None`.
+        layers: names of the layers to quantize-annotate, or a predicate.
+            Defaults to `None` (the whole model).
+
+    Example:
+        >>> Quantize(epochs=2)
+        Quantize(epochs=2, preserve='auto')
+    """
+
+    kind = "quantize"
+
+    def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+        if preserve not in _QUANTIZE_PRESERVE:
+            _fail("Quantize: unknown `preserve`", f"one of {_QUANTIZE_PRESERVE}",
+                  "Leave it at 'auto' to follow the phase order.", preserve=preserve)
+        self.preserve = preserve
+
+    def get_config(self):
+        return {"epochs": self.epochs, "preserve": self.preserve,
+                "learning_rate": self.learning_rate, "layers": self.layers}
+
+
+PHASE_CLASSES = {cls.__name__: cls for cls in (Train, Prune, Cluster, Quantize)}
