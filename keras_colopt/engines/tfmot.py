@@ -50,7 +50,6 @@ _INITS = {
 
 _KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
 _WEIGHTED = (tf_keras.layers.Conv2D, tf_keras.layers.Dense, tf_keras.layers.DepthwiseConv2D)
-_ACTIVATION_LAYERS = (tf_keras.layers.ReLU, tf_keras.layers.Activation)
 _WRAPPERS = (pruning_wrapper.PruneLowMagnitude, cluster_wrapper.ClusterWeights,
              quantize_wrapper.QuantizeWrapper)
 
@@ -219,10 +218,11 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
         chosen = [by_name[n] for n in sel]
     touched = [l.name for l in chosen if can_touch(l, kind)]
     skipped = [l.name for l in chosen if not can_touch(l, kind) and l.weights]
-    if sel is not None and not callable(sel) and skipped:
+    refused = [l.name for l in chosen if not can_touch(l, kind)]
+    if sel is not None and not callable(sel) and refused:
         raise ValueError(
-            f"{type(phase).__name__}: tfmot cannot {kind} the layer(s) {skipped} you named "
-            f"(type {[type(by_name[n]).__name__ for n in skipped]}). Expected layers it supports "
+            f"{type(phase).__name__}: tfmot cannot {kind} the layer(s) {refused} you named "
+            f"(type {[type(by_name[n]).__name__ for n in refused]}). Expected layers it supports "
             "(Dense, Conv1D/2D/3D, ...; DepthwiseConv2D is never pruned or clustered). Remove "
             f"them from `layers=`. Received: layers={sel!r}")
     if kind == "quantize" and sel is None and skipped:
@@ -234,8 +234,17 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     return touched, skipped
 
 
+def _is_relu_layer(layer) -> bool:
+    if isinstance(layer, tf_keras.layers.ReLU):
+        return True
+    if isinstance(layer, tf_keras.layers.Activation):
+        return tf_keras.activations.serialize(layer.activation) in ("relu", "relu6")
+    return False
+
+
 def activation_after(model) -> Dict[str, str]:
-    """Weighted layers (Conv2D/Dense/DepthwiseConv2D) followed by a standalone activation layer.
+    """Weighted layers (Conv2D/Dense/DepthwiseConv2D) followed by a standalone ReLU layer
+    (`ReLU` or `Activation("relu")`/`"relu6"`; other activations are not fused by tfmot).
 
     tfmot's quantize transforms fuse such a pair, and the preserving quantizer
     (PQAT/CQAT/PCQAT) is then not applied to the weighted layer: its sparsity
@@ -247,7 +256,7 @@ def activation_after(model) -> Dict[str, str]:
             continue
         for node in layer._outbound_nodes:
             nxt = base_layer(node.outbound_layer)
-            if isinstance(nxt, _ACTIVATION_LAYERS):
+            if _is_relu_layer(nxt):
                 found[layer.name] = nxt.name
     return found
 
@@ -528,7 +537,8 @@ def fold_plan(model) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
         w, a = _find(model, wname), _find(model, aname)
         act = _foldable_activation(a)
         if act is None:
-            unfoldable[wname] = f"activation layer '{aname}' is not a plain relu/relu6"
+            unfoldable[wname] = (f"activation layer '{aname}' is not a plain relu/relu6 "
+                                 "(it has a threshold, a slope or another max_value)")
         elif len(w._outbound_nodes) != 1 or len(w._inbound_nodes) != 1 \
                 or len(a._inbound_nodes) != 1:
             unfoldable[wname] = f"'{wname}' or '{aname}' is shared or has several consumers"

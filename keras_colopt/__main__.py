@@ -1,0 +1,5 @@
+import sys
+
+from keras_colopt.cli import main
+
+sys.exit(main())

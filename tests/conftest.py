@@ -1,0 +1,75 @@
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from keras_colopt import data  # noqa: E402
+
+logging.getLogger("keras_colopt").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """A small slice of the embedded digits dataset: 512 train / 128 test."""
+    (x, y), (xt, yt) = data.load_digits()
+    return (x[:512], y[:512]), (xt[:128], yt[:128])
+
+
+def compile_(model, lr=1e-2):
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def tiny_sequential(seed=0):
+    keras.utils.set_random_seed(seed)
+    return compile_(keras.Sequential([
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv", input_shape=(8, 8, 1)),
+        keras.layers.Flatten(name="flat"),
+        keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="tiny"))
+
+
+def tiny_functional_relu(seed=0):
+    """Conv2D -> standalone ReLU: the layout that makes tfmot's PQAT/CQAT/PCQAT skip the Conv2D."""
+    keras.utils.set_random_seed(seed)
+    i = keras.Input((8, 8, 1), name="image")
+    h = keras.layers.Conv2D(8, 3, name="conv")(i)
+    h = keras.layers.ReLU(name="conv_relu")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(16, name="hidden")(h)
+    h = keras.layers.Activation("relu", name="hidden_relu")(h)
+    o = keras.layers.Dense(10, name="logits")(h)
+    return compile_(keras.Model(i, o, name="tiny_relu"))
+
+
+@pytest.fixture
+def seq_model():
+    return tiny_sequential()
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records what a user's callback sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_begins = 0
+        self.epochs = []
+        self.models = []
+        self.log_keys = []
+
+    def on_train_begin(self, logs=None):
+        self.train_begins += 1
+        self.models.append(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.log_keys.append(sorted(logs or {}))

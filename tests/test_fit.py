@@ -1,0 +1,329 @@
+"""collaborative_fit: every path of the deployment tree on a tiny model, the epoch axis,
+and every refusal before training."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+import keras_colopt as colopt
+from keras_colopt import Cluster, Prune, Quantize, Train
+from keras_colopt.callbacks import layer_stats
+from keras_colopt.engines import tfmot as engine
+
+from conftest import Recorder, compile_, tiny_functional_relu, tiny_sequential
+
+TOL = 0.01
+SPARSITY, CLUSTERS = 0.5, 4
+WEIGHTED = ["conv", "hidden", "logits"]
+
+
+def _fit(model, digits, phases, **kw):
+    (x, y), (xt, yt) = digits
+    kw.setdefault("batch_size", 64)
+    return colopt.collaborative_fit(model, x, y, phases=phases, validation_data=(xt, yt),
+                                    verbose=0, **kw)
+
+
+def _tflite(model, tmp_path, digits, name="m.tflite"):
+    (x, _), _ = digits
+    info = colopt.export.to_tflite(model, tmp_path / name, quantization="int8",
+                                   representative_data=x[:64])
+    return {w.name: w for w in colopt.export.inspect_tflite(info.path)}
+
+
+def _deployed(weights, layer):
+    hits = [w for n, w in weights.items() if f"/{layer}/" in n or f"/quant_{layer}/" in n]
+    assert len(hits) == 1, (layer, list(weights))
+    return hits[0]
+
+
+def _check(result, tmp_path, digits, sparsity=None, clusters=None):
+    """Asserts the invariants on the returned Keras model and in its int8 .tflite."""
+    st = layer_stats(result.model)
+    deployed = _tflite(result.model, tmp_path, digits)
+    for layer in WEIGHTED:
+        s, d = st[layer], _deployed(deployed, layer)
+        assert d.dtype == "int8"
+        if sparsity is not None:
+            assert s.sparsity >= sparsity - TOL, (layer, s)
+            assert d.sparsity >= sparsity - TOL, (layer, d)
+        if clusters is not None:
+            # Conv kernels are quantized per output channel: count per channel.
+            keras_count = s.unique_per_channel_max if layer == "conv" else s.unique
+            assert keras_count <= clusters, (layer, s)
+            assert d.unique_per_channel_max <= clusters, (layer, d)
+    return st, deployed
+
+
+def test_sparsity_preserving_clustering(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=2),
+                                         Cluster(clusters=CLUSTERS, epochs=1)])
+    assert [p.label for p in r.plan] == ["Train", "Prune", "Cluster (sparsity-preserving)"]
+    _check(r, tmp_path, digits, sparsity=SPARSITY, clusters=CLUSTERS)
+
+
+def test_pqat(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Prune(sparsity=SPARSITY, epochs=2), Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PQAT" and engine.is_qat(r.model)
+    _check(r, tmp_path, digits, sparsity=SPARSITY)
+
+
+def test_qat_without_preservation_loses_sparsity(digits, tmp_path):
+    """The negative control: plain QAT after pruning does not keep the zeros."""
+    r = _fit(tiny_sequential(), digits,
+             [Prune(sparsity=SPARSITY, epochs=2), Quantize(epochs=1, preserve="none")])
+    st = layer_stats(r.model)
+    assert st["hidden"].sparsity < SPARSITY - 0.2
+
+
+def test_cqat(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Cluster(clusters=CLUSTERS, epochs=1), Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "CQAT"
+    _check(r, tmp_path, digits, clusters=CLUSTERS)
+
+
+def test_cqat_per_channel(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits,
+             [Cluster(clusters=CLUSTERS, epochs=1, per_channel=True), Quantize(epochs=1)])
+    st, deployed = _check(r, tmp_path, digits, clusters=CLUSTERS)
+    # Per channel, the conv kernel as a whole holds more values than one channel may.
+    assert st["conv"].unique > CLUSTERS
+    assert _deployed(deployed, "conv").per_channel_quantized
+
+
+def test_pcqat(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=2),
+                                         Cluster(clusters=CLUSTERS, epochs=1), Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PCQAT"
+    _check(r, tmp_path, digits, sparsity=SPARSITY, clusters=CLUSTERS)
+
+
+def test_qat_alone(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "QAT" and engine.is_qat(r.model)
+    deployed = _tflite(r.model, tmp_path, digits)
+    assert all(w.dtype == "int8" for w in deployed.values()) and len(deployed) == 3
+
+
+def test_m_by_n_pruning(digits, tmp_path):
+    r = _fit(tiny_sequential(), digits, [Prune(sparsity=0.5, epochs=1, m_by_n=(2, 4),
+                                               layers=["hidden"])])
+    k = [w for _, w, _ in engine.kernels(
+        [l for l in r.model.layers if engine.base_name(l) == "hidden"][0])][0]
+    # Along the input axis, every block of 4 consecutive weights keeps at most 2.
+    blocks = (k.T.reshape(k.shape[1], -1, 4) != 0).sum(axis=-1)
+    assert blocks.max() <= 2
+    assert layer_stats(r.model)["conv"].sparsity == 0.0  # not selected: untouched
+
+
+def test_layers_selection_touches_only_those(digits):
+    r = _fit(tiny_sequential(), digits, [Prune(sparsity=SPARSITY, epochs=1, layers=["hidden"])])
+    st = layer_stats(r.model)
+    assert st["hidden"].sparsity >= SPARSITY - TOL
+    assert st["conv"].sparsity == 0.0 and st["logits"].sparsity == 0.0
+
+
+def test_one_epoch_axis_across_phases(digits, tmp_path):
+    rec = Recorder()
+    seen = {}
+
+    class Kinds(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen[epoch] = engine.wrapper_kind(self.model)
+
+    r = _fit(tiny_sequential(), digits,
+             [Train(epochs=2), Prune(sparsity=SPARSITY, epochs=2),
+              Cluster(clusters=CLUSTERS, epochs=1), Quantize(epochs=1)],
+             callbacks=[rec, Kinds()], log_dir=tmp_path / "logs")
+    assert rec.epochs == list(range(6))
+    assert rec.train_begins == 4  # one fit() per phase
+    assert seen == {0: "none", 1: "none", 2: "prune", 3: "prune", 4: "cluster", 5: "PCQAT"}
+    assert [(p.start_epoch, p.end_epoch) for p in r.plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert r.history.epoch == list(range(6))
+    assert r.history.history["phase"] == ["Train", "Train", "Prune", "Prune",
+                                          "Cluster (sparsity-preserving)", "PCQAT"]
+    assert len(r.history.history["loss"]) == 6 and len(r.history.history["val_accuracy"]) == 6
+    # Only model-wide aggregates reach the logs the user's callbacks see.
+    assert {"compression/sparsity", "compression/max_unique_weights"} <= set(rec.log_keys[-1])
+    assert not any(k.startswith("sparsity/") for k in rec.log_keys[-1])
+    assert r.history.history["compression/sparsity"][-1] >= SPARSITY - TOL
+
+
+def test_user_model_is_not_modified(digits):
+    model = tiny_sequential()
+    before = [w.copy() for w in model.get_weights()]
+    opt = model.optimizer
+    r = _fit(model, digits, [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=1)])
+    assert r.model is not model
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model.optimizer is opt and int(opt.iterations.numpy()) == 0
+    assert [type(l).__name__ for l in model.layers] == ["Conv2D", "Flatten", "Dense", "Dense"]
+
+
+def test_per_phase_learning_rate_and_fresh_optimizer(digits):
+    rates = []
+
+    class Rate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            rates.append((float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+                          int(self.model.optimizer.iterations.numpy()),
+                          type(self.model.optimizer).__name__))
+
+    _fit(tiny_sequential(), digits, [Train(epochs=1), Prune(sparsity=0.5, epochs=1,
+                                                            learning_rate=1e-4)],
+         callbacks=[Rate()])
+    assert rates[0] == (pytest.approx(1e-2), 0, "Adam")
+    assert rates[1] == (pytest.approx(1e-4), 0, "Adam")
+
+
+def test_dataset_input_and_companion_callbacks(digits):
+    (x, y), _ = digits
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    r = colopt.collaborative_fit(tiny_sequential(), ds, phases=[Prune(sparsity=0.5, epochs=2)],
+                                 verbose=0)
+    # No UpdatePruningStep was given: the library added it (tfmot would raise without it).
+    assert layer_stats(r.model)["hidden"].sparsity >= 0.5 - TOL
+
+
+def test_standalone_activations_are_folded_so_pcqat_keeps_them(digits, tmp_path):
+    model = tiny_functional_relu()
+    xr = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    r = _fit(model, digits, [Prune(sparsity=SPARSITY, epochs=2),
+                             Cluster(clusters=CLUSTERS, epochs=1), Quantize(epochs=1)])
+    assert r.folded == {"conv": "conv_relu", "hidden": "hidden_relu"}
+    _check(r, tmp_path, digits, sparsity=SPARSITY, clusters=CLUSTERS)
+    # The user's model keeps its layers.
+    assert "conv_relu" in [l.name for l in model.layers]
+    assert model.predict(xr, verbose=0).shape == (4, 10)
+
+
+def test_fold_activations_computes_the_same_function():
+    model = tiny_functional_relu()
+    pairs, unfoldable = engine.fold_plan(model)
+    assert set(pairs) == {"conv", "hidden"} and not unfoldable
+    folded = engine.fold_activations(model, pairs)
+    assert "conv_relu" not in [l.name for l in folded.layers]
+    x = np.random.default_rng(1).normal(size=(8, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_guard_catches_a_silent_tfmot_skip_when_not_folded(digits, monkeypatch):
+    """InvariantGuard is the last line: without folding, tfmot's PCQAT skips the Conv2D
+    followed by a standalone ReLU, and the guard must say so."""
+    monkeypatch.setattr(engine, "fold_plan", lambda model: ({}, {}))
+    with pytest.raises(colopt.InvariantViolation) as info:
+        _fit(tiny_functional_relu(), digits, [Prune(sparsity=SPARSITY, epochs=2),
+                                              Cluster(clusters=CLUSTERS, epochs=1),
+                                              Quantize(epochs=1)])
+    msg = str(info.value)
+    assert "layer 'conv'" in msg and "PCQAT" in msg and "epoch 3" in msg
+    assert {v.layer for v in info.value.violations} >= {"conv"}
+
+
+def test_unsupported_layers_are_listed_not_skipped_silently(digits, caplog):
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([
+        keras.layers.DepthwiseConv2D(3, name="dw", input_shape=(8, 8, 1)),
+        keras.layers.Flatten(), keras.layers.Dense(10, name="logits")]))
+    with caplog.at_level("INFO", logger="keras_colopt"):
+        r = _fit(model, digits, [Prune(sparsity=SPARSITY, epochs=1)])
+    assert r.skipped["Prune"] == ["dw"]
+    assert sum("dw" in rec.getMessage() and "cannot touch" in rec.getMessage()
+               for rec in caplog.records) == 1
+
+
+# ------------------------------------------------------------------ refusals before training
+
+def _keras3_model():
+    import keras as k3
+
+    m = k3.Sequential([k3.Input((8, 8, 1)), k3.layers.Flatten(), k3.layers.Dense(10)])
+    m.compile("adam", "sparse_categorical_crossentropy")
+    return m
+
+
+class _Sub(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.d(keras.layers.Flatten()(x))
+
+
+def _subclassed():
+    m = _Sub()
+    m(np.zeros((1, 8, 8, 1), "float32"))
+    return compile_(m)
+
+
+def _uncompiled():
+    return keras.Sequential([keras.layers.Flatten(input_shape=(8, 8, 1)),
+                             keras.layers.Dense(10)])
+
+
+def _unfoldable_relu():
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv")(i)
+    h = keras.layers.ReLU(threshold=0.5, name="odd_relu")(h)
+    o = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(h))
+    return compile_(keras.Model(i, o))
+
+
+REFUSALS = [
+    ("prune after cluster", None, [Cluster(clusters=8, epochs=1), Prune(sparsity=0.5, epochs=1)],
+     {}, colopt.PlanError, "scatter the clusters"),
+    ("two quantize", None, [Quantize(epochs=1), Quantize(epochs=1)], {}, colopt.PlanError,
+     "repeats"),
+    ("after quantize", None, [Quantize(epochs=1), Train(epochs=1)], {}, colopt.PlanError,
+     "comes after phases[0] Quantize"),
+    ("few clusters", None, [Prune(sparsity=0.5, epochs=1), Cluster(clusters=2, epochs=1)], {},
+     colopt.PlanError, "clusters >= 3"),
+    ("keras 3", _keras3_model, [Train(epochs=1)], {}, TypeError, "Keras 3 model"),
+    ("subclassed", _subclassed, [Train(epochs=1)], {}, TypeError, "subclassed"),
+    ("uncompiled", _uncompiled, [Train(epochs=1)], {}, ValueError, "not compiled"),
+    ("unknown layer", None, [Prune(sparsity=0.5, epochs=1, layers=["nope"])], {}, ValueError,
+     "no layer named ['nope']"),
+    ("unprunable named layer", None, [Prune(sparsity=0.5, epochs=1, layers=["flat"])], {},
+     ValueError, "cannot prune"),
+    ("epochs kwarg", None, [Train(epochs=1)], {"epochs": 3}, ValueError, "give each phase"),
+    ("unknown kwarg", None, [Train(epochs=1)], {"epoch": 3}, TypeError, "unknown keyword"),
+    ("keras 3 callback", None, [Train(epochs=1)], {"callbacks": "k3"}, TypeError,
+     "not a tf_keras callback"),
+    ("unfoldable activation", _unfoldable_relu,
+     [Prune(sparsity=0.5, epochs=1), Quantize(epochs=1)], {}, ValueError, "standalone activation"),
+    ("infinite dataset", None, [Train(epochs=1)], {"x": "repeat"}, ValueError,
+     "steps_per_epoch"),
+    ("empty dataset", None, [Train(epochs=1)], {"x": "empty"}, ValueError, "empty"),
+]
+
+
+@pytest.mark.parametrize("name,make,phases,kw,exc,words", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refused_before_any_training(digits, tmp_path, name, make, phases, kw, exc, words):
+    (x, y), _ = digits
+    model = (make or tiny_sequential)()
+    before = [w.copy() for w in model.get_weights()]
+    rec = Recorder()
+    kw = dict(kw)
+    cbs = [rec]
+    if kw.pop("callbacks", None) == "k3":
+        import keras as k3
+        cbs.append(k3.callbacks.History())
+    data_x, data_y = x, y
+    special = kw.pop("x", None)
+    if special == "repeat":
+        data_x, data_y = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat(), None
+    elif special == "empty":
+        data_x, data_y = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(32), None
+    log_dir = tmp_path / "logs"
+    with pytest.raises(exc) as info:
+        colopt.collaborative_fit(model, data_x, data_y, phases=phases, callbacks=cbs,
+                                 log_dir=log_dir, verbose=0, **kw)
+    assert words in str(info.value)
+    assert rec.train_begins == 0
+    assert not log_dir.exists()
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))

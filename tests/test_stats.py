@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from keras_colopt import stats
+
+
+def test_sparsity_counts_exact_zeros_only():
+    w = np.array([[0.0, 1e-9], [0.0, -2.0]])
+    assert stats.sparsity(w) == 0.5
+    assert stats.sparsity(np.zeros((0,))) == 0.0
+
+
+def test_unique_values_per_tensor_and_per_channel():
+    # Two output channels (last axis): channel 0 holds {1, 2}, channel 1 holds {3}.
+    w = np.array([[[1.0, 3.0], [2.0, 3.0]], [[1.0, 3.0], [2.0, 3.0]]])
+    assert stats.unique_values(w) == 3
+    assert stats.unique_values(w, axis=-1).tolist() == [2, 1]
+    assert stats.unique_values(np.moveaxis(w, -1, 0), axis=0).tolist() == [2, 1]
+
+
+def test_tensor_stats_and_summary():
+    a = stats.tensor_stats("a", np.array([[0.0, 1.0], [0.0, 1.0]]), channel_axis=-1)
+    b = stats.tensor_stats("b", np.array([0.0, 5.0, 6.0, 7.0]))
+    assert (a.zeros, a.size, a.unique, a.unique_per_channel_max) == (2, 4, 2, 1)
+    assert b.unique_per_channel_max is None
+    s = stats.summarize([a, b])
+    assert s["zeros"] == 3 and s["size"] == 8
+    assert s["sparsity"] == pytest.approx(3 / 8)
+    assert s["max_unique"] == 4
