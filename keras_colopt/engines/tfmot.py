@@ -332,9 +332,19 @@ def apply_phase(model, planned, steps_per_epoch: int):
                   "cluster_per_channel": phase.per_channel}
 
         def wrap(layer):
-            if layer.name in wanted:
-                return tfmot.clustering.keras.cluster_weights(layer, **kwargs)
-            return layer
+            if layer.name not in wanted:
+                return layer
+            layer_kwargs = dict(kwargs)
+            short = _kmeans_short_channels(layer, phase, planned.preserve_sparsity)
+            if short:
+                log.warning(
+                    "%s: layer '%s' has output channel(s) %s with fewer %s than clusters=%d, "
+                    "where tfmot's per-channel kmeans++ initialization fails; that layer's "
+                    "centroids are initialized 'linear' instead.", planned.label, layer.name,
+                    short[:8], "non-zero weights" if planned.preserve_sparsity else
+                    "distinct weights", phase.clusters)
+                layer_kwargs["cluster_centroids_init"] = _INITS["linear"]
+            return tfmot.clustering.keras.cluster_weights(layer, **layer_kwargs)
         new = tf_keras.models.clone_model(model, clone_function=wrap)
         return new, [], touched
 
@@ -355,6 +365,22 @@ def apply_phase(model, planned, steps_per_epoch: int):
             new = tfmot.quantization.keras.quantize_apply(annotated, scheme)
         return new, [], [n for n in touched if _has_kernel(_find(model, n))]
     raise AssertionError(kind)
+
+
+def _kmeans_short_channels(layer, phase, preserve_sparsity) -> List[int]:
+    """Output channels too small for tfmot's per-channel kmeans++ (it samples `clusters`
+    points per channel, among the non-zero weights when sparsity is preserved)."""
+    if not (phase.per_channel and phase.init == "kmeans++"
+            and isinstance(layer, tf_keras.layers.Conv2D) and _has_kernel(layer)):
+        return []
+    k = np.asarray(layer.kernel.numpy())
+    per = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+    short = []
+    for c, row in enumerate(per):
+        points = row[row != 0] if preserve_sparsity else row
+        if np.unique(points).size < phase.clusters:
+            short.append(c)
+    return short
 
 
 def _find(model, name):
@@ -427,6 +453,8 @@ def expectations(model) -> Dict[str, dict]:
     for layer in model.layers:
         e = None
         if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            if not getattr(layer, "pruning_vars", None):
+                continue  # a layer without prunable weights, wrapped along with the model
             sched = layer.pruning_schedule
             if layer.sparsity_m_by_n:
                 m, n = layer.sparsity_m_by_n
@@ -437,10 +465,14 @@ def expectations(model) -> Dict[str, dict]:
             end = int(getattr(sched, "end_step", -1))
             begin = int(getattr(sched, "begin_step", 0))
             step = int(layer.pruning_step.numpy()) if hasattr(layer, "pruning_step") else -1
-            ready = step >= (end if end > 0 else begin + 1)
+            freq = int(getattr(sched, "frequency", 1))
+            # A mask update happens at steps begin + k * frequency, up to end_step.
+            ready = step >= (end if end > 0 else begin + freq)
             e = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
                  "per_channel": False, "wrapper": "prune"}
         elif isinstance(layer, cluster_wrapper.ClusterWeights):
+            if not layer.original_clusterable_weights:
+                continue
             masks = list(layer.sparsity_masks.values()) if layer.preserve_sparsity else []
             e = {"sparsity": _mask_sparsity(masks), "sparsity_ready": True,
                  "clusters": layer.number_of_clusters,

@@ -1,0 +1,104 @@
+"""The tfmot engine: schedules, effective kernels, expectations, per-channel kmeans++ guard."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+from keras_colopt import Cluster, Prune, resolve, stats
+from keras_colopt.engines import tfmot as engine
+
+from conftest import compile_, tiny_sequential
+
+
+@pytest.mark.parametrize("epochs,steps", [(1, 1), (1, 7), (2, 8), (3, 23), (5, 100)])
+def test_polynomial_schedule_reaches_its_target_on_a_mask_update(epochs, steps):
+    phase = Prune(sparsity=0.6, epochs=epochs, initial_sparsity=0.1)
+    schedule, end = engine.pruning_schedule(phase, steps)
+    ramp = max(1, epochs - 1) * steps
+    assert 0 < end <= ramp
+    # Boundaries: the schedule's own value at its first and last mask update.
+    should0, s0 = schedule(tf.constant(0, tf.int64))
+    should_end, s_end = schedule(tf.constant(end, tf.int64))
+    assert bool(should0) and float(s0) == pytest.approx(0.1)
+    assert bool(should_end) and float(s_end) == pytest.approx(0.6)
+    # After the end it no longer changes the mask.
+    should_after, _ = schedule(tf.constant(end + 1, tf.int64))
+    assert not bool(should_after)
+
+
+def test_constant_schedule_for_m_by_n():
+    schedule, first = engine.pruning_schedule(Prune(sparsity=0.5, epochs=2, m_by_n=(2, 4)), 10)
+    assert isinstance(schedule, tfmot.sparsity.keras.ConstantSparsity)
+    assert bool(schedule(tf.constant(first, tf.int64))[0])
+
+
+def _wrapped(model, name):
+    return [l for l in model.layers if engine.base_name(l) == name][0]
+
+
+def test_cluster_kernel_is_what_the_layer_computes(digits):
+    (x, y), _ = digits
+    model = tiny_sequential()
+    plan = resolve([Cluster(clusters=4, epochs=1)])
+    clustered, _, touched = engine.apply_phase(engine.clone_model(model), plan.phases[0], 8)
+    compile_(clustered)
+    clustered.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    logits = _wrapped(clustered, "logits")
+    (name, k, axis), = engine.kernels(logits)
+    raw = logits.original_clusterable_weights["kernel"].numpy()
+    assert np.unique(k).size <= 4 < np.unique(raw).size  # the raw variable is not what runs
+    h = np.random.default_rng(0).normal(size=(5, 16)).astype("float32")
+    np.testing.assert_allclose(logits(h).numpy(), h @ k + logits.layer.bias.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_kernel_is_weight_times_mask():
+    model = tiny_sequential()
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model)
+    hidden = _wrapped(pruned, "hidden")
+    weight, mask, _ = hidden.pruning_vars[0]
+    m = np.zeros(mask.shape, "float32")
+    m[::2] = 1
+    mask.assign(m)
+    (_, k, _), = engine.kernels(hidden)
+    np.testing.assert_array_equal(k, weight.numpy() * m)
+
+
+def test_expectations_skip_layers_without_weights():
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(tiny_sequential())
+    assert set(engine.expectations(pruned)) == {"conv", "hidden", "logits"}
+
+
+def test_kmeans_short_channels_are_detected():
+    conv = keras.layers.Conv2D(3, 2)
+    conv.build((None, 4, 4, 1))
+    k = np.ones((2, 2, 1, 3), "float32") * np.arange(1, 5, dtype="float32").reshape(2, 2, 1, 1)
+    k[..., 1] = 0
+    k[0, 0, 0, 1] = 5.0  # channel 1: a single non-zero weight
+    conv.kernel.assign(k)
+    phase = Cluster(clusters=3, epochs=1, per_channel=True)
+    assert engine._kmeans_short_channels(conv, phase, preserve_sparsity=True) == [1]
+    assert engine._kmeans_short_channels(
+        conv, Cluster(clusters=3, epochs=1, per_channel=True, init="linear"), True) == []
+
+
+def test_per_channel_clustering_of_a_sparse_conv_falls_back_to_linear(digits, caplog):
+    """tfmot's per-channel kmeans++ crashes on a channel with fewer non-zero weights than
+    clusters; the engine detects that layer, says so, and initializes it linearly."""
+    model = engine.clone_model(tiny_sequential())
+    conv = model.get_layer("conv")
+    k = conv.kernel.numpy()
+    k[..., 0] = 0
+    k[0, 0, 0, 0] = 0.3
+    conv.kernel.assign(k)
+    plan = resolve([Prune(sparsity=0.5, epochs=1), Cluster(clusters=4, epochs=1,
+                                                          per_channel=True)])
+    with caplog.at_level(logging.WARNING, logger="keras_colopt"):
+        clustered, _, _ = engine.apply_phase(model, plan.phases[1], 8)
+    assert any("'conv'" in r.getMessage() and "linear" in r.getMessage() for r in caplog.records)
+    (_, k, _), = engine.kernels(_wrapped(clustered, "conv"))
+    assert stats.unique_values(k, axis=-1).max() <= 4

@@ -1,0 +1,112 @@
+"""export: conversion options, atomic writes, and reading weights back from a .tflite."""
+
+import os
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+import keras_colopt as colopt
+from keras_colopt import export
+
+from conftest import compile_, tiny_sequential
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    (x, y), _ = digits
+    model = tiny_sequential()
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("quantization,weight_dtype,min_agreement", [
+    ("none", "float32", 1.0), ("float16", "float16", 0.99), ("dynamic", "int8", 0.95),
+    ("int8", "int8", 0.9)])
+def test_each_quantization_runs_in_litert(trained, digits, tmp_path, quantization, weight_dtype,
+                                         min_agreement):
+    (x, _), (xt, _) = digits
+    info = export.to_tflite(trained, tmp_path / f"{quantization}.tflite",
+                            quantization=quantization, representative_data=x[:64])
+    assert os.path.getsize(info.path) == info.tflite_bytes
+    assert 0 < info.gzip_bytes < info.tflite_bytes
+    weights = export.inspect_tflite(info.path)
+    assert len(weights) == 3
+    # The converter leaves tensors under 1024 weights in float for dynamic range
+    # quantization; the large Dense kernel is always converted.
+    largest = max(weights, key=lambda w: np.prod(w.shape))
+    assert largest.dtype == weight_dtype
+    if quantization != "dynamic":
+        assert {w.dtype for w in weights} == {weight_dtype}
+    agree = np.mean(np.argmax(export.predict_tflite(info.path, xt), -1)
+                    == np.argmax(trained.predict(xt, verbose=0), -1))
+    assert agree >= min_agreement
+
+
+def test_inspect_reads_what_was_put_in(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([keras.layers.Dense(4, input_shape=(6,), name="d")]))
+    # 6x4 kernel: output channel j holds the values {0, j+1}; half the entries are zero.
+    k = np.zeros((6, 4), "float32")
+    for j in range(4):
+        k[: 3, j] = j + 1.0
+    model.get_layer("d").kernel.assign(k)
+    info = export.to_tflite(model, tmp_path / "d.tflite", quantization="none")
+    (w,) = export.inspect_tflite(info.path)
+    assert w.op == "FULLY_CONNECTED" and w.shape == (4, 6)
+    assert w.sparsity == 0.5
+    assert w.unique == 5 and w.unique_per_channel_max == 2
+
+
+def test_int8_ptq_needs_representative_data_and_keeps_the_old_file(trained, tmp_path):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"a good model")
+    with pytest.raises(ValueError, match="representative_data"):
+        export.to_tflite(trained, path, quantization="int8")
+    assert path.read_bytes() == b"a good model"
+
+
+def test_failed_conversion_leaves_no_partial_file(trained, tmp_path, monkeypatch):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"a good model")
+
+    def broken(*a, **k):
+        raise RuntimeError("converter crashed")
+    monkeypatch.setattr(export, "convert", broken)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export.to_tflite(trained, path, quantization="none")
+    assert path.read_bytes() == b"a good model"
+    assert os.listdir(tmp_path) == ["m.tflite"]
+
+
+@pytest.mark.parametrize("make_path,match", [
+    (lambda tmp: tmp / "missing" / "m.tflite", "does not exist"),
+    (lambda tmp: tmp, "is a directory"),
+])
+def test_bad_paths_are_refused_before_converting(trained, tmp_path, make_path, match,
+                                                 monkeypatch):
+    called = []
+    monkeypatch.setattr(export, "convert", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match=match):
+        export.to_tflite(trained, make_path(tmp_path), quantization="none")
+    assert not called
+
+
+def test_unknown_quantization(trained, tmp_path):
+    with pytest.raises(ValueError, match="quantization='int4'"):
+        export.to_tflite(trained, tmp_path / "m.tflite", quantization="int4")
+
+
+def test_evaluate_tflite_matches_keras_on_float_export(trained, digits, tmp_path):
+    _, (xt, yt) = digits
+    info = export.to_tflite(trained, tmp_path / "f.tflite", quantization="none")
+    keras_acc = trained.evaluate(xt, yt, verbose=0)[1]
+    assert export.evaluate_tflite(info.path, xt, yt) == pytest.approx(keras_acc, abs=1e-6)
+
+
+def test_gzip_size_shrinks_with_sparsity():
+    rng = np.random.default_rng(0)
+    dense = rng.integers(-127, 127, 10000).astype(np.int8).tobytes()
+    sparse = np.where(rng.random(10000) < 0.5, 0,
+                      rng.integers(-127, 127, 10000)).astype(np.int8).tobytes()
+    assert export.gzip_size(sparse) < export.gzip_size(dense)
