@@ -8,6 +8,7 @@ epochs 0..N-1 once each.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -152,11 +153,42 @@ def _phase_expectations(planned: PlannedPhase, touched: List[str],
     return sp, cl
 
 
+class _ExpectedGradientWarning(logging.Filter):
+    """Hides tf_keras' 'Gradients do not exist' warning when it names only variables that
+    have no gradient by design (CQAT/PCQAT kernels); any other variable still warns."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = set(names)
+
+    def filter(self, record):
+        if not str(record.msg).startswith("Gradients do not exist for variables"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        listed = args[0] if args and isinstance(args[0], (list, tuple)) else None
+        return listed is None or not set(listed) <= self.names
+
+
+@contextlib.contextmanager
+def _quiet_expected_warnings(names):
+    if not names:
+        yield
+        return
+    tf_logger = logging.getLogger("tensorflow")
+    f = _ExpectedGradientWarning(names)
+    tf_logger.addFilter(f)
+    try:
+        yield
+    finally:
+        tf_logger.removeFilter(f)
+
+
 def _transition_line(label, before, after) -> str:
     b, a = stats.summarize(before.values()), stats.summarize(after.values())
     return (f"{label}: zeros {b['zeros']}/{b['size']} ({100 * b['sparsity']:.2f}%) -> "
             f"{a['zeros']}/{a['size']} ({100 * a['sparsity']:.2f}%), max unique weights per "
-            f"layer {b['max_unique']} -> {a['max_unique']}")
+            f"layer {b['max_unique']} -> {a['max_unique']} (per output channel "
+            f"{b['max_unique_per_channel']} -> {a['max_unique_per_channel']})")
 
 
 def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, batch_size=None,
@@ -274,9 +306,10 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         end = epoch + planned.epochs
         log.info("Phase %d/%d: %s, epochs %d-%d", planned.index + 1, len(plan), planned.label,
                  epoch, end - 1)
-        h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
-                        validation_data=validation_data, callbacks=phase_cbs, verbose=verbose,
-                        **fit_kwargs)
+        with _quiet_expected_warnings(engine.gradless_by_design(current)):
+            h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
+                            validation_data=validation_data, callbacks=phase_cbs,
+                            verbose=verbose, **fit_kwargs)
         ran = list(h.epoch)
         for key in set(merged) | set(h.history):
             merged.setdefault(key, [float("nan")] * len(epochs_seen))

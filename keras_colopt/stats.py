@@ -111,7 +111,9 @@ def summarize(stats) -> dict:
 
     Returns:
         `{"sparsity": zeros/size over all tensors, "max_unique": the largest
-        per-tensor unique count, "zeros": ..., "size": ...}`.
+        per-tensor unique count, "max_unique_per_channel": the largest
+        per-channel count (per-tensor where no channel axis was given),
+        "zeros": ..., "size": ...}`.
     """
     stats = list(stats)
     zeros = sum(s.zeros for s in stats)
@@ -119,6 +121,8 @@ def summarize(stats) -> dict:
     return {
         "sparsity": (zeros / size) if size else 0.0,
         "max_unique": max((s.unique for s in stats), default=0),
+        "max_unique_per_channel": max((s.unique_per_channel_max or s.unique for s in stats),
+                                      default=0),
         "zeros": zeros,
         "size": size,
     }

@@ -1,6 +1,7 @@
 """collaborative_fit: every path of the deployment tree on a tiny model, the epoch axis,
 and every refusal before training."""
 
+import logging
 import os
 
 import numpy as np
@@ -327,3 +328,20 @@ def test_refused_before_any_training(digits, tmp_path, name, make, phases, kw, e
     assert rec.train_begins == 0
     assert not log_dir.exists()
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_expected_gradient_warning_is_hidden_only_for_cqat_kernels(digits, caplog):
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        r = _fit(tiny_sequential(), digits, [Cluster(clusters=CLUSTERS, epochs=1),
+                                             Quantize(epochs=1)])
+    assert not [m for m in caplog.messages if "Gradients do not exist" in m]
+    names = engine.gradless_by_design(r.model)
+    assert names == {"conv/kernel:0", "hidden/kernel:0", "logits/kernel:0"}
+    # Any other variable still warns.
+    from keras_colopt.fit import _ExpectedGradientWarning
+    f = _ExpectedGradientWarning(names)
+    rec = lambda listed: logging.LogRecord(  # noqa: E731
+        "tensorflow", logging.WARNING, "", 0,
+        "Gradients do not exist for variables %s when minimizing the loss.", (listed,), None)
+    assert not f.filter(rec(["conv/kernel:0"]))
+    assert f.filter(rec(["conv/kernel:0", "conv/bias:0"]))

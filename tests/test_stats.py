@@ -27,3 +27,4 @@ def test_tensor_stats_and_summary():
     assert s["zeros"] == 3 and s["size"] == 8
     assert s["sparsity"] == pytest.approx(3 / 8)
     assert s["max_unique"] == 4
+    assert s["max_unique_per_channel"] == 4  # a: 1 per channel; b: no channel axis, 4

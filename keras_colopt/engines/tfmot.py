@@ -657,3 +657,15 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "activation='relu'). Move it there, or exclude these layers with "
                     "Quantize(layers=[...]).")
     return skipped
+
+
+def gradless_by_design(model) -> set:
+    """Variables that get no gradient by design: CQAT/PCQAT kernels, rewritten each step from
+    the trained centroids (tf_keras warns 'Gradients do not exist' for them)."""
+    names = set()
+    for layer in model.layers:
+        for w, _, qvars in getattr(layer, "_weight_vars", []) if isinstance(
+                layer, quantize_wrapper.QuantizeWrapper) else []:
+            if isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars:
+                names.add(w.name)
+    return names
