@@ -345,3 +345,30 @@ def test_expected_gradient_warning_is_hidden_only_for_cqat_kernels(digits, caplo
         "Gradients do not exist for variables %s when minimizing the loss.", (listed,), None)
     assert not f.filter(rec(["conv/kernel:0"]))
     assert f.filter(rec(["conv/kernel:0", "conv/bias:0"]))
+
+
+def test_per_channel_clustering_of_a_conv_without_bias(digits, tmp_path):
+    """tfmot's cluster_weights silently skips a per-channel Conv2D with use_bias=False."""
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([
+        keras.layers.Conv2D(8, 3, use_bias=False, activation="relu", name="conv",
+                            input_shape=(8, 8, 1)),
+        keras.layers.Flatten(name="flat"), keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits")]))
+    r = _fit(model, digits, [Cluster(clusters=CLUSTERS, epochs=1, per_channel=True),
+                             Quantize(epochs=1)])
+    _check(r, tmp_path, digits, clusters=CLUSTERS)
+    assert layer_stats(r.model)["conv"].unique > CLUSTERS  # per channel, not per tensor
+
+
+def test_kernels_too_small_to_cluster_are_listed(digits):
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([
+        keras.layers.Conv2D(8, 1, name="pointwise", input_shape=(8, 8, 1)),  # 1 weight/channel
+        keras.layers.Flatten(), keras.layers.Dense(10, name="logits")]))
+    r = _fit(model, digits, [Cluster(clusters=CLUSTERS, epochs=1, per_channel=True)])
+    assert r.skipped["Cluster per channel"] == ["pointwise"]
+    assert layer_stats(r.model)["logits"].unique <= CLUSTERS
+    with pytest.raises(ValueError, match=r"cannot cluster the layer\(s\) \['pointwise'\]"):
+        _fit(model, digits, [Cluster(clusters=CLUSTERS, epochs=1, per_channel=True,
+                                     layers=["pointwise"])])

@@ -216,9 +216,12 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
                 f"Expected names from: {[l.name for l in layers]}. Fix the names in `layers=`. "
                 f"Received: layers={sel!r}")
         chosen = [by_name[n] for n in sel]
-    touched = [l.name for l in chosen if can_touch(l, kind)]
-    skipped = [l.name for l in chosen if not can_touch(l, kind) and l.weights]
-    refused = [l.name for l in chosen if not can_touch(l, kind)]
+    def ok(layer):
+        return can_touch(layer, kind) and not (kind == "cluster" and _too_small(layer, phase))
+
+    touched = [l.name for l in chosen if ok(l)]
+    skipped = [l.name for l in chosen if not ok(l) and l.weights]
+    refused = [l.name for l in chosen if not ok(l)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(
             f"{type(phase).__name__}: tfmot cannot {kind} the layer(s) {refused} you named "
@@ -240,6 +243,19 @@ def _is_relu_layer(layer) -> bool:
     if isinstance(layer, tf_keras.layers.Activation):
         return tf_keras.activations.serialize(layer.activation) in ("relu", "relu6")
     return False
+
+
+def _too_small(layer, phase) -> bool:
+    """Whether a kernel has no more weights (per output channel, when clustering a Conv2D per
+    channel) than clusters: then there is nothing to cluster (tfmot skips such a Conv2D)."""
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None:
+        return False
+    size = int(np.prod(kernel.shape))
+    if phase.per_channel and isinstance(layer, tf_keras.layers.Conv2D):
+        axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+        size //= int(kernel.shape[axis])
+    return size <= phase.clusters
 
 
 def activation_after(model) -> Dict[str, str]:
@@ -344,6 +360,12 @@ def apply_phase(model, planned, steps_per_epoch: int):
                     short[:8], "non-zero weights" if planned.preserve_sparsity else
                     "distinct weights", phase.clusters)
                 layer_kwargs["cluster_centroids_init"] = _INITS["linear"]
+            if type(layer) is tf_keras.layers.Conv2D:
+                # tfmot's cluster_weights counts a Conv2D's channels from its last trainable
+                # weight, which is the kernel itself when use_bias=False, and then silently
+                # skips the layer as "too small" for per-channel clustering. Our own check
+                # (_too_small) ran in select_layers; wrap it directly.
+                return cluster_wrapper.ClusterWeights(layer, **layer_kwargs)
             return tfmot.clustering.keras.cluster_weights(layer, **layer_kwargs)
         new = tf_keras.models.clone_model(model, clone_function=wrap)
         return new, [], touched
