@@ -372,3 +372,14 @@ def test_kernels_too_small_to_cluster_are_listed(digits):
     with pytest.raises(ValueError, match=r"cannot cluster the layer\(s\) \['pointwise'\]"):
         _fit(model, digits, [Cluster(clusters=CLUSTERS, epochs=1, per_channel=True,
                                      layers=["pointwise"])])
+
+
+def test_quantize_only_selected_layers(digits, tmp_path):
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
+
+    r = _fit(tiny_sequential(), digits, [Quantize(epochs=1, layers=["hidden"])])
+    wrapped = {engine.base_name(l) for l in r.model.layers
+               if isinstance(l, quantize_wrapper.QuantizeWrapper)}
+    assert "hidden" in wrapped and not {"conv", "logits"} & wrapped
+    deployed = _tflite(r.model, tmp_path, digits)
+    assert _deployed(deployed, "hidden").dtype == "int8"

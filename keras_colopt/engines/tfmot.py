@@ -322,10 +322,7 @@ def apply_phase(model, planned, steps_per_epoch: int):
         return model, [], []
     # Drop the previous phase's training wrappers; their work is in the weights now.
     model = strip(model)
-    touched, skipped = select_layers(model, phase, kind)
-    if skipped:
-        log.info("%s does not touch %d layer(s) it cannot %s: %s", planned.label, len(skipped),
-                 kind, ", ".join(skipped))
+    touched, _ = select_layers(model, phase, kind)  # the skipped ones were logged by preflight
     wanted = set(touched)
 
     if kind == "prune":
