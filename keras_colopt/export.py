@@ -101,9 +101,10 @@ def convert(model, quantization: str = "int8", representative_data=None) -> byte
         quantization: `"int8"` (full-integer ops, float input/output),
             `"dynamic"` (int8 weights, float activations), `"float16"` or
             `"none"`. Defaults to `"int8"`.
-        representative_data: input samples for calibrating `"int8"` when the
-            model is not quantization-aware trained (post-training
-            quantization). Up to 256 are used.
+        representative_data: input samples for calibrating `"int8"`: required
+            when the model is not quantization-aware trained (post-training
+            quantization), and used for the layers a partial QAT left out.
+            Up to 256 are used.
     """
     import tensorflow as tf
 
@@ -126,8 +127,11 @@ def convert(model, quantization: str = "int8", representative_data=None) -> byte
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if quantization == "int8" and not qat:
+    if quantization == "int8" and representative_data is not None:
+        # Calibrates what QAT did not cover (all of a plain model, the unannotated layers of
+        # a partly annotated one); QAT ranges are kept where they exist.
         converter.representative_dataset = _representative(representative_data)
+    if quantization == "int8" and not qat:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
 
