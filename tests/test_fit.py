@@ -297,6 +297,9 @@ REFUSALS = [
      "not a tf_keras callback"),
     ("unfoldable activation", _unfoldable_relu,
      [Prune(sparsity=0.5, epochs=1), Quantize(epochs=1)], {}, ValueError, "standalone activation"),
+    ("no prunable layer", lambda: compile_(keras.Sequential([
+        keras.layers.DepthwiseConv2D(3, input_shape=(8, 8, 1)), keras.layers.Flatten()])),
+     [Prune(sparsity=0.5, epochs=1)], {}, ValueError, "no layer this phase can prune"),
     ("infinite dataset", None, [Train(epochs=1)], {"x": "repeat"}, ValueError,
      "steps_per_epoch"),
     ("empty dataset", None, [Train(epochs=1)], {"x": "empty"}, ValueError, "empty"),
@@ -383,3 +386,25 @@ def test_quantize_only_selected_layers(digits, tmp_path):
     assert "hidden" in wrapped and not {"conv", "logits"} & wrapped
     deployed = _tflite(r.model, tmp_path, digits)
     assert _deployed(deployed, "hidden").dtype == "int8"
+
+
+def test_compile_settings_carry_over_to_every_phase(digits):
+    keras.utils.set_random_seed(0)
+    model = tiny_sequential()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
+                  weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(
+                      from_logits=True, name="wxe")])
+    seen = []
+
+    class Opt(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append(self.model.optimizer.get_config())
+
+    r = _fit(model, digits, [Train(epochs=1), Prune(sparsity=0.5, epochs=1),
+                             Quantize(epochs=1)], callbacks=[Opt()])
+    for key in ("acc", "val_acc", "wxe", "val_wxe"):
+        assert not np.isnan(r.history.history[key]).any(), key
+    assert [c["name"] for c in seen] == ["SGD"] * 3
+    assert all(c["momentum"] == 0.5 for c in seen)

@@ -124,6 +124,7 @@ def compile_config(model) -> dict:
         "metrics": fresh(getattr(cm, "_user_metrics", None)) if cm is not None else None,
         "weighted_metrics": fresh(getattr(cm, "_user_weighted_metrics", None)) if cm else None,
         "run_eagerly": model._run_eagerly,
+        "jit_compile": getattr(model, "_jit_compile", None),
         "steps_per_execution": int(model._steps_per_execution.numpy())
         if getattr(model, "_steps_per_execution", None) is not None else 1,
         "_fresh": fresh,
@@ -139,7 +140,8 @@ def compile_like(model, cfg: dict, learning_rate: Optional[float] = None) -> Non
     fresh = cfg["_fresh"]
     model.compile(optimizer=optimizer, loss=fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
                   metrics=fresh(cfg["metrics"]), weighted_metrics=fresh(cfg["weighted_metrics"]),
-                  run_eagerly=cfg["run_eagerly"], steps_per_execution=cfg["steps_per_execution"])
+                  run_eagerly=cfg["run_eagerly"], steps_per_execution=cfg["steps_per_execution"],
+                  jit_compile=cfg["jit_compile"])
 
 
 # --------------------------------------------------------------------------- layers
@@ -663,6 +665,13 @@ def preflight(model, plan) -> Dict[str, List[str]]:
             continue
         touched, skip = select_layers(model, planned.phase, planned.phase.kind)
         skipped[planned.label] = skip
+        if not touched or (planned.phase.kind == "quantize"
+                           and not any(_has_kernel(_find(model, n)) for n in touched)):
+            raise ValueError(
+                f"{planned.label}: model '{model.name}' has no layer this phase can "
+                f"{planned.phase.kind} (layers it cannot touch: {skip or 'none'}). Expected at "
+                "least one supported layer with weights (Dense, Conv2D, ...). Remove the phase "
+                "or change the model.")
         if planned.phase.kind == "quantize" and (planned.preserve_sparsity
                                                  or planned.preserve_clusters):
             unfoldable = {k: v for k, v in fold_plan(model)[1].items() if k in touched}
