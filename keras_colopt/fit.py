@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -183,6 +184,25 @@ def _quiet_expected_warnings(names):
         tf_logger.removeFilter(f)
 
 
+@contextlib.contextmanager
+def _visible_log(verbose):
+    """Shows this library's INFO lines (plan, phase transitions) on stdout while `fit` prints
+    its progress, unless the application configured logging itself."""
+    if verbose == 0 or log.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[keras_colopt] %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def _transition_line(label, before, after) -> str:
     b, a = stats.summarize(before.values()), stats.summarize(after.values())
     return (f"{label}: zeros {b['zeros']}/{b['size']} ({100 * b['sparsity']:.2f}%) -> "
@@ -228,6 +248,15 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         ...     Prune(sparsity=0.5, epochs=3), Cluster(clusters=8, epochs=3),
         ...     Quantize(epochs=2)], validation_data=(xv, yv), log_dir="logs/run1")
     """
+    with _visible_log(verbose):
+        return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
+                                  log_dir, compression_metrics, invariant_guard,
+                                  guard_tolerance, verbose, fit_kwargs)
+
+
+def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
+                       compression_metrics, invariant_guard, guard_tolerance, verbose,
+                       fit_kwargs) -> FitResult:
     plan = resolve(phases)
     engine = get_engine(model)
     user_callbacks = _check_inputs(callbacks, fit_kwargs, log_dir)
@@ -255,7 +284,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
     skipped = engine.preflight(work, plan)
     for label, names in skipped.items():
         if names:
-            log.info("%s cannot touch %d layer(s) with weights; they stay as they are: %s",
+            log.warning("%s cannot touch %d layer(s) with weights; they stay as they are: %s",
                      label, len(names), ", ".join(names))
     for p in plan:
         if p.phase.kind == "quantize" and not p.preserve_sparsity and any(
