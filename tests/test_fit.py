@@ -41,7 +41,7 @@ def _deployed(weights, layer):
     return hits[0]
 
 
-def _check(result, tmp_path, digits, sparsity=None, clusters=None):
+def _check(result, tmp_path, digits, sparsity=None, clusters=None, convs=("conv",)):
     """Asserts the invariants on the returned Keras model and in its int8 .tflite."""
     st = layer_stats(result.model)
     deployed = _tflite(result.model, tmp_path, digits)
@@ -53,7 +53,7 @@ def _check(result, tmp_path, digits, sparsity=None, clusters=None):
             assert d.sparsity >= sparsity - TOL, (layer, d)
         if clusters is not None:
             # Conv kernels are quantized per output channel: count per channel.
-            keras_count = s.unique_per_channel_max if layer == "conv" else s.unique
+            keras_count = s.unique_per_channel_max if layer in convs else s.unique
             assert keras_count <= clusters, (layer, s)
             assert d.unique_per_channel_max <= clusters, (layer, d)
     return st, deployed
@@ -215,6 +215,7 @@ def test_guard_catches_a_silent_tfmot_skip_when_not_folded(digits, monkeypatch):
     """InvariantGuard is the last line: without folding, tfmot's PCQAT skips the Conv2D
     followed by a standalone ReLU, and the guard must say so."""
     monkeypatch.setattr(engine, "fold_plan", lambda model: ({}, {}))
+    monkeypatch.setattr(engine, "dry_run_quantize", lambda *a: [])
     with pytest.raises(colopt.InvariantViolation) as info:
         _fit(tiny_functional_relu(), digits, [Prune(sparsity=SPARSITY, epochs=2),
                                               Cluster(clusters=CLUSTERS, epochs=1),
@@ -222,6 +223,36 @@ def test_guard_catches_a_silent_tfmot_skip_when_not_folded(digits, monkeypatch):
     msg = str(info.value)
     assert "layer 'conv'" in msg and "PCQAT" in msg and "epoch 3" in msg
     assert {v.layer for v in info.value.violations} >= {"conv"}
+
+
+def test_dry_run_finds_a_silent_tfmot_skip_before_training(digits, monkeypatch):
+    """Without folding, the dry run of the Quantize phase on a copy sees that tfmot would
+    quantize 'conv' and 'hidden' without preservation, and refuses before any training."""
+    monkeypatch.setattr(engine, "fold_plan", lambda model: ({}, {}))
+    rec = Recorder()
+    with pytest.raises(ValueError, match=r"layer\(s\) \['conv', 'hidden'\] without preserving"):
+        _fit(tiny_functional_relu(), digits, [Prune(sparsity=SPARSITY, epochs=1),
+                                              Quantize(epochs=1)], callbacks=[rec])
+    assert rec.train_begins == 0
+
+
+def test_conv_batchnorm_relu6_blocks_keep_pcqat(digits, tmp_path):
+    """The MobileNet block (Conv2D -> BatchNorm -> ReLU6, DepthwiseConv2D): tfmot folds the
+    BatchNorm and keeps preservation; DepthwiseConv2D is listed as untouched."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv")(i)
+    h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(h))
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(h)
+    h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Conv2D(16, 1, use_bias=False, name="hidden")(h)
+    h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(h))
+    o = keras.layers.Dense(10, name="logits")(keras.layers.GlobalAveragePooling2D()(h))
+    r = _fit(compile_(keras.Model(i, o)), digits, [Prune(sparsity=SPARSITY, epochs=2),
+                                                  Cluster(clusters=CLUSTERS, epochs=1),
+                                                  Quantize(epochs=1)])
+    assert r.skipped["Prune"] == ["dw"]
+    _check(r, tmp_path, digits, sparsity=SPARSITY, clusters=CLUSTERS, convs=("conv", "hidden"))
 
 
 def test_unsupported_layers_are_listed_not_skipped_silently(digits, caplog):

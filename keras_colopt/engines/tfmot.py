@@ -29,8 +29,6 @@ from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cl
     cluster_preserve_quantize_registry as cpq)
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (  # noqa: E402,E501
     prune_preserve_quantize_registry as ppq)
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
-    default_8bit_quantize_registry)
 from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: E402
     prune_registry, pruning_wrapper)
 
@@ -182,8 +180,9 @@ def can_touch(layer, kind: str) -> bool:
     if kind == "cluster":
         return bool(_clusterable_weight_names(layer))
     if kind == "quantize":
-        return default_8bit_quantize_registry.Default8BitQuantizeRegistry().supports(layer) or \
-            isinstance(layer, tf_keras.layers.InputLayer)
+        # Whether tfmot can quantize a layer depends on its neighbours (Conv2D+BatchNorm is
+        # folded, BatchNorm alone is not): `preflight` finds out with a dry run.
+        return True
     return False
 
 
@@ -230,12 +229,6 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
             f"(type {[type(by_name[n]).__name__ for n in refused]}). Expected layers it supports "
             "(Dense, Conv1D/2D/3D, ...; DepthwiseConv2D is never pruned or clustered). Remove "
             f"them from `layers=`. Received: layers={sel!r}")
-    if kind == "quantize" and sel is None and skipped:
-        raise ValueError(
-            f"Quantize: tfmot's 8-bit scheme does not support layer(s) {skipped} of model "
-            f"'{model.name}'. Expected every layer to be quantizable when `layers` is not "
-            "given. Pass Quantize(layers=[...]) with the layers to quantize, or replace "
-            "those layers.")
     return touched, skipped
 
 
@@ -370,22 +363,75 @@ def apply_phase(model, planned, steps_per_epoch: int):
         return new, [], touched
 
     if kind == "quantize":
-        def annotate(layer):
-            if layer.name in wanted and not isinstance(layer, tf_keras.layers.InputLayer):
-                return tfmot.quantization.keras.quantize_annotate_layer(layer)
-            return layer
-        annotated = tf_keras.models.clone_model(model, clone_function=annotate)
-        if planned.preserve_clusters:
-            scheme = tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
-                preserve_sparsity=planned.preserve_sparsity)
-        elif planned.preserve_sparsity:
-            scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-        else:
-            scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
-        with tfmot.quantization.keras.quantize_scope():
-            new = tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        new = _quantize(model, planned, wanted)
         return new, [], [n for n in touched if _has_kernel(_find(model, n))]
     raise AssertionError(kind)
+
+
+def _quantize(model, planned, wanted):
+    """quantize_annotate the `wanted` layers and quantize_apply the plan's scheme."""
+    def annotate(layer):
+        if layer.name in wanted and not isinstance(layer, tf_keras.layers.InputLayer):
+            return tfmot.quantization.keras.quantize_annotate_layer(layer)
+        return layer
+    annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+    if planned.preserve_clusters:
+        scheme = tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+            preserve_sparsity=planned.preserve_sparsity)
+    elif planned.preserve_sparsity:
+        scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    else:
+        scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+    with tfmot.quantization.keras.quantize_scope():
+        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+
+
+def _preserving(layer) -> bool:
+    """Whether a QAT wrapper's kernel quantizer preserves sparsity or clusters."""
+    return any(isinstance(q, (cpq.ClusterPreserveDefaultWeightsQuantizer,
+                              ppq.PrunePreserveDefaultWeightsQuantizer))
+               for _, q, _ in getattr(layer, "_weight_vars", []))
+
+
+def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
+    """Applies a Quantize phase to a throw-away copy of `model`, before any training.
+
+    Raises ValueError, with tfmot's reason, when tfmot cannot quantize the model.
+
+    Returns:
+        The layers of `compressed` (pruned or clustered earlier in the plan) whose kernel
+        would be quantized without the plan's preservation (tfmot gives them another
+        quantize config, e.g. when it fuses them with the layer after).
+    """
+    import warnings
+
+    copy = clone_model(model)
+    quiet = logging.Filter()
+    quiet.filter = lambda record: False
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = _quantize(copy, planned, set(touched))
+    except Exception as e:  # tfmot raises RuntimeError/ValueError/KeyError for unsupported layouts
+        raise ValueError(
+            f"{planned.label}: tfmot cannot quantize model '{model.name}' as planned: "
+            f"{type(e).__name__}: {e}. Expected layers tfmot's 8-bit scheme supports (Conv2D, "
+            "Dense, DepthwiseConv2D, BatchNormalization after a convolution, ReLU, pooling, "
+            "...). Restrict the phase with Quantize(layers=[...]), or change those layers."
+        ) from e
+    finally:
+        root.removeFilter(quiet)
+    if not (planned.preserve_sparsity or planned.preserve_clusters):
+        return []
+    lost = []
+    for layer in q.layers:
+        name = base_name(layer)
+        if name in compressed and name in touched and _has_kernel(base_layer(layer)) and \
+                not _preserving(layer):
+            lost.append(name)
+    return lost
 
 
 def _kmeans_short_channels(layer, phase, preserve_sparsity) -> List[int]:
@@ -652,14 +698,17 @@ def preflight(model, plan) -> Dict[str, List[str]]:
     """Checks every phase of `plan` against `model` before any training.
 
     Raises ValueError for a `layers=` selection that names a missing or
-    unsupported layer, for a Quantize phase the model cannot take, and for a
-    standalone activation that would make preserving QAT skip a layer and
-    that cannot be folded.
+    unsupported layer, for a phase that can touch no layer, for a Quantize
+    phase tfmot cannot apply to the model (found by a dry run on a copy), and
+    for a pruned/clustered layer that preserving QAT would silently quantize
+    without preservation (a standalone activation that cannot be folded, or
+    another layout tfmot fuses).
 
     Returns:
         {phase label: [layers it cannot touch]} for the log.
     """
     skipped = {}
+    pruned, clustered = set(), set()
     for planned in plan:
         if planned.phase.kind == "train":
             continue
@@ -672,9 +721,15 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                 f"{planned.phase.kind} (layers it cannot touch: {skip or 'none'}). Expected at "
                 "least one supported layer with weights (Dense, Conv2D, ...). Remove the phase "
                 "or change the model.")
-        if planned.phase.kind == "quantize" and (planned.preserve_sparsity
-                                                 or planned.preserve_clusters):
-            unfoldable = {k: v for k, v in fold_plan(model)[1].items() if k in touched}
+        if planned.phase.kind == "prune":
+            pruned = set(touched)
+        elif planned.phase.kind == "cluster":
+            clustered = set(touched)
+        elif planned.phase.kind == "quantize":
+            compressed = (pruned if planned.preserve_sparsity else set()) | (
+                clustered if planned.preserve_clusters else set())
+            unfoldable = {k: v for k, v in fold_plan(model)[1].items()
+                          if k in touched and k in compressed}
             if unfoldable:
                 items = "; ".join(f"'{k}': {v}" for k, v in unfoldable.items())
                 raise ValueError(
@@ -684,6 +739,15 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "Expected the activation inside the layer, e.g. Conv2D(..., "
                     "activation='relu'). Move it there, or exclude these layers with "
                     "Quantize(layers=[...]).")
+            lost = dry_run_quantize(model, planned, touched, compressed)
+            if lost:
+                raise ValueError(
+                    f"{planned.label}: tfmot would quantize layer(s) {lost} without preserving "
+                    "their sparsity/clusters (it gives them a quantize config of its own, e.g. "
+                    "when it fuses them with the layer after them): the work of the earlier "
+                    "phases would be lost silently. Expected every pruned/clustered layer to "
+                    "keep a preserving weight quantizer. Exclude them from the Prune/Cluster "
+                    "phases with layers=[...], or change the layer that follows them.")
     return skipped
 
 
