@@ -439,3 +439,22 @@ def test_compile_settings_carry_over_to_every_phase(digits):
         assert not np.isnan(r.history.history[key]).any(), key
     assert [c["name"] for c in seen] == ["SGD"] * 3
     assert all(c["momentum"] == 0.5 for c in seen)
+
+
+def test_fit_arguments_pass_through(digits):
+    (x, y), _ = digits
+    seen = []
+
+    class Params(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append(self.params["steps"])
+
+    # 512 samples, 25% held out, batch 64: ceil(384 / 64) = 6 steps per epoch.
+    r = colopt.collaborative_fit(
+        tiny_sequential(), x, y, phases=[Train(epochs=1), Prune(sparsity=0.5, epochs=1)],
+        batch_size=64, validation_split=0.25, class_weight={i: 1.0 + i for i in range(10)},
+        shuffle=False, callbacks=[Params()], verbose=0)
+    assert seen == [6, 6]
+    assert colopt.fit.steps_per_epoch_of(x, 64, None, 0.25) == 6
+    assert len(r.history.history["val_loss"]) == 2
+    assert layer_stats(r.model)["hidden"].sparsity >= 0.5 - TOL
