@@ -17,12 +17,14 @@ def report(name, model, baseline=None):
     """Prints what the tutorials check by hand; returns the int8 export info."""
     info = colopt.export.to_tflite(model, os.path.join(OUT, f"{name}.tflite"),
                                    quantization="int8", representative_data=x[:256])
-    print(f"\n{name}: int8 .tflite {info.tflite_bytes} B, gzip {info.gzip_bytes} B", end="")
+    accuracy = colopt.export.evaluate_tflite(info.path, xt, yt)
+    weights = colopt.export.inspect_tflite(info.path)
+    line = f"\n{name}: int8 .tflite {info.tflite_bytes} B, gzip {info.gzip_bytes} B"
     if baseline is not None:
-        print(f" ({100 * (1 - info.gzip_bytes / baseline.gzip_bytes):.1f}% smaller than the "
-              f"baseline's {baseline.gzip_bytes} B)", end="")
-    print(f"; LiteRT accuracy {100 * colopt.export.evaluate_tflite(info.path, xt, yt):.2f}%")
-    for w in colopt.export.inspect_tflite(info.path):
+        line += (f" ({100 * (1 - info.gzip_bytes / baseline.gzip_bytes):.1f}% smaller than the "
+                 f"baseline's {baseline.gzip_bytes} B)")
+    print(f"{line}; LiteRT accuracy {100 * accuracy:.2f}%")
+    for w in weights:
         print(f"  {w.name.split(';')[0]:<34} sparsity {100 * w.sparsity:5.1f}%  "
               f"unique {w.unique:4d}  per channel <= {w.unique_per_channel_max}")
     return info
