@@ -12,7 +12,7 @@ import logging
 import numbers
 import os
 import warnings
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import numpy as np
 import tensorflow as tf

@@ -35,7 +35,6 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
     Returns:
         The summary as a dict (also written to `out/summary.json`).
     """
-    import numpy as np
     import tf_keras
 
     import keras_colopt as colopt

@@ -13,7 +13,7 @@ import dataclasses
 import gzip
 import os
 import tempfile
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 

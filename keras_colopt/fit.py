@@ -17,12 +17,11 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from keras_colopt import callbacks as cbs
-from keras_colopt import invariants, stats
+from keras_colopt import stats
 from keras_colopt.engines import get_engine
 from keras_colopt.plan import Plan, PlannedPhase, resolve
 

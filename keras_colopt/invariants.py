@@ -9,7 +9,7 @@ weight quantizer is per channel).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 

@@ -8,7 +8,7 @@ combine (which earlier work each one preserves). Phases know nothing of tfmot.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 LayerSelector = Union[None, Sequence[str], Callable]
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-import keras_colopt as colopt
 from keras_colopt import export
 
 from conftest import compile_, tiny_sequential

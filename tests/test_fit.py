@@ -2,7 +2,6 @@
 and every refusal before training."""
 
 import logging
-import os
 
 import numpy as np
 import pytest

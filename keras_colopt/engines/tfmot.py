@@ -9,7 +9,6 @@ model's wrappers.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -18,7 +17,6 @@ import numpy as np
 # tfmot sets TF_USE_LEGACY_KERAS=1 as a side effect of its import; we import it
 # here only, and restore the user's environment right after.
 _prev_legacy = os.environ.get("TF_USE_LEGACY_KERAS")
-import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 from tensorflow_model_optimization.python.core.clustering.keras import (  # noqa: E402
@@ -48,8 +46,6 @@ _INITS = {
 
 _KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
 _WEIGHTED = (tf_keras.layers.Conv2D, tf_keras.layers.Dense, tf_keras.layers.DepthwiseConv2D)
-_WRAPPERS = (pruning_wrapper.PruneLowMagnitude, cluster_wrapper.ClusterWeights,
-             quantize_wrapper.QuantizeWrapper)
 
 
 # --------------------------------------------------------------------------- model checks
@@ -100,17 +96,20 @@ def clone_model(model):
     return clone
 
 
+def _fresh(obj):
+    """A new copy of each Metric/Loss object in a (nested) compile argument: metric state
+    must not be shared between the models of two phases."""
+    if isinstance(obj, (tf_keras.metrics.Metric, tf_keras.losses.Loss)):
+        return type(obj).from_config(obj.get_config())
+    if isinstance(obj, dict):
+        return {k: _fresh(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fresh(v) for v in obj)
+    return obj
+
+
 def compile_config(model) -> dict:
     """What `model.compile` was given, in a form that can compile another model."""
-    def fresh(obj):
-        if isinstance(obj, (tf_keras.metrics.Metric, tf_keras.losses.Loss)):
-            return type(obj).from_config(obj.get_config())
-        if isinstance(obj, dict):
-            return {k: fresh(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(fresh(v) for v in obj)
-        return obj
-
     cl = model.compiled_loss
     cm = model.compiled_metrics
     opt = model.optimizer
@@ -119,13 +118,12 @@ def compile_config(model) -> dict:
         "optimizer_config": opt.get_config(),
         "loss": model.loss,
         "loss_weights": getattr(cl, "_user_loss_weights", None),
-        "metrics": fresh(getattr(cm, "_user_metrics", None)) if cm is not None else None,
-        "weighted_metrics": fresh(getattr(cm, "_user_weighted_metrics", None)) if cm else None,
+        "metrics": getattr(cm, "_user_metrics", None),
+        "weighted_metrics": getattr(cm, "_user_weighted_metrics", None),
         "run_eagerly": model._run_eagerly,
         "jit_compile": getattr(model, "_jit_compile", None),
         "steps_per_execution": int(model._steps_per_execution.numpy())
         if getattr(model, "_steps_per_execution", None) is not None else 1,
-        "_fresh": fresh,
     }
 
 
@@ -135,9 +133,8 @@ def compile_like(model, cfg: dict, learning_rate: Optional[float] = None) -> Non
     if learning_rate is not None:
         ocfg["learning_rate"] = float(learning_rate)
     optimizer = cfg["optimizer_class"].from_config(ocfg)
-    fresh = cfg["_fresh"]
-    model.compile(optimizer=optimizer, loss=fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
-                  metrics=fresh(cfg["metrics"]), weighted_metrics=fresh(cfg["weighted_metrics"]),
+    model.compile(optimizer=optimizer, loss=_fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
+                  metrics=_fresh(cfg["metrics"]), weighted_metrics=_fresh(cfg["weighted_metrics"]),
                   run_eagerly=cfg["run_eagerly"], steps_per_execution=cfg["steps_per_execution"],
                   jit_compile=cfg["jit_compile"])
 
@@ -146,7 +143,7 @@ def compile_like(model, cfg: dict, learning_rate: Optional[float] = None) -> Non
 
 def base_layer(layer):
     """The user's layer inside any tfmot wrapper."""
-    while isinstance(layer, _WRAPPERS) or isinstance(layer, tf_keras.layers.Wrapper) and \
+    while isinstance(layer, tf_keras.layers.Wrapper) and \
             type(layer).__module__.startswith("tensorflow_model_optimization"):
         layer = layer.layer
     return layer
