@@ -44,7 +44,9 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
-    log_dir = os.path.join(out, "logs")
+    # One TensorBoard run per demo run: a second run into the same DIR must not mix its
+    # epochs with the first one's on the same axis.
+    log_dir = os.path.join(out, "logs", time.strftime("run-%Y%m%d-%H%M%S"))
     (x, y), (xt, yt) = data.load_digits(seed=seed)
     model = data.demo_model(seed=seed)
 
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
         print(format_summary(summary))
         print()
         print(f"Files: {out} (summary.md, summary.json, baseline_int8.tflite, pcqat_int8.tflite)")
-        print(f"TensorBoard: tensorboard --logdir {summary['files']['log_dir']}")
+        print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary['files']['log_dir'])}")
     return 0
 
 

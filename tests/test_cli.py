@@ -14,7 +14,8 @@ def test_demo_writes_models_summary_and_logs(tmp_path):
                      quantize_epochs=1, verbose=0)
     for name in ("baseline_int8.tflite", "pcqat_int8.tflite", "summary.md", "summary.json"):
         assert (out / name).is_file(), name
-    assert os.listdir(out / "logs" / "compression")
+    (run,) = os.listdir(out / "logs")
+    assert os.listdir(out / "logs" / run / "compression")
     assert json.loads((out / "summary.json").read_text())["layers"] == s["layers"]
     assert s["phases"] == ["Train", "Prune", "Cluster (sparsity-preserving)", "PCQAT"]
     assert [L["layer"] for L in s["layers"]] == ["conv1", "conv2", "dense1", "logits"]
