@@ -293,4 +293,3 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         if self.mode == "raise":
             raise err
         warnings.warn(str(err), RuntimeWarning, stacklevel=2)
-        log.warning("%s", err)
