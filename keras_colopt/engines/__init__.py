@@ -1,9 +1,14 @@
 """Engines apply phases to a model of one Keras flavour.
 
-Only `engines/` imports tfmot. An engine module provides:
-  check_model(model), preflight(model, plan), apply_phase(model, planned,
-  steps_per_epoch), strip(model), base_name(layer), kernels(layer),
-  expectations(model), clone_model(model).
+Only `engines/` imports tfmot. What `fit`, `callbacks` and `export` call on an
+engine module (a Keras 3 engine must provide the same):
+  model checks and copies: check_model, clone_model, compile_config, compile_like;
+  planning: preflight(model, plan), fold_plan, fold_activations, can_touch;
+  phases: apply_phase(model, planned, steps_per_epoch) -> (model, companions,
+    touched layers), strip, is_qat, gradless_by_design;
+  reading: base_name(layer), kernels(layer) (the weights a layer computes with),
+    expectations(model) (what its wrappers promise), quantized_per_channel,
+    wrapper_kind.
 `get_engine(model)` picks the engine for a model.
 """
 
