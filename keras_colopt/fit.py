@@ -153,36 +153,6 @@ def _phase_expectations(planned: PlannedPhase, touched: List[str],
     return sp, cl
 
 
-class _ExpectedGradientWarning(logging.Filter):
-    """Hides tf_keras' 'Gradients do not exist' warning when it names only variables that
-    have no gradient by design (CQAT/PCQAT kernels); any other variable still warns."""
-
-    def __init__(self, names):
-        super().__init__()
-        self.names = set(names)
-
-    def filter(self, record):
-        if not str(record.msg).startswith("Gradients do not exist for variables"):
-            return True
-        args = record.args if isinstance(record.args, tuple) else (record.args,)
-        listed = args[0] if args and isinstance(args[0], (list, tuple)) else None
-        return listed is None or not set(listed) <= self.names
-
-
-@contextlib.contextmanager
-def _quiet_expected_warnings(names):
-    if not names:
-        yield
-        return
-    tf_logger = logging.getLogger("tensorflow")
-    f = _ExpectedGradientWarning(names)
-    tf_logger.addFilter(f)
-    try:
-        yield
-    finally:
-        tf_logger.removeFilter(f)
-
-
 @contextlib.contextmanager
 def _visible_log(verbose):
     """Shows this library's INFO lines (plan, phase transitions) on stdout while `fit` prints
@@ -284,7 +254,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     for label, names in skipped.items():
         if names:
             log.warning("%s cannot touch %d layer(s) with weights; they stay as they are: %s",
-                     label, len(names), ", ".join(names))
+                        label, len(names), ", ".join(names))
     for p in plan:
         if p.phase.kind == "quantize" and not p.preserve_sparsity and any(
                 q.phase.kind == "prune" for q in plan.phases[:p.index]):
@@ -334,7 +304,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         end = epoch + planned.epochs
         log.info("Phase %d/%d: %s, epochs %d-%d", planned.index + 1, len(plan), planned.label,
                  epoch, end - 1)
-        with _quiet_expected_warnings(engine.gradless_by_design(current)):
+        with engine.quiet_expected_warnings(current):
             h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
                             validation_data=validation_data, callbacks=phase_cbs,
                             verbose=verbose, **fit_kwargs)

@@ -5,7 +5,7 @@ engine module (a Keras 3 engine must provide the same):
   model checks and copies: check_model, clone_model, compile_config, compile_like;
   planning: preflight(model, plan), fold_plan, fold_activations, can_touch;
   phases: apply_phase(model, planned, steps_per_epoch) -> (model, companions,
-    touched layers), strip, is_qat, gradless_by_design;
+    touched layers), strip, is_qat, quiet_expected_warnings;
   reading: base_name(layer), kernels(layer) (the weights a layer computes with),
     expectations(model) (what its wrappers promise), quantized_per_channel,
     wrapper_kind.

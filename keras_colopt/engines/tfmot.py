@@ -8,6 +8,7 @@ model's wrappers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, List, Optional, Tuple
@@ -390,6 +391,19 @@ def _preserving(layer) -> bool:
                for _, q, _ in getattr(layer, "_weight_vars", []))
 
 
+@contextlib.contextmanager
+def _filtered(logger_name: str, keep):
+    """Drops the records of one logger for which `keep(record)` is False, for a while."""
+    f = logging.Filter()
+    f.filter = keep
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
 def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
     """Applies a Quantize phase to a throw-away copy of `model`, before any training.
 
@@ -403,12 +417,10 @@ def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
     import warnings
 
     copy = clone_model(model)
-    quiet = logging.Filter()
-    quiet.filter = lambda record: False
-    root = logging.getLogger()
-    root.addFilter(quiet)
+    # tfmot's quantizers warn on the root logger and with warnings.warn about the untrained
+    # copy ("no zero weights", "too many centroids"): noise here, not news.
     try:
-        with warnings.catch_warnings():
+        with _filtered("", lambda record: False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             q = _quantize(copy, planned, set(touched))
     except Exception as e:  # tfmot raises RuntimeError/ValueError/KeyError for unsupported layouts
@@ -418,8 +430,6 @@ def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
             "Dense, DepthwiseConv2D, BatchNormalization after a convolution, ReLU, pooling, "
             "...). Restrict the phase with Quantize(layers=[...]), or change those layers."
         ) from e
-    finally:
-        root.removeFilter(quiet)
     if not (planned.preserve_sparsity or planned.preserve_clusters):
         return []
     lost = []
@@ -746,6 +756,26 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "keep a preserving weight quantizer. Exclude them from the Prune/Cluster "
                     "phases with layers=[...], or change the layer that follows them.")
     return skipped
+
+
+def expected_gradient_warning(names):
+    """A record filter: False for tf_keras' 'Gradients do not exist' warning when every
+    variable it names is in `names`; any other variable still warns."""
+    def keep(record):
+        if not str(record.msg).startswith("Gradients do not exist for variables"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        listed = args[0] if args and isinstance(args[0], (list, tuple)) else None
+        return listed is None or not set(listed) <= set(names)
+    return keep
+
+
+def quiet_expected_warnings(model):
+    """While training `model`, hides the no-gradient warning for its CQAT/PCQAT kernels only."""
+    names = gradless_by_design(model)
+    if not names:
+        return contextlib.nullcontext()
+    return _filtered("tensorflow", expected_gradient_warning(names))
 
 
 def gradless_by_design(model) -> set:
