@@ -183,7 +183,7 @@ def _transition_line(label, before, after) -> str:
 def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, batch_size=None,
                       callbacks=None, log_dir=None, compression_metrics=True,
                       invariant_guard=True, guard_tolerance=0.005, verbose="auto",
-                      **fit_kwargs) -> FitResult:
+                      initial_phase=0, **fit_kwargs) -> FitResult:
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
@@ -206,6 +206,12 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
             plan's expectations, `"warn"` only warns, `False` installs none.
         guard_tolerance: the guard's sparsity tolerance. Defaults to `0.005`.
         verbose: as for `Model.fit`.
+        initial_phase: index of the first phase to run, as `initial_epoch` is
+            for `Model.fit`: `phases[:initial_phase]` were already applied to
+            `model` (e.g. it is the stripped result of an earlier call with
+            those phases); they are planned, so later phases preserve their
+            work and the epoch axis continues after them, but not run.
+            Defaults to `0`.
         **fit_kwargs: other `Model.fit` arguments (class_weight,
             steps_per_epoch, validation_split, shuffle, ...).
 
@@ -220,13 +226,24 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
     with _visible_log(verbose):
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
-                                  guard_tolerance, verbose, fit_kwargs)
+                                  guard_tolerance, verbose, initial_phase, fit_kwargs)
+
+
+def _check_initial_phase(initial_phase, plan: Plan) -> int:
+    if (isinstance(initial_phase, bool) or not isinstance(initial_phase, int)
+            or not 0 <= initial_phase < len(plan)):
+        raise ValueError(
+            "`initial_phase` must be the index of a phase to start from. Expected an int in "
+            f"[0, {len(plan) - 1}] for these {len(plan)} phases. Received: "
+            f"initial_phase={initial_phase!r}")
+    return initial_phase
 
 
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
-                       fit_kwargs) -> FitResult:
+                       initial_phase, fit_kwargs) -> FitResult:
     plan = resolve(phases)
+    start = _check_initial_phase(initial_phase, plan)
     engine = get_engine(model)
     user_callbacks = _check_inputs(callbacks, fit_kwargs, log_dir)
     if invariant_guard not in (True, False, "warn"):
@@ -260,8 +277,10 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 q.phase.kind == "prune" for q in plan.phases[:p.index]):
             log.warning("%s does not preserve sparsity (preserve=%r): the pruned zeros will "
                         "not survive quantization-aware training.", p.label, p.phase.preserve)
-    log.info("collaborative_fit plan (%d epochs, %d steps/epoch):\n%s", plan.total_epochs,
-             steps, plan.describe())
+    log.info("collaborative_fit plan (%d epochs, %d steps/epoch):\n%s%s", plan.total_epochs,
+             steps, plan.describe(),
+             f"\n  starting at phase {start} ({plan.phases[start].label}): the ones before "
+             "were already applied to the model" if start else "")
 
     metrics_cb = cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None
     tensorboard = (tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
@@ -275,10 +294,15 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     pruned: List[str] = []
     clustered: List[str] = []
     stopped = None
-    epoch = 0
+    epoch = plan.phases[start].start_epoch
     current = work
+    for planned in plan.phases[:start]:  # already applied to `model`: what did they touch?
+        if planned.phase.kind == "prune":
+            pruned = engine.select_layers(work, planned.phase, "prune")[0]
+        elif planned.phase.kind == "cluster":
+            clustered = engine.select_layers(work, planned.phase, "cluster")[0]
     before = cbs.layer_stats(work, engine)
-    for planned in plan:
+    for planned in plan.phases[start:]:
         current, companions, touched = engine.apply_phase(current, planned, steps)
         engine.compile_like(current, compile_cfg, planned.phase.learning_rate)
         if planned.phase.kind == "prune":

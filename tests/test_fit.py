@@ -456,3 +456,26 @@ def test_fit_arguments_pass_through(digits):
     assert colopt.fit.steps_per_epoch_of(x, 64, None, 0.25) == 6
     assert len(r.history.history["val_loss"]) == 2
     assert layer_stats(r.model)["hidden"].sparsity >= 0.5 - TOL
+
+
+def test_initial_phase_continues_a_stripped_earlier_run(digits, tmp_path):
+    """A run can go on from the stripped result of an earlier one: later phases still
+    preserve the earlier work (PCQAT, guarded) and the epoch axis continues."""
+    phases = [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=2),
+              Cluster(clusters=CLUSTERS, epochs=1), Quantize(epochs=1)]
+    first = _fit(tiny_sequential(), digits, phases[:2])
+    pruned = engine.strip(first.model)
+    engine.compile_like(pruned, engine.compile_config(tiny_sequential()))
+    rec = Recorder()
+    r = _fit(pruned, digits, phases, initial_phase=2, callbacks=[rec])
+    assert rec.epochs == [3, 4] and r.history.epoch == [3, 4]
+    assert r.history.history["phase"] == ["Cluster (sparsity-preserving)", "PCQAT"]
+    assert engine.wrapper_kind(r.model) == "PCQAT"
+    _check(r, tmp_path, digits, sparsity=SPARSITY, clusters=CLUSTERS)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 1.0, True, "1"])
+def test_initial_phase_out_of_range_is_refused(digits, bad):
+    with pytest.raises(ValueError, match=r"`initial_phase` must be.*\[0, 3\]"):
+        _fit(tiny_sequential(), digits, [Train(epochs=1), Prune(epochs=1), Cluster(epochs=1),
+                                         Quantize(epochs=1)], initial_phase=bad)

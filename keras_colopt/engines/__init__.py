@@ -3,7 +3,8 @@
 Only `engines/` imports tfmot. What `fit`, `callbacks` and `export` call on an
 engine module (a Keras 3 engine must provide the same):
   model checks and copies: check_model, clone_model, compile_config, compile_like;
-  planning: preflight(model, plan), fold_plan, fold_activations, can_touch;
+  planning: preflight(model, plan), select_layers(model, phase, kind), fold_plan,
+    fold_activations, can_touch;
   phases: apply_phase(model, planned, steps_per_epoch) -> (model, companions,
     touched layers), strip, is_qat, quiet_expected_warnings;
   reading: base_name(layer), kernels(layer) (the weights a layer computes with),
