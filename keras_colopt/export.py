@@ -13,6 +13,8 @@ import dataclasses
 import gzip
 import os
 import tempfile
+import time
+import warnings
 from typing import List
 
 import numpy as np
@@ -48,6 +50,27 @@ def gzip_size(path_or_bytes) -> int:
         with open(path_or_bytes, "rb") as f:
             data = f.read()
     return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
+
+
+def write_atomic(path, data) -> None:
+    """Writes `data` (bytes or str) to `path` through a temporary file in the same folder
+    and a rename: a reader, or a crash mid-write, never sees a half-written file."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".colopt-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _check_target_path(path) -> str:
@@ -92,7 +115,8 @@ def _representative(data, limit=256):
     return gen
 
 
-def convert(model, quantization: str = "int8", representative_data=None) -> bytes:
+def convert(model, quantization: str = "int8", representative_data=None,
+            sparse: bool = False) -> bytes:
     """Converts a (possibly wrapped) model to `.tflite` bytes.
 
     Args:
@@ -105,6 +129,11 @@ def convert(model, quantization: str = "int8", representative_data=None) -> byte
             when the model is not quantization-aware trained (post-training
             quantization), and used for the layers a partial QAT left out.
             Up to 256 are used.
+        sparse: also store weights with the converter's sparse encoding
+            (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), so a pruned model is
+            smaller without gzip. LiteRT's default XNNPACK delegate refuses
+            sparse int8 weights: such a file runs with LiteRT's builtin kernels
+            (`predict_tflite` falls back to them). Defaults to `False`.
     """
     import tensorflow as tf
 
@@ -122,9 +151,11 @@ def convert(model, quantization: str = "int8", representative_data=None) -> byte
             "quantization-aware trained. Expected `representative_data` (a few hundred "
             "input samples). Pass representative_data=x_train[:256], or train with a "
             "Quantize phase.")
+    if not isinstance(sparse, bool):
+        raise ValueError(f"`sparse` must be a bool. Received: sparse={sparse!r}")
     converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
-    if quantization != "none":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) + (
+        [tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantization == "int8" and representative_data is not None:
@@ -133,10 +164,15 @@ def convert(model, quantization: str = "int8", representative_data=None) -> byte
         converter.representative_dataset = _representative(representative_data)
     if quantization == "int8" and not qat:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    with warnings.catch_warnings():
+        # Expected for a QAT model with float inputs: the converter says it on every export.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were "
+                                "expected, but not specified")
+        return converter.convert()
 
 
-def to_tflite(model, path, quantization: str = "int8", representative_data=None) -> ExportInfo:
+def to_tflite(model, path, quantization: str = "int8", representative_data=None,
+              sparse: bool = False) -> ExportInfo:
     """Strips the training wrappers, converts, and writes `path` atomically.
 
     The target directory is checked before converting, and the file is
@@ -148,6 +184,7 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None)
         path: the `.tflite` file to write.
         quantization: see `convert`. Defaults to `"int8"`.
         representative_data: see `convert`.
+        sparse: see `convert`. Defaults to `False`.
 
     Returns:
         An `ExportInfo` with the raw and gzip sizes.
@@ -157,29 +194,37 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None)
         >>> info.gzip_bytes
     """
     path = _check_target_path(path)
-    data = convert(model, quantization, representative_data)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".colopt-", suffix=".tflite", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = convert(model, quantization, representative_data, sparse=sparse)
+    write_atomic(path, data)
     return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
                       gzip_bytes=gzip_size(data))
 
 
-def _interpreter(path):
-    from ai_edge_litert.interpreter import Interpreter
+def _interpreter(path, num_threads=None):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No .tflite file at {path!r}.")
-    interp = Interpreter(model_path=os.fspath(path))
-    interp.allocate_tensors()
+    interp = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+    try:
+        interp.allocate_tensors()
+    except RuntimeError as e:
+        if "delegate" not in str(e):
+            raise
+        # XNNPACK (LiteRT's default CPU delegate) refuses some files, e.g. sparse int8
+        # weights; LiteRT's own builtin kernels run them.
+        interp = Interpreter(model_path=os.fspath(path), num_threads=num_threads,
+                             experimental_op_resolver_type=(
+                                 OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        interp.allocate_tensors()
+        interp.colopt_runtime = "builtin kernels (XNNPACK refused the file)"
     return interp
+
+
+def runtime_of(path) -> str:
+    """How LiteRT runs a `.tflite` on this CPU: `"xnnpack"` (its default delegate) or
+    `"builtin kernels (XNNPACK refused the file)"`; raises when it cannot run it at all."""
+    return getattr(_interpreter(path), "colopt_runtime", "xnnpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,3 +323,41 @@ def evaluate_tflite(path, x, y) -> float:
     """Top-1 accuracy of a classification `.tflite` on `(x, y)` (integer labels)."""
     pred = predict_tflite(path, x)
     return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y).reshape(-1)))
+
+
+def latency_ms(path, sample, runs: int = 50, warmup: int = 5, num_threads: int = 1) -> float:
+    """Median wall time of one inference of a `.tflite` on this CPU, in milliseconds.
+
+    Runs LiteRT on one input (batch of 1) `warmup` times unmeasured, then
+    `runs` times; the median is robust to the noise of a shared machine.
+
+    Args:
+        path: the `.tflite` file.
+        sample: one input, with or without its batch axis (`x[0]` or `x[:1]`).
+        runs: measured invocations. Defaults to `50`.
+        warmup: unmeasured invocations first. Defaults to `5`.
+        num_threads: LiteRT CPU threads. Defaults to `1` (what a small device has).
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"`runs` must be a positive int. Received: runs={runs!r}")
+    interp = _interpreter(path, num_threads=num_threads)
+    inp = interp.get_input_details()[0]
+    x = np.asarray(sample, dtype=np.float32)
+    if x.ndim == len(inp["shape"]) - 1:
+        x = x[None]
+    x = x[:1]
+    interp.resize_tensor_input(inp["index"], list(x.shape))
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    if inp["dtype"] in (np.int8, np.uint8):
+        scale, zp = inp["quantization"]
+        x = np.round(x / scale + zp)
+    x = x.astype(inp["dtype"])
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        interp.set_tensor(inp["index"], x)
+        interp.invoke()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
