@@ -15,6 +15,7 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="[keras_colopt] %(message)s")
     logging.getLogger("keras_colopt").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to ..." per export
 
 
 def layer_of(tensor_name: str, layer_names) -> str:
@@ -140,6 +141,105 @@ def format_summary(s: dict) -> str:
     ])
 
 
+def load_model(path):
+    """A compiled tf_keras model from a `.keras` / `.h5` file (or SavedModel folder)."""
+    import tf_keras
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Expected a tf_keras model saved with "
+                                "model.save('model.keras').")
+    try:
+        return tf_keras.models.load_model(path, compile=True)
+    except Exception as e:  # noqa: BLE001 - Keras raises many types; say what we needed
+        raise ValueError(f"Cannot load {path!r} as a tf_keras model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Expected a compiled "
+                         "tf_keras (Keras 2) model saved with model.save('model.keras'). A "
+                         "Keras 3 model must be rebuilt with tf_keras.") from None
+
+
+def run_report(out: str, model_path=None, data_path=None, leaves=None, baseline_epochs=None,
+               prune_epochs: int = 3, cluster_epochs: int = 2, qat_epochs: int = 2,
+               sparsity: float = 0.5, clusters: int = 8, per_channel: bool = False,
+               max_accuracy_drop=None, max_size_bytes=None, max_latency_ms=None,
+               batch_size: int = 32, verbose: int = 1, seed: int = 0):
+    """`keras-colopt report`: the deployment tree on the embedded dataset (a fresh demo
+    model, trained `baseline_epochs`, 15 by default) or on a user's trained model and data
+    file (`baseline_epochs` 0 by default). Returns the `Report`."""
+    import keras_colopt as colopt
+    from keras_colopt import data
+
+    if (model_path is None) != (data_path is None):
+        raise ValueError("`--model` and `--data` go together: a trained model and the .npz "
+                         "(x_train, y_train, x_val, y_val) to fine-tune and measure it on. Give "
+                         "both, or neither for the embedded dataset.")
+    if model_path is None:
+        (x, y), val = data.load_digits(seed=seed)
+        model = data.demo_model(seed=seed)
+        baseline_epochs = 15 if baseline_epochs is None else baseline_epochs
+    else:
+        (x, y), val = data.load_npz(data_path, require_validation=True)
+        model = load_model(model_path)
+        baseline_epochs = 0 if baseline_epochs is None else baseline_epochs
+    return colopt.explore(
+        model, x, y, validation_data=val, out_dir=out, leaves=leaves,
+        baseline_epochs=baseline_epochs,
+        prune=colopt.Prune(sparsity=sparsity, epochs=prune_epochs),
+        cluster=colopt.Cluster(clusters=clusters, epochs=cluster_epochs, per_channel=per_channel),
+        quantize=colopt.Quantize(epochs=qat_epochs), max_accuracy_drop=max_accuracy_drop,
+        max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms, batch_size=batch_size,
+        verbose=2 if verbose > 1 else 0)
+
+
+def _report_parser(sub):
+    from keras_colopt.tree import LEAVES
+
+    p = sub.add_parser("report", help="the deployment tree: every leaf built, measured as "
+                                      "deployed, the origin's tables and plots")
+    p.add_argument("--out", default="colopt-report",
+                   help="output directory (default: ./colopt-report)")
+    p.add_argument("--model", help="a trained, compiled tf_keras model (.keras/.h5); "
+                                   "default: the demo CNN trained on the embedded digits")
+    p.add_argument("--data", help=".npz with x_train, y_train, x_val, y_val (with --model)")
+    p.add_argument("--leaves", type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                   help=f"comma-separated subset of: {','.join(LEAVES)} (default: all)")
+    p.add_argument("--baseline-epochs", type=int,
+                   help="train the baseline first (default: 15 on the embedded dataset, "
+                        "0 with --model)")
+    p.add_argument("--prune-epochs", type=int, default=3)
+    p.add_argument("--cluster-epochs", type=int, default=2)
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--clusters", type=int, default=8)
+    p.add_argument("--per-channel", action="store_true", help="cluster per output channel")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="target: int8 accuracy at most this far below the FP32 baseline "
+                        "(fraction: 0.01 = 1 point)")
+    p.add_argument("--max-size-bytes", type=int, help="target: gzipped .tflite size")
+    p.add_argument("--max-latency-ms", type=float, help="target: median ms per inference")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _report_command(args) -> int:
+    out = os.path.abspath(args.out)
+    print(f"keras-colopt report: writing to {out}", flush=True)
+    report = run_report(
+        out, args.model, args.data, leaves=args.leaves, baseline_epochs=args.baseline_epochs,
+        prune_epochs=args.prune_epochs, cluster_epochs=args.cluster_epochs,
+        qat_epochs=args.qat_epochs, sparsity=args.sparsity, clusters=args.clusters,
+        per_channel=args.per_channel, max_accuracy_drop=args.max_accuracy_drop,
+        max_size_bytes=args.max_size_bytes, max_latency_ms=args.max_latency_ms,
+        batch_size=args.batch_size, verbose=0 if args.quiet else 1, seed=args.seed)
+    print()
+    print(report.to_markdown())
+    print(f"Files: {out} (report.md, report.csv, report.json, density.png, pareto.png, "
+          "tflite/*.tflite)")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(out, 'logs')}")
+    failed = [r.name for r in report.leaves if r.status == "failed"]
+    return 1 if failed and len(failed) == len(report.leaves) else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="keras-colopt",
@@ -151,8 +251,15 @@ def main(argv=None) -> int:
                       help="output directory (default: ./colopt-demo)")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.add_argument("--seed", type=int, default=0)
+    _report_parser(sub)
     args = parser.parse_args(argv)
     _setup_logging(0 if args.quiet else 1)
+    if args.command == "report":
+        try:
+            return _report_command(args)
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            print(f"keras-colopt report: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         out = os.path.abspath(args.out)
         print(f"keras-colopt demo: writing to {out}", flush=True)
