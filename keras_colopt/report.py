@@ -296,9 +296,14 @@ class Report:
             out += [""] + [f"- {r.name} {r.status}: {r.reason}" for r in problems]
         sparse = [r for r in self.leaves if r.sparse_runs]
         if sparse:
-            out += ["", "Sparse weight encoding (`to_tflite(..., sparse=True)`): "
-                    + "; ".join(f"{r.name} {_num(r.sparse_tflite_bytes)} B, LiteRT runs it: "
-                                f"{r.sparse_runs}" for r in sparse)]
+            out += ["", "Sparse weight encoding (`to_tflite(..., sparse=True)`), pruned leaves:",
+                    "", "| leaf | int8 .tflite B | sparse int8 .tflite B | sparse / dense "
+                    "| LiteRT runs it |", "|---|---:|---:|---:|---|"]
+            for r in sparse:
+                ratio = (f"{r.sparse_tflite_bytes / r.tflite_bytes:.2f}"
+                         if r.sparse_tflite_bytes and r.tflite_bytes else "-")
+                out.append(f"| {r.name} | {_num(r.tflite_bytes)} | "
+                           f"{_num(r.sparse_tflite_bytes)} | {ratio} | {r.sparse_runs} |")
         active = {k: v for k, v in self.targets.items() if v is not None}
         out.append("")
         if active:
