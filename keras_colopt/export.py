@@ -73,6 +73,15 @@ def write_atomic(path, data) -> None:
         raise
 
 
+def json_default(v):
+    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers."""
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")
+
+
 def _check_target_path(path) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"`path` must be a file path ending in .tflite. Received: path={path!r}")

@@ -21,6 +21,8 @@ import tensorflow as tf
 import tf_keras
 
 from keras_colopt import callbacks as cbs
+from keras_colopt import checkpoint
+from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
 from keras_colopt.engines import get_engine
 from keras_colopt.plan import Plan, PlannedPhase, resolve
@@ -48,6 +50,8 @@ class FitResult:
         folded: {layer: activation layer folded into it} (see DESIGN.md's
             tfmot facts: a standalone ReLU defeats preserving QAT).
         skipped: {phase label: [layers it could not touch]}.
+        resumed_at: epochs already done in `checkpoint_dir` when this call
+            started (None: it started from scratch).
     """
 
     model: tf_keras.Model
@@ -56,6 +60,7 @@ class FitResult:
     stopped_early: Optional[str] = None
     folded: Dict[str, str] = dataclasses.field(default_factory=dict)
     skipped: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    resumed_at: Optional[int] = None
 
 
 def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_split=0.0) -> int:
@@ -183,7 +188,8 @@ def _transition_line(label, before, after) -> str:
 def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, batch_size=None,
                       callbacks=None, log_dir=None, compression_metrics=True,
                       invariant_guard=True, guard_tolerance=0.005, verbose="auto",
-                      initial_phase=0, **fit_kwargs) -> FitResult:
+                      initial_phase=0, checkpoint_dir=None, strategy=None,
+                      **fit_kwargs) -> FitResult:
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
@@ -212,6 +218,16 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
             those phases); they are planned, so later phases preserve their
             work and the epoch axis continues after them, but not run.
             Defaults to `0`.
+        checkpoint_dir: a folder where the run is checkpointed at every epoch
+            end (wrapped weights with masks, centroids and quantizer ranges,
+            optimizer state, pruning step, position in the plan, history). If
+            it holds a checkpoint of the same run (same phases, model
+            architecture, steps per epoch), the run continues after its last
+            completed epoch; a checkpoint of another run is refused
+            (`CheckpointMismatch`). Defaults to `None` (no checkpoints).
+        strategy: a `tf.distribute.Strategy` (e.g. `MirroredStrategy`): every
+            copy, wrapping and re-compiling of the model happens in its scope,
+            so each phase trains on all its devices. Defaults to `None`.
         **fit_kwargs: other `Model.fit` arguments (class_weight,
             steps_per_epoch, validation_split, shuffle, ...).
 
@@ -226,7 +242,8 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
     with _visible_log(verbose):
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
-                                  guard_tolerance, verbose, initial_phase, fit_kwargs)
+                                  guard_tolerance, verbose, initial_phase, checkpoint_dir,
+                                  strategy, fit_kwargs)
 
 
 def _check_initial_phase(initial_phase, plan: Plan) -> int:
@@ -241,7 +258,7 @@ def _check_initial_phase(initial_phase, plan: Plan) -> int:
 
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
-                       initial_phase, fit_kwargs) -> FitResult:
+                       initial_phase, checkpoint_dir, strategy, fit_kwargs) -> FitResult:
     plan = resolve(phases)
     start = _check_initial_phase(initial_phase, plan)
     engine = get_engine(model)
@@ -255,14 +272,28 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     steps = steps_per_epoch_of(x, batch_size, fit_kwargs.get("steps_per_epoch"),
                                fit_kwargs.get("validation_split", 0.0))
     compile_cfg = engine.compile_config(model)
+    scope = _scope_of(strategy)
+    chief, worker = _role(strategy)
+    if not chief:
+        # Another worker of a multi-worker run: the chief writes the logs the user reads;
+        # this one keeps its own checkpoint (every worker saves and restores its variables).
+        log_dir = None
+        if checkpoint_dir is not None:
+            checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), worker)
+    ckpt = resume = None
+    if checkpoint_dir is not None:
+        ckpt = RunCheckpoint(checkpoint_dir)
+        resume = ckpt.open(checkpoint.fingerprint(plan, model, steps, start))
 
-    work = engine.clone_model(model)
+    with scope():
+        work = engine.clone_model(model)
     folded = {}
     if any(p.phase.kind == "quantize" and (p.preserve_sparsity or p.preserve_clusters)
            for p in plan):
         pairs, _ = engine.fold_plan(work)
         if pairs:
-            work = engine.fold_activations(work, pairs)
+            with scope():
+                work = engine.fold_activations(work, pairs)
             folded = {w: a for w, (a, _) in pairs.items()}
             log.info("Folded standalone activation layer(s) into the layer before them, so that "
                      "preserving QAT keeps them: %s",
@@ -295,16 +326,35 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     clustered: List[str] = []
     stopped = None
     epoch = plan.phases[start].start_epoch
+    first = start
+    if resume is not None:
+        merged, epochs_seen, labels = resume.history, resume.epochs, resume.labels
+        epoch, first = resume.epochs_done, resume.phase
     current = work
-    for planned in plan.phases[:start]:  # already applied to `model`: what did they touch?
+    for planned in plan.phases[:first]:  # already applied: what did they touch?
         if planned.phase.kind == "prune":
             pruned = engine.select_layers(work, planned.phase, "prune")[0]
         elif planned.phase.kind == "cluster":
             clustered = engine.select_layers(work, planned.phase, "cluster")[0]
     before = cbs.layer_stats(work, engine)
-    for planned in plan.phases[start:]:
-        current, companions, touched = engine.apply_phase(current, planned, steps)
-        engine.compile_like(current, compile_cfg, planned.phase.learning_rate)
+    for planned in plan.phases[first:]:
+        resuming = resume is not None and planned.index == resume.phase
+        with scope():
+            if resuming:
+                work.set_weights(ckpt.load_entry(planned.index))
+                current = work
+            elif ckpt is not None:
+                ckpt.save_entry(planned.index, engine.strip(current).get_weights())
+            current, companions, touched = engine.apply_phase(current, planned, steps)
+            engine.compile_like(current, compile_cfg, planned.phase.learning_rate)
+            if resuming:
+                ckpt.restore(current, resume.state)
+        if resuming:
+            log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
+                     ckpt.folder, resume.epochs_done, planned.label, epoch)
+            if log_dir is not None:
+                _restart_tensorboard_runs(log_dir, epoch)
+            before = cbs.layer_stats(current, engine)
         if planned.phase.kind == "prune":
             pruned = list(touched)
         elif planned.phase.kind == "cluster":
@@ -325,7 +375,12 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         phase_cbs += user_callbacks
         if tensorboard is not None:
             phase_cbs.append(tensorboard)
-        end = epoch + planned.epochs
+        phase_cbs.insert(0, _FiniteLoss(planned, ckpt))
+        if ckpt is not None:  # last: it saves what every other callback left at epoch end
+            phase_cbs.append(_EpochCheckpoint(ckpt, planned, merged, epochs_seen, labels))
+        end = planned.end_epoch
+        if epoch >= end:  # resumed at the end of this phase: nothing left to train in it
+            continue
         log.info("Phase %d/%d: %s, epochs %d-%d", planned.index + 1, len(plan), planned.label,
                  epoch, end - 1)
         with engine.quiet_expected_warnings(current):
@@ -333,16 +388,13 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                             validation_data=validation_data, callbacks=phase_cbs,
                             verbose=verbose, **fit_kwargs)
         ran = list(h.epoch)
-        for key in set(merged) | set(h.history):
-            merged.setdefault(key, [float("nan")] * len(epochs_seen))
-            merged[key] += list(h.history.get(key, [float("nan")] * len(ran)))
-        epochs_seen += ran
-        labels += [planned.label] * len(ran)
+        merged, epochs_seen, labels = _merged(merged, epochs_seen, labels, h.history, ran,
+                                              planned.label)
         after = cbs.layer_stats(current, engine)
         log.info("%s", _transition_line(planned.label, before, after))
         before = after
         epoch = epoch + len(ran)
-        if current.stop_training and len(ran) < planned.epochs:
+        if current.stop_training and epoch < end:
             stopped = planned.label
             log.warning("A callback stopped training during %s at epoch %d; the remaining "
                         "phases were not run.", planned.label, epoch - 1)
@@ -354,4 +406,139 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     history.history = dict(merged)
     history.history["phase"] = labels
     return FitResult(model=current, history=history, plan=plan, stopped_early=stopped,
-                     folded=folded, skipped=skipped)
+                     folded=folded, skipped=skipped,
+                     resumed_at=None if resume is None else resume.epochs_done)
+
+
+def _merged(merged, epochs_seen, labels, new: Dict[str, list], ran: List[int], label: str):
+    """The run's history so far with one `fit()`'s history appended (new copies): a key
+    that appears or disappears between phases is padded with NaN."""
+    out = {k: list(v) for k, v in merged.items()}
+    for key in set(out) | set(new):
+        out.setdefault(key, [float("nan")] * len(epochs_seen))
+        out[key] += [float(v) for v in new.get(key, [float("nan")] * len(ran))]
+    return out, list(epochs_seen) + list(ran), list(labels) + [label] * len(ran)
+
+
+def _restart_tensorboard_runs(log_dir, epoch: int) -> None:
+    """Tells TensorBoard that every run under `log_dir` restarts at `epoch`.
+
+    A kill after an epoch's summaries were written but before its checkpoint was would show
+    that epoch twice. A `SessionLog.START` event at step `epoch` makes TensorBoard drop the
+    events of steps >= `epoch` read before it (its `purge_orphaned_data`, on by default).
+    TensorBoard reads a run's event files in name order, and names start with the creation
+    second: the marker is named to sort after every existing file, and this waits until
+    the clock has passed its second, so that the files written from now on sort after it.
+    """
+    import tempfile
+    import time
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    newest = 0
+    for root, _, files in os.walk(os.fspath(log_dir)):
+        events = [f for f in files if ".tfevents." in f]
+        if not events:
+            continue
+        stamps = [int(p) for f in events for p in f.split(".tfevents.")[1].split(".")[:1]
+                  if p.isdigit()]
+        second = max(stamps + [int(time.time())])
+        newest = max(newest, second)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".colopt-") as tmp:
+            writer = EventFileWriter(tmp)
+            # TensorBoard takes a run's first START for its beginning, not a restart (Keras
+            # writes none), so the restart is the second one.
+            for _ in range(2):
+                writer.add_event(event_pb2.Event(
+                    step=epoch, wall_time=time.time(),
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            writer.close()
+            made = os.path.join(tmp, os.listdir(tmp)[0])
+            os.replace(made, os.path.join(
+                root, f"events.out.tfevents.{second:010d}.~restart.{os.getpid()}.{epoch}"))
+    while newest and int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
+def _role(strategy):
+    """(is this process the chief, its name "worker-1") in a multi-worker strategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True, "chief"
+    kind, index = resolver.task_type, int(resolver.task_id or 0)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    chief = kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
+    return chief, f"{kind}-{index}"
+
+
+def _scope_of(strategy):
+    if strategy is None:
+        return contextlib.nullcontext
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise ValueError("`strategy` must be a tf.distribute.Strategy, e.g. "
+                         "tf.distribute.MirroredStrategy(). Received: "
+                         f"strategy={type(strategy).__name__}")
+    return strategy.scope
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the phase was stopped."""
+
+
+class _FiniteLoss(tf_keras.callbacks.Callback):
+    """Ends the run at the end of an epoch whose training loss is NaN or infinite, before
+    any other callback sees that epoch's end (the guard would report NaN weights as lost
+    sparsity; the checkpoint must not save them).
+
+    Checked per epoch, not per batch: reading the loss every batch would force a device
+    sync per step (measured: +2-3 ms on a 2 ms step of a small model); an epoch whose loss
+    is not finite is never checkpointed, so the last good state is kept either way.
+    """
+
+    def __init__(self, planned, ckpt):
+        super().__init__()
+        self.planned, self.ckpt = planned, ckpt
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.model.stop_training = True
+            raise TrainingDiverged(_diverged_message(self.planned, (epoch, float(loss)),
+                                                     self.ckpt))
+
+
+def _diverged_message(planned, bad, ckpt) -> str:
+    epoch, loss = bad
+    msg = (f"{planned.label}: the training loss of epoch {epoch} is {loss}; the phase was "
+           "stopped and the run ended. ")
+    if ckpt is not None and ckpt.manifest is not None:
+        msg += (f"The last good checkpoint ({ckpt.manifest['epochs_done']} epochs done) is kept "
+                f"in {ckpt.folder}: after fixing the cause, rerun the same call to resume "
+                "from it. ")
+    else:
+        msg += "No checkpoint was kept (pass checkpoint_dir=... to keep the last good state). "
+    return msg + ("Expected a finite loss. Common causes: a learning rate too high for this "
+                  "phase (compile the model with a lower one, or clip gradients), or NaN/inf "
+                  "in the inputs or labels.")
+
+
+class _EpochCheckpoint(tf_keras.callbacks.Callback):
+    """Saves the run at every epoch end (after every other callback: an epoch the guard or
+    the finite-loss check refused is never saved)."""
+
+    def __init__(self, ckpt, planned, merged, epochs_seen, labels):
+        super().__init__()
+        self.ckpt, self.planned = ckpt, planned
+        self.prior = (merged, epochs_seen, labels)
+        self.history: Dict[str, list] = {}
+        self.ran: List[int] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, [float("nan")] * len(self.ran)).append(float(value))
+        self.ran.append(epoch)
+        for values in self.history.values():
+            values += [float("nan")] * (len(self.ran) - len(values))
+        merged, seen, labels = _merged(*self.prior, self.history, self.ran, self.planned.label)
+        self.ckpt.save(self.model, self.planned.index, epoch + 1, merged, seen, labels)

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from keras_colopt import stats
-from keras_colopt.export import write_atomic
+from keras_colopt.export import json_default, write_atomic
 
 QAT_LEAVES = ("QAT", "PQAT", "CQAT", "PCQAT")
 # The origin's three tables: (title, [(column header, leaf)]); "Baseline" reads the PTQ leaf.
@@ -219,7 +219,7 @@ class Report:
 
     def to_json(self) -> str:
         """The report as a JSON string (see `as_dict`)."""
-        return json.dumps(self.as_dict(), indent=2, default=_jsonable)
+        return json.dumps(self.as_dict(), indent=2, default=json_default)
 
     def to_csv(self) -> str:
         """One row per leaf, the JSON leaf fields as columns."""
@@ -434,14 +434,6 @@ def _fmt_target(key: str, v: float) -> str:
     if key == "max_size_bytes":
         return f"{v:,.0f} B"
     return f"{v:.3f} ms"
-
-
-def _jsonable(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
 def _png(fig) -> bytes:
