@@ -10,7 +10,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from keras_colopt import callbacks, export, stats  # noqa: E402,F401
+from keras_colopt import callbacks, export, recipe, stats  # noqa: E402,F401
 from keras_colopt.fit import FitResult, collaborative_fit  # noqa: E402,F401
 from keras_colopt.invariants import InvariantViolation  # noqa: E402,F401
 from keras_colopt.phases import Cluster, Phase, Prune, Quantize, Train  # noqa: E402,F401
