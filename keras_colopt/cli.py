@@ -26,6 +26,46 @@ def layer_of(tensor_name: str, layer_names) -> str:
     return ""
 
 
+def layer_summary(model, tflite_path) -> list:
+    """Per layer: weights, sparsity and unique values in the Keras model and as deployed in
+    the `.tflite` (read back with `export.inspect_tflite`); `None` where the `.tflite` has no
+    weight tensor of that layer."""
+    from keras_colopt import callbacks as cbs
+    from keras_colopt import export
+
+    keras_stats = cbs.layer_stats(model)
+    deployed = export.inspect_tflite(tflite_path)
+    layers = []
+    for name, s in keras_stats.items():
+        tfl = [w for w in deployed if layer_of(w.name, keras_stats) == name]
+        layers.append({
+            "layer": name, "weights": s.size, "keras_sparsity": s.sparsity,
+            "keras_unique": s.unique, "keras_unique_per_channel": s.unique_per_channel_max,
+            "tflite_sparsity": tfl[0].sparsity if tfl else None,
+            "tflite_unique_per_channel": tfl[0].unique_per_channel_max if tfl else None,
+            "tflite_unique": tfl[0].unique if tfl else None})
+    return layers
+
+
+def new_log_dir(out: str) -> str:
+    """A fresh TensorBoard run folder `out/logs/run-<timestamp>`: a second run into the same
+    `out` must not mix its epochs with the first one's on the same axis."""
+    base = os.path.join(out, "logs", time.strftime("run-%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def write_summary(out: str, summary: dict, text: str) -> None:
+    """Writes `out/summary.json` and `out/summary.md`, each atomically."""
+    from keras_colopt._files import write_atomic
+
+    write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_atomic(os.path.join(out, "summary.md"), text + "\n")
+
+
 def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_epochs: int = 3,
              quantize_epochs: int = 3, verbose: int = 1, seed: int = 0) -> dict:
     """The main job on the embedded digits dataset: a short baseline, then
@@ -38,15 +78,12 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
     import tf_keras
 
     import keras_colopt as colopt
-    from keras_colopt import callbacks as cbs
     from keras_colopt import data
     from keras_colopt.engines import get_engine
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
-    # One TensorBoard run per demo run: a second run into the same DIR must not mix its
-    # epochs with the first one's on the same axis.
-    log_dir = os.path.join(out, "logs", time.strftime("run-%Y%m%d-%H%M%S"))
+    log_dir = new_log_dir(out)
     (x, y), (xt, yt) = data.load_digits(seed=seed)
     model = data.demo_model(seed=seed)
 
@@ -74,17 +111,6 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
                                         quantization="int8", representative_data=x[:256])
     opt_info = colopt.export.to_tflite(result.model, os.path.join(out, "pcqat_int8.tflite"),
                                        quantization="int8")
-    keras_stats = cbs.layer_stats(result.model)
-    deployed = colopt.export.inspect_tflite(opt_info.path)
-    layers = []
-    for name, s in keras_stats.items():
-        tfl = [w for w in deployed if layer_of(w.name, keras_stats) == name]
-        layers.append({
-            "layer": name, "weights": s.size, "keras_sparsity": s.sparsity,
-            "keras_unique": s.unique, "keras_unique_per_channel": s.unique_per_channel_max,
-            "tflite_sparsity": tfl[0].sparsity if tfl else None,
-            "tflite_unique_per_channel": tfl[0].unique_per_channel_max if tfl else None,
-            "tflite_unique": tfl[0].unique if tfl else None})
     summary = {
         "dataset": f"scikit-learn digits 8x8: {len(x)} train / {len(xt)} test",
         "phases": [p.label for p in result.plan],
@@ -98,29 +124,31 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
                  "pcqat_int8_tflite_bytes": opt_info.tflite_bytes,
                  "pcqat_int8_gzip_bytes": opt_info.gzip_bytes,
                  "gzip_reduction": 1.0 - opt_info.gzip_bytes / base_info.gzip_bytes},
-        "layers": layers,
+        "layers": layer_summary(result.model, opt_info.path),
         "files": {"log_dir": log_dir, "baseline": base_info.path, "pcqat": opt_info.path},
         "train_seconds": train_time,
         "wall_seconds": time.time() - t0,
     }
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    text = format_summary(summary)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(text + "\n")
+    write_summary(out, summary, format_summary(summary))
     return summary
 
 
-def format_summary(s: dict) -> str:
-    a, z = s["accuracy"], s["size"]
+def format_layer_table(layers) -> list:
+    """The per-layer rows of a summary (see `layer_summary`) as Markdown table lines."""
     rows = ["| layer | weights | sparsity (Keras) | sparsity (.tflite) | unique (Keras) "
             "| unique per channel (Keras) | unique per channel (.tflite) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    for L in s["layers"]:
+    for L in layers:
         tsp = "-" if L["tflite_sparsity"] is None else f"{100 * L['tflite_sparsity']:.1f}%"
         rows.append(f"| {L['layer']} | {L['weights']} | {100 * L['keras_sparsity']:.1f}% | {tsp} "
                     f"| {L['keras_unique']} | {L['keras_unique_per_channel']} "
                     f"| {L['tflite_unique_per_channel']} |")
+    return rows
+
+
+def format_summary(s: dict) -> str:
+    a, z = s["accuracy"], s["size"]
+    rows = format_layer_table(s["layers"])
     return "\n".join([
         f"keras-colopt demo: {s['dataset']}; phases: {' -> '.join(s['phases'])}",
         "",
