@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 
 def _setup_logging(verbose: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -168,6 +170,258 @@ def format_summary(s: dict) -> str:
     ])
 
 
+def load_model(path):
+    """A compiled tf_keras model from a `.keras` / `.h5` file (or SavedModel folder)."""
+    import tf_keras
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Expected a tf_keras model saved with "
+                                "model.save('model.keras').")
+    try:
+        return tf_keras.models.load_model(path, compile=True)
+    except Exception as e:  # noqa: BLE001 - Keras raises many types; say what we needed
+        raise ValueError(f"Cannot load {path!r} as a tf_keras model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Expected a compiled "
+                         "tf_keras (Keras 2) model saved with model.save('model.keras'). A "
+                         "Keras 3 model must be rebuilt with tf_keras.") from None
+
+
+RUN_DATA_HELP = """\
+The data file is a .npz written with
+  np.savez("data.npz", x_train=x, y_train=y, x_val=xv, y_val=yv)
+x_train and y_train are required; x_val and y_val are optional and come together (with
+them, the .tflite is evaluated in LiteRT). No other arrays, no object arrays. For the
+accuracy, labels are integer classes (or one-hot rows).
+The model file is a compiled tf_keras model saved with model.save("model.keras") (or .h5).
+Neither file, nor the recipe, is modified; everything is written under --out."""
+
+
+class RunInputError(ValueError):
+    """A `keras-colopt run` input (recipe, model, data, output folder) that cannot be used;
+    raised before any training."""
+
+
+def _check_model_and_data(model, model_path, x, data_path) -> None:
+    from keras_colopt.engines import get_engine
+
+    try:
+        get_engine(model)
+    except (ValueError, TypeError) as e:
+        raise RunInputError(f"{model_path!r}: {e} Then save it again with "
+                            "model.save(path).") from None
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise RunInputError(
+            f"{model_path!r} has {len(shape)} inputs; `run` feeds one array (x_train). "
+            "Expected a model with one input. Use collaborative_fit from Python for "
+            f"multi-input models. Received: input_shape={shape}")
+    if x.ndim != len(shape) or any(m is not None and m != d for m, d in zip(shape[1:],
+                                                                              x.shape[1:])):
+        raise RunInputError(
+            f"{data_path!r}: x_train has samples of shape {x.shape[1:]}, but the model in "
+            f"{model_path!r} takes {tuple(shape[1:])}. Expected x_train of shape "
+            f"(n, {', '.join('?' if d is None else str(d) for d in shape[1:])}). Check that "
+            f"the data matches the model. Received: x_train.shape={x.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise RunInputError(f"{data_path!r}: x_train has dtype {x.dtype}. Expected numbers. "
+                            f"Received: x_train.dtype={x.dtype}")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -> dict:
+    """`keras-colopt run`: a recipe of phases on the user's model and data, then export.
+
+    The recipe, the model and the data are loaded and checked before any training; none of
+    the three files is modified. Writes under `out`: TensorBoard logs in
+    `logs/run-<timestamp>`, `model_<quantization>.tflite`, `summary.json`, `summary.md` and a
+    copy of the recipe.
+
+    Args:
+        recipe_path: a `.yaml`/`.yml`/`.json` recipe (see `keras_colopt.recipe`).
+        model_path: a compiled tf_keras model file (`model.save("m.keras")` or `.h5`).
+        data_path: a `.npz` with `x_train`, `y_train` and optionally `x_val`, `y_val`.
+        out: the output folder (created).
+        verbose: 0 prints one line per phase; 1 also one line per epoch.
+
+    Returns:
+        The summary as a dict (also written to `out/summary.json`).
+
+    Raises:
+        RecipeError, RunInputError: a bad input, before any training.
+    """
+    import shutil
+
+    import tf_keras
+
+    import keras_colopt as colopt
+    from keras_colopt import data, recipe
+
+    t0 = time.time()
+    r = recipe.load(recipe_path)
+    try:
+        (x, y), val = data.load_npz(data_path)
+        model = load_model(model_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise RunInputError(str(e)) from None
+    _check_model_and_data(model, model_path, x, data_path)
+    quant = r.quantization
+    outputs = {"summary_json": os.path.join(out, "summary.json"),
+               "summary_md": os.path.join(out, "summary.md"),
+               "tflite": os.path.join(out, f"model_{quant}.tflite"),
+               "recipe": os.path.join(out, "recipe" + os.path.splitext(recipe_path)[1].lower())}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunInputError(f"--out {out!r} is a file. Expected a directory (created if "
+                            "missing). Pick another path.")
+    for name, target in outputs.items():
+        for given in (recipe_path, model_path, data_path):
+            if _same_file(target, given) and not (name == "recipe" and given == recipe_path):
+                raise RunInputError(
+                    f"{given!r} is where the run writes its {name.replace('_', '.')}; it would "
+                    "be overwritten. Expected inputs outside the output files. Pass another "
+                    f"--out, or move the file. Received: --out {out!r}")
+    log_dir = new_log_dir(out)  # created by the first TensorBoard write, once training starts
+    plan = r.plan
+
+    class _PhaseProgress(tf_keras.callbacks.Callback):
+        """One line per phase as it ends (each phase is one `fit`: on_train_begin counts
+        them, so this callback spans the run on purpose)."""
+
+        def __init__(self):
+            super().__init__()
+            self.started = 0
+
+        def on_train_begin(self, logs=None):
+            self.started += 1
+            self.t_phase = time.time()
+            self.last = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.last = dict(logs or {})
+
+        def on_train_end(self, logs=None):
+            p = plan.phases[self.started - 1]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last.items()
+                              if k in ("loss", "accuracy", "val_loss", "val_accuracy",
+                                       "compression/sparsity", "compression/max_unique_weights"))
+            print(f"[{self.started}/{len(plan)}] {p.label}: epochs {p.start_epoch}-"
+                  f"{p.end_epoch - 1} in {time.time() - self.t_phase:.1f} s; {shown}", flush=True)
+
+    progress = _PhaseProgress()
+    try:
+        result = colopt.collaborative_fit(
+            model, x, y, phases=r.phases, validation_data=val, callbacks=[progress],
+            log_dir=log_dir, verbose=2 if verbose else 0, **r.fit)
+    except (ValueError, TypeError) as e:
+        if progress.started:
+            raise
+        # collaborative_fit checks the model against the phases before training.
+        raise RunInputError(f"the recipe {os.fspath(recipe_path)!r} does not fit the model "
+                            f"{os.fspath(model_path)!r}: {e}") from e
+    train_time = time.time() - t0
+
+    # Nothing is written under `out` until the checks have passed and training has run.
+    os.makedirs(out, exist_ok=True)
+    if not _same_file(recipe_path, outputs["recipe"]):
+        shutil.copyfile(recipe_path, outputs["recipe"])
+    info = colopt.export.to_tflite(result.model, outputs["tflite"], quantization=quant,
+                                   representative_data=x[:256] if quant == "int8" else None)
+    metrics, tflite_accuracy = {}, None
+    if val is not None:
+        xv, yv = val
+        metrics = {k: float(v) for k, v in
+                   result.model.evaluate(xv, yv, verbose=0, return_dict=True).items()}
+        out_shape = result.model.output_shape
+        if isinstance(out_shape, tuple) and (out_shape[-1] or 0) > 1:  # one output, classes
+            labels = np.argmax(yv, axis=-1) if (yv.ndim > 1 and yv.shape[-1] > 1) else yv
+            tflite_accuracy = colopt.export.evaluate_tflite(info.path, xv, labels)
+    summary = {
+        "recipe": os.path.abspath(recipe_path), "model": os.path.abspath(model_path),
+        "data": os.path.abspath(data_path),
+        "samples": {"train": len(x), "validation": 0 if val is None else len(val[0])},
+        "phases": [p.label for p in result.plan],
+        "stopped_early": result.stopped_early,
+        "quantization": quant,
+        "accuracy": {"keras": metrics.get("accuracy"), "tflite": tflite_accuracy},
+        "keras_metrics": metrics,
+        "size": {"tflite_bytes": info.tflite_bytes, "gzip_bytes": info.gzip_bytes},
+        "layers": layer_summary(result.model, info.path),
+        "files": {"out": out, "log_dir": log_dir, **outputs},
+        "train_seconds": train_time,
+        "wall_seconds": time.time() - t0,
+    }
+    write_summary(out, summary, format_run_summary(summary))
+    return summary
+
+
+def format_run_summary(s: dict) -> str:
+    """The Markdown summary of `run_recipe` (also written to `summary.md`)."""
+    a, z, q = s["accuracy"], s["size"], s["quantization"]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    stopped = f" (stopped early in {s['stopped_early']})" if s["stopped_early"] else ""
+    title = (f"keras-colopt run: {os.path.basename(s['recipe'])} on "
+             f"{os.path.basename(s['model'])}, {s['samples']['train']} train / "
+             f"{s['samples']['validation']} validation samples; phases: "
+             f"{' -> '.join(s['phases'])}{stopped}")
+    return "\n".join([
+        title,
+        "",
+        f"| | {q} .tflite |", "|---|---:|",
+        f"| Keras accuracy (validation) | {pct(a['keras'])} |",
+        f"| .tflite accuracy (LiteRT, validation) | {pct(a['tflite'])} |",
+        f"| .tflite bytes | {z['tflite_bytes']} |",
+        f"| gzipped bytes | {z['gzip_bytes']} |",
+        "",
+        *format_layer_table(s["layers"]),
+        "",
+        f"wall time {s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s)",
+    ])
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="a recipe of phases (YAML/JSON) on your model and data, then export",
+        description="Runs the phases of RECIPE on a copy of the model, exports the result as "
+                    ".tflite with the recipe's quantization, and summarizes what survived.",
+        epilog=RUN_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", metavar="RECIPE",
+                   help="a .yaml/.yml/.json recipe: phases, optional fit and export sections")
+    p.add_argument("--model", required=True, help="a compiled tf_keras model (.keras or .h5)")
+    p.add_argument("--data", required=True,
+                   help=".npz with x_train, y_train and optionally x_val, y_val")
+    p.add_argument("--out", default="colopt-run", help="output directory (default: ./colopt-run)")
+    p.add_argument("--quiet", action="store_true", help="one line per phase, not per epoch")
+
+
+def _run_command(args) -> int:
+    from keras_colopt.recipe import RecipeError
+
+    out = os.path.abspath(args.out)
+    print(f"keras-colopt run: {args.recipe} on {args.model} with {args.data}; writing to {out}",
+          flush=True)
+    try:
+        s = run_recipe(args.recipe, args.model, args.data, out, verbose=0 if args.quiet else 1)
+    except (RecipeError, RunInputError) as e:
+        print(f"keras-colopt run: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_run_summary(s))
+    print()
+    names = ", ".join(os.path.basename(s["files"][k])
+                      for k in ("summary_md", "summary_json", "tflite", "recipe"))
+    print(f"Files: {out} ({names})")
+    print(f"TensorBoard: tensorboard --logdir {os.path.dirname(s['files']['log_dir'])}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="keras-colopt",
@@ -179,8 +433,11 @@ def main(argv=None) -> int:
                       help="output directory (default: ./colopt-demo)")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     demo.add_argument("--seed", type=int, default=0)
+    _run_parser(sub)
     args = parser.parse_args(argv)
     _setup_logging(0 if args.quiet else 1)
+    if args.command == "run":
+        return _run_command(args)
     if args.command == "demo":
         out = os.path.abspath(args.out)
         print(f"keras-colopt demo: writing to {out}", flush=True)

@@ -45,3 +45,53 @@ def demo_model(seed: int = 0):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     return model
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+def load_npz(path, require_validation: bool = False):
+    """Loads a user's dataset file for the command line.
+
+    The `.npz` (from `np.savez(path, x_train=..., y_train=..., x_val=...,
+    y_val=...)`) holds `x_train` and `y_train`, and optionally `x_val` and
+    `y_val`; nothing else. Object arrays are refused (they would need pickle).
+
+    Returns:
+        `((x_train, y_train), (x_val, y_val) or None)`.
+    """
+    import os
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No data file at {path!r}. Expected a .npz written with "
+                                "np.savez(path, x_train=..., y_train=..., x_val=..., y_val=...).")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path!r} is not a readable .npz of plain arrays ({e}). Expected a "
+                         "file written with np.savez(path, x_train=..., y_train=..., "
+                         "x_val=..., y_val=...).") from None
+    keys = set(arrays)
+    missing = [k for k in ("x_train", "y_train") if k not in keys]
+    if require_validation:
+        missing += [k for k in ("x_val", "y_val") if k not in keys]
+    extra = sorted(keys - set(NPZ_KEYS))
+    half = ("x_val" in keys) != ("y_val" in keys)
+    if missing or extra or half:
+        raise ValueError(f"{path!r} has arrays {sorted(keys)}. Expected exactly x_train, "
+                         f"y_train{', x_val, y_val' if require_validation else ''} "
+                         f"{'' if require_validation else '(and optionally x_val, y_val)'}"
+                         f"; missing: {missing or 'none'}, unexpected: {extra or 'none'}"
+                         f"{', x_val and y_val must come together' if half else ''}. "
+                         "Rename the arrays in np.savez(...).")
+    for a, b in (("x_train", "y_train"), ("x_val", "y_val")):
+        if a in arrays and len(arrays[a]) != len(arrays[b]):
+            raise ValueError(f"{path!r}: {a} has {len(arrays[a])} samples but {b} has "
+                             f"{len(arrays[b])}. Expected one label per input.")
+        if a in arrays and len(arrays[a]) == 0:
+            raise ValueError(f"{path!r}: {a} is empty. Expected at least one sample.")
+    val = (arrays["x_val"], arrays["y_val"]) if "x_val" in arrays else None
+    return (arrays["x_train"], arrays["y_train"]), val
