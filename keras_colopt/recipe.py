@@ -17,11 +17,11 @@ export: {quantization: int8}   # optional: int8 (default), dynamic, float16, non
 ```
 
 Example:
-    >>> from keras_colopt import recipe, Train, Prune
-    >>> recipe.dump([Train(epochs=5), Prune(sparsity=0.5, epochs=3)], "recipe.yaml",
-    ...             export={"quantization": "int8"})
-    >>> r = recipe.load("recipe.yaml")
-    >>> colopt.collaborative_fit(model, x, y, phases=r.phases, **r.fit)
+    >>> import keras_colopt as colopt
+    >>> colopt.recipe.dump([colopt.Train(epochs=5), colopt.Prune(sparsity=0.5, epochs=3)],
+    ...                    "recipe.yaml", export={"quantization": "int8"})
+    >>> r = colopt.recipe.load("recipe.yaml")
+    >>> result = colopt.collaborative_fit(model, x, y, phases=r.phases, **r.fit)
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def dump(phases, path, **sections) -> str:
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise RecipeError(f"cannot write {os.fspath(path)!r}: directory {folder!r} does not "
-                          "exist. Expected an existing directory. Create it first.")
+                          "exist. Expected an existing directory. Create it first. "
+                          f"Received: path={os.fspath(path)!r}")
     return write_atomic(path, text)
 
 
@@ -343,8 +344,9 @@ def from_dict(data, *, source=None) -> Recipe:
               f"Expected a list whose items have one key out of {list(_KINDS)}.",
               "phases", source, phases=phases)
     objects = [_phase_from(i, entry, source) for i, entry in enumerate(phases)]
-    fit = _check_fit(data.get("fit") or {}, source)
-    export = _check_export(data.get("export") or {}, source)
+    # An empty section (`fit:` with nothing after it) reads as None: the same as leaving it out.
+    fit = _check_fit({} if data.get("fit") is None else data["fit"], source)
+    export = _check_export({} if data.get("export") is None else data["export"], source)
     try:
         resolve(objects)
     except PlanError as e:

@@ -70,7 +70,13 @@ def test_hand_written_recipe_with_defaults_left_out(tmp_path):
     assert (r.fit, r.export, r.quantization) == ({}, {}, "int8")
 
 
-def test_sections_default_when_absent_and_quantizations_match_export():
+def test_empty_sections_read_as_absent(tmp_path):
+    path = _write(tmp_path, "r.yaml", "phases: [{train: {epochs: 1}}]\nfit:\nexport:\n")
+    r = recipe.load(path)
+    assert (r.fit, r.export, r.quantization) == ({}, {}, "int8")
+
+
+def test_recipe_is_exported_and_shares_the_export_quantizations():
     assert recipe.QUANTIZATIONS is export.QUANTIZATIONS
     assert colopt.recipe is recipe
 
@@ -151,6 +157,7 @@ def test_dump_refuses_what_load_would_refuse(tmp_path, phases, sections, words):
     ("phases: [{train: {epochs: 1}}]\nfit: {invariant_guard: maybe}\n", "fit.invariant_guard",
      ["[true, false, 'warn']", "Received: invariant_guard='maybe'"]),
     ("phases: [{train: {epochs: 1}}]\nfit: [1]\n", "fit", ["must be a mapping"]),
+    ("phases: [{train: {epochs: 1}}]\nexport: []\n", "export", ["must be a mapping"]),
     # Out of range: the phase's own message, prefixed with the path.
     ("phases:\n  - train: {epochs: 2}\n  - prune: {sparsity: 0.5, epochs: 1}\n"
      + "  - cluster: {clusters: 1, epochs: 3}\n", "phases[2].cluster.clusters",
