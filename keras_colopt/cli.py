@@ -201,7 +201,9 @@ class RunInputError(ValueError):
     raised before any training."""
 
 
-def _check_model_and_data(model, model_path, x, data_path) -> None:
+def _check_model_and_data(model, model_path, inputs: dict, data_path) -> None:
+    """Refuses an uncompiled or multi-input model, and inputs (`{"x_train": x, ...}`) whose
+    sample shape or dtype the model cannot take."""
     from keras_colopt.engines import get_engine
 
     try:
@@ -215,16 +217,17 @@ def _check_model_and_data(model, model_path, x, data_path) -> None:
             f"{model_path!r} has {len(shape)} inputs; `run` feeds one array (x_train). "
             "Expected a model with one input. Use collaborative_fit from Python for "
             f"multi-input models. Received: input_shape={shape}")
-    if x.ndim != len(shape) or any(m is not None and m != d for m, d in zip(shape[1:],
-                                                                              x.shape[1:])):
-        raise RunInputError(
-            f"{data_path!r}: x_train has samples of shape {x.shape[1:]}, but the model in "
-            f"{model_path!r} takes {tuple(shape[1:])}. Expected x_train of shape "
-            f"(n, {', '.join('?' if d is None else str(d) for d in shape[1:])}). Check that "
-            f"the data matches the model. Received: x_train.shape={x.shape}")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise RunInputError(f"{data_path!r}: x_train has dtype {x.dtype}. Expected numbers. "
-                            f"Received: x_train.dtype={x.dtype}")
+    for name, x in inputs.items():
+        if x.ndim != len(shape) or any(m is not None and m != d
+                                       for m, d in zip(shape[1:], x.shape[1:])):
+            raise RunInputError(
+                f"{data_path!r}: {name} has samples of shape {x.shape[1:]}, but the model in "
+                f"{model_path!r} takes {tuple(shape[1:])}. Expected {name} of shape "
+                f"(n, {', '.join('?' if d is None else str(d) for d in shape[1:])}). Check "
+                f"that the data matches the model. Received: {name}.shape={x.shape}")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise RunInputError(f"{data_path!r}: {name} has dtype {x.dtype}. Expected numbers. "
+                                f"Received: {name}.dtype={x.dtype}")
 
 
 def _same_file(a, b) -> bool:
@@ -269,7 +272,8 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
         model = load_model(model_path)
     except (ValueError, FileNotFoundError) as e:
         raise RunInputError(str(e)) from None
-    _check_model_and_data(model, model_path, x, data_path)
+    _check_model_and_data(model, model_path,
+                          {"x_train": x, **({} if val is None else {"x_val": val[0]})}, data_path)
     quant = r.quantization
     outputs = {"summary_json": os.path.join(out, "summary.json"),
                "summary_md": os.path.join(out, "summary.md"),
@@ -313,6 +317,7 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
                   f"{p.end_epoch - 1} in {time.time() - self.t_phase:.1f} s; {shown}", flush=True)
 
     progress = _PhaseProgress()
+    t_train = time.time()
     try:
         result = colopt.collaborative_fit(
             model, x, y, phases=r.phases, validation_data=val, callbacks=[progress],
@@ -323,7 +328,7 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
         # collaborative_fit checks the model against the phases before training.
         raise RunInputError(f"the recipe {os.fspath(recipe_path)!r} does not fit the model "
                             f"{os.fspath(model_path)!r}: {e}") from e
-    train_time = time.time() - t0
+    train_time = time.time() - t_train
 
     # Nothing is written under `out` until the checks have passed and training has run.
     os.makedirs(out, exist_ok=True)

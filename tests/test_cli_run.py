@@ -97,6 +97,8 @@ Y = np.zeros(8, np.int64)
     ({"x_train": np.zeros((8, 4, 4, 1)), "y_train": Y},
      ["x_train has samples of shape (4, 4, 1)", "takes (8, 8, 1)", "(n, 8, 8, 1)"]),
     ({"x_train": np.full((8, 8, 8, 1), "a"), "y_train": Y}, ["dtype <U1", "Expected numbers"]),
+    ({"x_train": X, "y_train": Y, "x_val": np.zeros((4, 64)), "y_val": Y[:4]},
+     ["x_val has samples of shape (64,)", "Received: x_val.shape=(4, 64)"]),
 ])
 def test_run_refuses_bad_data_before_training(inputs, tmp_path, capsys, no_training, arrays,
                                               words):
