@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from keras_colopt.export import json_default, write_atomic
+from keras_colopt._files import json_default, write_atomic
 
 log = logging.getLogger("keras_colopt")
 

@@ -87,6 +87,10 @@ def load_npz(path, require_validation: bool = False):
                          f"; missing: {missing or 'none'}, unexpected: {extra or 'none'}"
                          f"{', x_val and y_val must come together' if half else ''}. "
                          "Rename the arrays in np.savez(...).")
+    scalars = sorted(k for k, v in arrays.items() if v.ndim == 0)
+    if scalars:
+        raise ValueError(f"{path!r}: {scalars} hold a single number, not samples. Expected "
+                         "arrays whose first axis is the sample axis.")
     for a, b in (("x_train", "y_train"), ("x_val", "y_val")):
         if a in arrays and len(arrays[a]) != len(arrays[b]):
             raise ValueError(f"{path!r}: {a} has {len(arrays[a])} samples but {b} has "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import tempfile
 import time
 import warnings
 from typing import List
@@ -20,6 +19,7 @@ from typing import List
 import numpy as np
 
 from keras_colopt import stats
+from keras_colopt._files import write_atomic  # noqa: F401 - also public here
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
 _WEIGHT_OPS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3,
@@ -50,36 +50,6 @@ def gzip_size(path_or_bytes) -> int:
         with open(path_or_bytes, "rb") as f:
             data = f.read()
     return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
-
-
-def write_atomic(path, data) -> None:
-    """Writes `data` (bytes or str) to `path` through a temporary file in the same folder
-    and a rename: a reader, or a crash mid-write, never sees a half-written file."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".colopt-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def json_default(v):
-    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers."""
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
 def _check_target_path(path) -> str:

@@ -7,6 +7,7 @@ combine (which earlier work each one preserves). Phases know nothing of tfmot.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Sequence, Union
 
@@ -32,10 +33,15 @@ def _check_epochs(cls: str, epochs) -> None:
 def _check_learning_rate(cls: str, learning_rate) -> None:
     if learning_rate is None:
         return
-    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real)
-            or not learning_rate > 0 or learning_rate != learning_rate):
-        _fail(f"{cls}: `learning_rate` must be a positive number or None",
-              "a float > 0, or None to keep the compiled optimizer's learning rate",
+    ok = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
+    if ok:
+        try:
+            ok = 0 < float(learning_rate) < math.inf
+        except OverflowError:  # an int beyond float range
+            ok = False
+    if not ok:
+        _fail(f"{cls}: `learning_rate` must be a positive, finite number or None",
+              "a finite float > 0, or None to keep the compiled optimizer's learning rate",
               "Pass e.g. learning_rate=1e-4.", learning_rate=learning_rate)
 
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from keras_colopt import stats
-from keras_colopt.export import json_default, write_atomic
+from keras_colopt._files import json_default, write_atomic
 
 QAT_LEAVES = ("QAT", "PQAT", "CQAT", "PCQAT")
 # The origin's three tables: (title, [(column header, leaf)]); "Baseline" reads the PTQ leaf.

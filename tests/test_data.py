@@ -55,3 +55,10 @@ def test_load_npz_refuses_other_files(tmp_path):
     with pytest.raises(ValueError, match="missing: \\['x_val', 'y_val'\\]"):
         np.savez(p, x_train=np.zeros((2, 1)), y_train=np.arange(2))
         data.load_npz(p, require_validation=True)
+
+
+def test_load_npz_refuses_scalars(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=np.float32(1.0), y_train=np.arange(1))
+    with pytest.raises(ValueError, match=r"\['x_train'\] hold a single number"):
+        data.load_npz(p)

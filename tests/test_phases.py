@@ -46,6 +46,8 @@ def test_get_config_round_trip(cls, kwargs):
     (lambda: colopt.Cluster(clusters=8, epochs=1, preserve_sparsity="yes"), "preserve_sparsity"),
     (lambda: colopt.Quantize(epochs=1, preserve="all"), "preserve='all'"),
     (lambda: colopt.Train(epochs=1, learning_rate=-1.0), "learning_rate=-1.0"),
+    (lambda: colopt.Train(epochs=1, learning_rate=float("inf")), "learning_rate=inf"),
+    (lambda: colopt.Train(epochs=1, learning_rate=10**400), "learning_rate=1000"),
     (lambda: colopt.Cluster(clusters=8, epochs=1, layers="conv"), "layers=['conv']"),
     (lambda: colopt.Cluster(clusters=8, epochs=1, layers=[]), "layers=[]"),
 ])

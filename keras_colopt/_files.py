@@ -1,0 +1,50 @@
+"""Small file helpers shared by the modules that write user-visible files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+def write_atomic(path, data) -> str:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    A failure (full disk, interrupt) never leaves a half-written file where a
+    good one was: the old file stays until the new one is complete. The file
+    gets the mode of the file it replaces, or 0o644 (a temporary file is
+    created 0o600, which would hide a summary from the rest of a team).
+
+    Args:
+        path: the file to write; its folder must exist.
+        data: `bytes`, or `str` (written as UTF-8).
+
+    Returns:
+        `path`, as a string.
+    """
+    path = os.fspath(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".colopt-", suffix=suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def json_default(v):
+    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers."""
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")
