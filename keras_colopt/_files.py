@@ -48,3 +48,18 @@ def json_default(v):
     if isinstance(v, np.floating):
         return float(v)
     raise TypeError(f"not JSON serializable: {type(v).__name__}")
+
+
+def check_writable(folder, what: str) -> None:
+    """Raises PermissionError unless a file can really be created in `folder`.
+
+    `os.access` is not enough: it says yes to root on a read-only mount or a
+    pseudo file system. A temporary file is created and removed instead.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".colopt-probe-", dir=folder)
+    except OSError as e:
+        raise PermissionError(f"Cannot write {what}: nothing can be created in {folder!r} "
+                              f"({e.strerror or e}). Pick a folder you can write to.") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from keras_colopt._files import json_default, write_atomic
+from keras_colopt._files import check_writable, json_default, write_atomic
 
 log = logging.getLogger("keras_colopt")
 
@@ -99,10 +99,20 @@ def _describe(phases) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def saved_meta(folder) -> dict:
+    """What the run that wrote `folder` noted beside its checkpoint (e.g. its `log_dir`),
+    or {} when there is no readable checkpoint there."""
+    try:
+        with open(os.path.join(os.fspath(folder), MANIFEST)) as f:
+            return dict(json.load(f).get("meta") or {})
+    except (OSError, ValueError):
+        return {}
+
+
 class RunCheckpoint:
     """One run's checkpoint folder (see the module docstring)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, meta: Optional[dict] = None):
         if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
             raise ValueError(f"`checkpoint_dir` must be a folder path. Received: "
                              f"checkpoint_dir={folder!r}")
@@ -110,12 +120,15 @@ class RunCheckpoint:
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise ValueError(f"`checkpoint_dir` {self.folder!r} exists and is not a folder. "
                              "Expected a folder (created if missing). Pick another path.")
-        os.makedirs(self.folder, exist_ok=True)
-        if not os.access(self.folder, os.W_OK):
-            raise PermissionError(f"`checkpoint_dir` {self.folder!r} is not writable. Pick a "
-                                  "folder you can write to.")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"`checkpoint_dir` {self.folder!r} cannot be created "
+                                  f"({e.strerror or e}). Pick a folder you can write to.") from None
+        check_writable(self.folder, "checkpoints (`checkpoint_dir`)")
         self.manifest: Optional[dict] = None
         self.fp: Optional[dict] = None
+        self.meta = dict(meta or {})
 
     # ------------------------------------------------------------------ open
     def open(self, fp: dict) -> Optional[Position]:
@@ -201,7 +214,7 @@ class RunCheckpoint:
             "format": FORMAT, "fingerprint": self.fp, "phase": phase,
             "epochs_done": epochs_done, "state": name,
             "entries": [phase],
-            "history": history, "epochs": epochs, "labels": labels}
+            "history": history, "epochs": epochs, "labels": labels, "meta": self.meta}
         write_atomic(os.path.join(self.folder, MANIFEST),
                      json.dumps(self.manifest, indent=1, default=json_default))
         self._clean()

@@ -321,7 +321,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -> dict:
+def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
+               checkpoint_dir=None) -> dict:
     """`keras-colopt run`: a recipe of phases on the user's model and data, then export.
 
     The recipe, the model and the data are loaded and checked before any training; none of
@@ -335,6 +336,9 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
         data_path: a `.npz` with `x_train`, `y_train` and optionally `x_val`, `y_val`.
         out: the output folder (created).
         verbose: 0 prints one line per phase; 1 also one line per epoch.
+        checkpoint_dir: where the run is checkpointed every epoch; rerunning the same
+            command after a crash resumes from it. Defaults to `out/checkpoint`; `False`
+            turns checkpoints off.
 
     Returns:
         The summary as a dict (also written to `out/summary.json`).
@@ -347,7 +351,7 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
     import tf_keras
 
     import keras_colopt as colopt
-    from keras_colopt import data, recipe
+    from keras_colopt import checkpoint, data, recipe
 
     t0 = time.time()
     r = recipe.load(recipe_path)
@@ -373,7 +377,11 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
                     f"{given!r} is where the run writes its {name.replace('_', '.')}; it would "
                     "be overwritten. Expected inputs outside the output files. Pass another "
                     f"--out, or move the file. Received: --out {out!r}")
-    log_dir = new_log_dir(out)  # created by the first TensorBoard write, once training starts
+    ckpt_dir = None if checkpoint_dir is False else os.path.abspath(
+        checkpoint_dir or os.path.join(out, "checkpoint"))
+    # A rerun after a crash continues the same TensorBoard run; a fresh one gets its own.
+    log_dir = (checkpoint.saved_meta(ckpt_dir).get("log_dir") if ckpt_dir else None) \
+        or new_log_dir(out)
     plan = r.plan
 
     class _PhaseProgress(tf_keras.callbacks.Callback):
@@ -383,21 +391,28 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
         def __init__(self):
             super().__init__()
             self.started = 0
+            self.epoch = None
 
         def on_train_begin(self, logs=None):
             self.started += 1
             self.t_phase = time.time()
             self.last = {}
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
         def on_epoch_end(self, epoch, logs=None):
             self.last = dict(logs or {})
 
         def on_train_end(self, logs=None):
-            p = plan.phases[self.started - 1]
+            if self.epoch is None:
+                return
+            # A resumed run starts in the middle of the plan: name the phase by its epochs.
+            p = next(q for q in plan.phases if q.start_epoch <= self.epoch < q.end_epoch)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last.items()
                               if k in ("loss", "accuracy", "val_loss", "val_accuracy",
                                        "compression/sparsity", "compression/max_unique_weights"))
-            print(f"[{self.started}/{len(plan)}] {p.label}: epochs {p.start_epoch}-"
+            print(f"[{p.index + 1}/{len(plan)}] {p.label}: epochs {p.start_epoch}-"
                   f"{p.end_epoch - 1} in {time.time() - self.t_phase:.1f} s; {shown}", flush=True)
 
     progress = _PhaseProgress()
@@ -405,7 +420,9 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
     try:
         result = colopt.collaborative_fit(
             model, x, y, phases=r.phases, validation_data=val, callbacks=[progress],
-            log_dir=log_dir, verbose=2 if verbose else 0, **r.fit)
+            log_dir=log_dir, verbose=2 if verbose else 0, checkpoint_dir=ckpt_dir, **r.fit)
+    except checkpoint.CheckpointMismatch:
+        raise
     except (ValueError, TypeError) as e:
         if progress.started:
             raise
@@ -435,6 +452,8 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1) -
         "samples": {"train": len(x), "validation": 0 if val is None else len(val[0])},
         "phases": [p.label for p in result.plan],
         "stopped_early": result.stopped_early,
+        "resumed_at_epoch": result.resumed_at,
+        "checkpoint_dir": ckpt_dir,
         "quantization": quant,
         "accuracy": {"keras": metrics.get("accuracy"), "tflite": tflite_accuracy},
         "keras_metrics": metrics,
@@ -456,6 +475,8 @@ def format_run_summary(s: dict) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     stopped = f" (stopped early in {s['stopped_early']})" if s["stopped_early"] else ""
+    if s.get("resumed_at_epoch") is not None:
+        stopped += f" (resumed from its checkpoint after epoch {s['resumed_at_epoch'] - 1})"
     title = (f"keras-colopt run: {os.path.basename(s['recipe'])} on "
              f"{os.path.basename(s['model'])}, {s['samples']['train']} train / "
              f"{s['samples']['validation']} validation samples; phases: "
@@ -488,17 +509,23 @@ def _run_parser(sub) -> None:
                    help=".npz with x_train, y_train and optionally x_val, y_val")
     p.add_argument("--out", default="colopt-run", help="output directory (default: ./colopt-run)")
     p.add_argument("--quiet", action="store_true", help="one line per phase, not per epoch")
+    p.add_argument("--checkpoint-dir",
+                   help="checkpoint every epoch here (default: OUT/checkpoint); rerunning the "
+                        "same command after a crash continues from the last completed epoch")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint")
 
 
 def _run_command(args) -> int:
+    from keras_colopt.checkpoint import CheckpointMismatch
     from keras_colopt.recipe import RecipeError
 
     out = os.path.abspath(args.out)
     print(f"keras-colopt run: {args.recipe} on {args.model} with {args.data}; writing to {out}",
           flush=True)
     try:
-        s = run_recipe(args.recipe, args.model, args.data, out, verbose=0 if args.quiet else 1)
-    except (RecipeError, RunInputError) as e:
+        s = run_recipe(args.recipe, args.model, args.data, out, verbose=0 if args.quiet else 1,
+                       checkpoint_dir=False if args.no_checkpoint else args.checkpoint_dir)
+    except (RecipeError, RunInputError, CheckpointMismatch) as e:
         print(f"keras-colopt run: error: {e}", file=sys.stderr)
         return 2
     print()

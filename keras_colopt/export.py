@@ -19,7 +19,7 @@ from typing import List
 import numpy as np
 
 from keras_colopt import stats
-from keras_colopt._files import write_atomic  # noqa: F401 - also public here
+from keras_colopt._files import check_writable, write_atomic  # noqa: F401 (public here too)
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
 _WEIGHT_OPS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3,
@@ -60,12 +60,10 @@ def _check_target_path(path) -> str:
     if not os.path.isdir(folder):
         raise ValueError(f"Cannot write {path!r}: directory {folder!r} does not exist. Expected "
                          "an existing directory. Create it first (os.makedirs).")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"Cannot write {path!r}: directory {folder!r} is not writable. "
-                              "Pick a directory you can write to.")
     if os.path.isdir(path):
         raise ValueError(f"Cannot write {path!r}: it is a directory. Expected a file path such "
                          "as 'model.tflite'.")
+    check_writable(folder, repr(path))
     return path
 
 

@@ -22,6 +22,7 @@ import tf_keras
 
 from keras_colopt import callbacks as cbs
 from keras_colopt import checkpoint
+from keras_colopt._files import check_writable
 from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
 from keras_colopt.engines import get_engine
@@ -78,8 +79,10 @@ def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_spli
     if isinstance(x, tf.data.Dataset):
         card = int(x.cardinality().numpy())
         if card == 0:
-            raise ValueError("The training dataset is empty (cardinality 0). Expected at "
-                             "least one batch. Check the dataset's source and filters.")
+            raise ValueError("The training dataset is empty (cardinality 0): there is no batch "
+                             "to train on. Expected at least one batch. Check the dataset's "
+                             "source and filters; a dataset smaller than one batch is empty "
+                             "when batched with drop_remainder=True.")
         if card < 0:
             kind = "infinite" if card == tf.data.INFINITE_CARDINALITY else "of unknown size"
             raise ValueError(
@@ -135,6 +138,7 @@ def _check_inputs(callbacks, fit_kwargs, log_dir):
         if os.path.exists(log_dir) and not os.path.isdir(log_dir):
             raise ValueError(f"`log_dir` {os.fspath(log_dir)!r} exists and is not a directory. "
                              "Expected a directory (it is created if missing). Pick another path.")
+
     return callbacks
 
 
@@ -280,10 +284,6 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         log_dir = None
         if checkpoint_dir is not None:
             checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), worker)
-    ckpt = resume = None
-    if checkpoint_dir is not None:
-        ckpt = RunCheckpoint(checkpoint_dir)
-        resume = ckpt.open(checkpoint.fingerprint(plan, model, steps, start))
 
     with scope():
         work = engine.clone_model(model)
@@ -313,6 +313,19 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
              f"\n  starting at phase {start} ({plan.phases[start].label}): the ones before "
              "were already applied to the model" if start else "")
 
+    # Folders are created once every check has passed, right before training.
+    ckpt = resume = None
+    if checkpoint_dir is not None:
+        ckpt = RunCheckpoint(checkpoint_dir, meta={
+            "log_dir": None if log_dir is None else os.path.abspath(os.fspath(log_dir))})
+        resume = ckpt.open(checkpoint.fingerprint(plan, model, steps, start))
+    if log_dir is not None:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"`log_dir` {os.fspath(log_dir)!r} cannot be created "
+                                  f"({e.strerror or e}). Pick a folder you can write to.") from None
+        check_writable(log_dir, "TensorBoard logs (`log_dir`)")
     metrics_cb = cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None
     tensorboard = (tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
                    if log_dir is not None else None)

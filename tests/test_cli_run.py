@@ -55,7 +55,7 @@ def test_run_end_to_end_writes_everything_under_out_and_keeps_inputs(inputs, tmp
     printed = capsys.readouterr().out
     assert rc == 0
     assert _fingerprint(*inputs) == before  # recipe, model and data byte-identical, untouched
-    assert sorted(os.listdir(out)) == ["logs", "model_int8.tflite", "recipe.yaml",
+    assert sorted(os.listdir(out)) == ["checkpoint", "logs", "model_int8.tflite", "recipe.yaml",
                                        "summary.json", "summary.md"]
     (run,) = os.listdir(out / "logs")
     assert run.startswith("run-") and os.listdir(out / "logs" / run / "compression")
@@ -76,6 +76,37 @@ def test_run_end_to_end_writes_everything_under_out_and_keeps_inputs(inputs, tmp
     assert "| hidden | 4608 |" in printed and (out / "summary.md").read_text() in printed + "\n"
     assert f"Files: {out} (summary.md, summary.json, model_int8.tflite, recipe.yaml)" in printed
     assert f"tensorboard --logdir {out / 'logs'}" in printed
+
+
+def test_run_interrupted_then_rerun_resumes_into_the_same_tensorboard_run(inputs, tmp_path,
+                                                                         capsys, monkeypatch):
+    recipe_path, model_path, data_path = inputs
+    out = tmp_path / "out"
+    argv = ["run", recipe_path, "--model", model_path, "--data", data_path, "--out", str(out),
+            "--quiet"]
+    real_fit = colopt.collaborative_fit
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    def interrupted_fit(*args, callbacks=(), **kwargs):
+        return real_fit(*args, callbacks=[*callbacks, Interrupt()], **kwargs)
+
+    monkeypatch.setattr(colopt, "collaborative_fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert not (out / "model_int8.tflite").exists()
+    monkeypatch.setattr(colopt, "collaborative_fit", real_fit)
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["resumed_at_epoch"] == 2 and "resumed from its checkpoint after epoch 1" in printed
+    assert "[3/4] Cluster (sparsity-preserving): epochs 2-2" in printed
+    assert len(os.listdir(out / "logs")) == 1      # the rerun continued the same run folder
+    for L in s["layers"]:
+        assert L["tflite_sparsity"] >= 0.5 - 0.01 and L["tflite_unique_per_channel"] <= 8
 
 
 def _npz(tmp_path, name="bad.npz", **arrays):
