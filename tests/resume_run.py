@@ -69,8 +69,11 @@ def main():
         log_dir=os.path.join(args.out, "logs"), checkpoint_dir=os.path.join(args.out, "ckpt"))
     np.savez(os.path.join(args.out, "result.npz"), *result.model.get_weights())
     with open(os.path.join(args.out, "history.json"), "w") as f:
+        stats = colopt.callbacks.layer_stats(result.model)
         json.dump({"epoch": result.history.epoch, "phase": result.history.history["phase"],
-                   "loss": result.history.history["loss"], "resumed_at": result.resumed_at}, f)
+                   "loss": result.history.history["loss"], "resumed_at": result.resumed_at,
+                   "layers": {n: [s.sparsity, s.unique_per_channel_max]
+                              for n, s in stats.items()}}, f)
 
 
 if __name__ == "__main__":
