@@ -14,7 +14,7 @@ import gzip
 import os
 import time
 import warnings
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 
@@ -217,6 +217,8 @@ class TFLiteWeight:
         unique: distinct stored values over the tensor.
         unique_per_channel_max: most distinct stored values in one output channel.
         per_channel_quantized: whether it has one scale per output channel.
+        entropy_bits: bits an ideal order-0 coder needs for its stored values
+            (`stats.entropy_bits`): the limit for its compressed size.
     """
 
     name: str
@@ -227,26 +229,22 @@ class TFLiteWeight:
     unique: int
     unique_per_channel_max: int
     per_channel_quantized: bool
+    entropy_bits: float = 0.0
 
     def as_dict(self):
         return dataclasses.asdict(self)
 
 
-def inspect_tflite(path) -> List[TFLiteWeight]:
-    """Per-weight-tensor sparsity and unique values of a `.tflite` file, read with LiteRT.
-
-    Example:
-        >>> for w in inspect_tflite("model.tflite"):
-        ...     print(w.name, w.sparsity, w.unique_per_channel_max)
-    """
-    interp = _interpreter(path)
+def _weights(interp):
+    """(tensor details, op name, stored array) of every stored weight tensor of a loaded
+    `.tflite`: the filters of CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D, ... (following a
+    DEQUANTIZE for float16/dynamic files), in op order."""
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
     ops = interp._get_ops_details()
     producer = {}
     for op in ops:
         for out in op["outputs"]:
             producer[int(out)] = op
-    out = []
     for op in ops:
         if op["op_name"] not in _WEIGHT_OPS or len(op["inputs"]) < 2:
             continue
@@ -256,17 +254,34 @@ def inspect_tflite(path) -> List[TFLiteWeight]:
             idx = int(src["inputs"][0])
         elif src is not None:
             continue  # a computed tensor, not a stored weight
-        t = tensors[idx]
-        w = np.asarray(interp.get_tensor(idx))
+        yield tensors[idx], op["op_name"], np.asarray(interp.get_tensor(idx))
+
+
+def read_weights(path) -> Dict[str, np.ndarray]:
+    """`{tensor name: stored array}` of the weight tensors of a `.tflite` (int8 for int8
+    models), as deployed."""
+    return {t["name"]: w for t, _, w in _weights(_interpreter(path))}
+
+
+def inspect_tflite(path) -> List[TFLiteWeight]:
+    """Per-weight-tensor sparsity, unique values and entropy of a `.tflite`, read with LiteRT.
+
+    Example:
+        >>> for w in inspect_tflite("model.tflite"):
+        ...     print(w.name, w.sparsity, w.unique_per_channel_max)
+    """
+    out = []
+    for t, op_name, w in _weights(_interpreter(path)):
         q = t.get("quantization_parameters", {})
         scales = np.asarray(q.get("scales", []))
-        axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op["op_name"]]
+        axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op_name]
         s = stats.tensor_stats(t["name"], w, channel_axis=axis if w.ndim > 1 else None)
-        out.append(TFLiteWeight(name=t["name"], op=op["op_name"], dtype=str(w.dtype),
+        out.append(TFLiteWeight(name=t["name"], op=op_name, dtype=str(w.dtype),
                                 shape=tuple(int(d) for d in w.shape), sparsity=s.sparsity,
                                 unique=s.unique,
                                 unique_per_channel_max=int(s.unique_per_channel_max or s.unique),
-                                per_channel_quantized=bool(scales.size > 1)))
+                                per_channel_quantized=bool(scales.size > 1),
+                                entropy_bits=stats.entropy_bits(w)))
     return out
 
 

@@ -71,6 +71,9 @@ class LeafResult:
         sparsity: fraction of zeros over all weight tensors of the `.tflite`.
         max_unique_weights: most distinct stored values in one weight tensor.
         max_unique_per_channel: most distinct stored values in one channel.
+        weights_entropy_bytes: what an ideal order-0 coder needs for the stored weight
+            tensors (`stats.entropy_bits`, summed, in bytes): the physical limit.
+        weights_gzip_bytes: gzip -9 of the stored weight tensors alone, concatenated.
         sparse_tflite_bytes, sparse_runs: size of the converter's sparse
             encoding and whether LiteRT runs it (pruned leaves only).
         epochs: epochs on its path from the untrained model (what a separate
@@ -91,6 +94,8 @@ class LeafResult:
     sparsity: Optional[float] = None
     max_unique_weights: Optional[int] = None
     max_unique_per_channel: Optional[int] = None
+    weights_entropy_bytes: Optional[float] = None
+    weights_gzip_bytes: Optional[int] = None
     sparse_tflite_bytes: Optional[int] = None
     sparse_runs: Optional[str] = None
     epochs: Optional[int] = None
@@ -294,6 +299,16 @@ class Report:
         problems = [r for r in self.leaves if r.status not in ("ok", "pending")]
         if problems:
             out += [""] + [f"- {r.name} {r.status}: {r.reason}" for r in problems]
+        coded = [r for r in self.leaves if r.ok and r.weights_entropy_bytes]
+        if coded:
+            out += ["", "Compression against the entropy bound (int8 weight tensors only):", "",
+                    "| leaf | weights entropy B | weights gzip B | gzip / entropy "
+                    "| whole .tflite gzip B |", "|---|---:|---:|---:|---:|"]
+            for r in coded:
+                out.append(f"| {r.name} | {r.weights_entropy_bytes:,.0f} | "
+                           f"{_num(r.weights_gzip_bytes)} | "
+                           f"{r.weights_gzip_bytes / r.weights_entropy_bytes:.2f} | "
+                           f"{_num(r.gzip_bytes)} |")
         sparse = [r for r in self.leaves if r.sparse_runs]
         if sparse:
             out += ["", "Sparse weight encoding (`to_tflite(..., sparse=True)`), pruned leaves:",

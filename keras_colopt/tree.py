@@ -240,7 +240,10 @@ class _Tree:
             latency_ms=export.latency_ms(info.path, self.xv[:1], runs=self.latency_runs),
             sparsity=zeros / max(1, size),
             max_unique_weights=max((w.unique for w in weights), default=0),
-            max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0))
+            max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0),
+            weights_entropy_bytes=sum(w.entropy_bits for w in weights) / 8,
+            weights_gzip_bytes=export.gzip_size(b"".join(
+                a.tobytes() for a in export.read_weights(info.path).values())))
         if sparse:
             self._sparse_variant(result, model)
         return result

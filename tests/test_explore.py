@@ -308,3 +308,17 @@ def test_cli_report_refuses_bad_inputs_before_training(digits, tmp_path, capsys)
                      "--data", str(data_path)]) == 2
     assert "missing: ['x_val', 'y_val']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_entropy_bound_is_reported_per_leaf(tree):
+    report, *_ = tree
+    for r in report.leaves:
+        weights = colopt.export.read_weights(r.tflite)
+        raw = sum(w.size for w in weights.values())
+        assert 0 < r.weights_entropy_bytes <= raw           # at most 8 bits per int8 weight
+        assert r.weights_gzip_bytes == colopt.export.gzip_size(
+            b"".join(w.tobytes() for w in weights.values()))
+    by = {r.name: r for r in report.leaves}
+    # 8 clusters and half zeros need far fewer bits than a free int8 tensor.
+    assert by["PCQAT"].weights_entropy_bytes < 0.5 * by["PTQ"].weights_entropy_bytes
+    assert "| PCQAT |" in report.to_markdown().split("entropy bound")[1]

@@ -175,3 +175,18 @@ def test_write_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
         export.write_atomic(target, "second")
     assert target.read_text() == "first"
     assert os.listdir(tmp_path) == ["report.md"]
+
+
+def test_read_weights_and_entropy_of_a_clustered_tensor(tmp_path):
+    model = keras.Sequential([keras.layers.Dense(64, input_shape=(32,), name="d")])
+    w, b = model.get_weights()
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.choice([-0.5, 0.0, 0.25, 0.5], size=w.shape), b])  # 4 values
+    info = export.to_tflite(model, tmp_path / "m.tflite", "int8",
+                            representative_data=rng.normal(size=(16, 32)).astype("float32"))
+    (stored,) = export.read_weights(info.path).values()
+    assert stored.dtype == np.int8 and stored.shape == (64, 32)
+    (inspected,) = export.inspect_tflite(info.path)
+    # Four equiprobable-ish stored values: close to 2 bits per weight.
+    assert inspected.entropy_bits == pytest.approx(2 * stored.size, rel=0.02)
+    assert export.gzip_size(stored.tobytes()) < stored.size / 2   # gzip sees it too

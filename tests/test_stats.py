@@ -28,3 +28,14 @@ def test_tensor_stats_and_summary():
     assert s["sparsity"] == pytest.approx(3 / 8)
     assert s["max_unique"] == 4
     assert s["max_unique_per_channel"] == 4  # a: 1 per channel; b: no channel axis, 4
+
+
+def test_entropy_bits_of_known_distributions():
+    assert stats.entropy_bits(np.zeros(100)) == 0.0
+    assert stats.entropy_bits([0, 1, 2, 3] * 100) == pytest.approx(800.0)   # 2 bits each
+    # 75 % zeros, 25 % ones: H = 0.8113 bits per value.
+    assert stats.entropy_bits([0] * 300 + [1] * 100) == pytest.approx(400 * 0.811278, rel=1e-5)
+    # Per channel: each row constant -> 0 bits, though the tensor has 2 values.
+    w = np.array([[5, 5, 5], [7, 7, 7]])
+    assert stats.entropy_bits(w) == pytest.approx(6.0) and stats.entropy_bits(w, axis=0) == 0.0
+    assert stats.entropy_bits([]) == 0.0
