@@ -372,6 +372,9 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             pruned = list(touched)
         elif planned.phase.kind == "cluster":
             clustered = list(touched)
+        end = planned.end_epoch
+        if epoch >= end:  # resumed at the end of this phase: nothing left to train in it
+            continue
         phase_cbs = list(companions)
         if metrics_cb is not None:
             phase_cbs.append(metrics_cb)
@@ -391,9 +394,6 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         phase_cbs.insert(0, _FiniteLoss(planned, ckpt))
         if ckpt is not None:  # last: it saves what every other callback left at epoch end
             phase_cbs.append(_EpochCheckpoint(ckpt, planned, merged, epochs_seen, labels))
-        end = planned.end_epoch
-        if epoch >= end:  # resumed at the end of this phase: nothing left to train in it
-            continue
         log.info("Phase %d/%d: %s, epochs %d-%d", planned.index + 1, len(plan), planned.label,
                  epoch, end - 1)
         with engine.quiet_expected_warnings(current):
