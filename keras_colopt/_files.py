@@ -63,3 +63,24 @@ def check_writable(folder, what: str) -> None:
                               f"({e.strerror or e}). Pick a folder you can write to.") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def make_writable_folder(folder, arg: str, what: str) -> str:
+    """Creates `folder` (and its parents) and checks a file can be created in it.
+
+    Args:
+        folder: the folder path.
+        arg: the argument that named it, for the message (e.g. "`log_dir`").
+        what: what will be written there, for the message.
+
+    Returns:
+        `folder`, as a string.
+    """
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"{arg} {folder!r} cannot be created ({e.strerror or e}). "
+                              "Pick a folder you can write to.") from None
+    check_writable(folder, what)
+    return folder

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from keras_colopt._files import check_writable, json_default, write_atomic
+from keras_colopt._files import json_default, make_writable_folder, write_atomic
 
 log = logging.getLogger("keras_colopt")
 
@@ -120,12 +120,7 @@ class RunCheckpoint:
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise ValueError(f"`checkpoint_dir` {self.folder!r} exists and is not a folder. "
                              "Expected a folder (created if missing). Pick another path.")
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as e:
-            raise PermissionError(f"`checkpoint_dir` {self.folder!r} cannot be created "
-                                  f"({e.strerror or e}). Pick a folder you can write to.") from None
-        check_writable(self.folder, "checkpoints (`checkpoint_dir`)")
+        make_writable_folder(self.folder, "`checkpoint_dir`", "checkpoints (`checkpoint_dir`)")
         self.manifest: Optional[dict] = None
         self.fp: Optional[dict] = None
         self.meta = dict(meta or {})

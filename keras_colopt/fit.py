@@ -22,7 +22,7 @@ import tf_keras
 
 from keras_colopt import callbacks as cbs
 from keras_colopt import checkpoint
-from keras_colopt._files import check_writable
+from keras_colopt._files import make_writable_folder
 from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
 from keras_colopt.engines import get_engine
@@ -320,12 +320,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             "log_dir": None if log_dir is None else os.path.abspath(os.fspath(log_dir))})
         resume = ckpt.open(checkpoint.fingerprint(plan, model, steps, start))
     if log_dir is not None:
-        try:
-            os.makedirs(log_dir, exist_ok=True)
-        except OSError as e:
-            raise PermissionError(f"`log_dir` {os.fspath(log_dir)!r} cannot be created "
-                                  f"({e.strerror or e}). Pick a folder you can write to.") from None
-        check_writable(log_dir, "TensorBoard logs (`log_dir`)")
+        make_writable_folder(log_dir, "`log_dir`", "TensorBoard logs (`log_dir`)")
     metrics_cb = cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None
     tensorboard = (tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
                    if log_dir is not None else None)

@@ -29,7 +29,7 @@ import numpy as np
 
 from keras_colopt import callbacks as cbs
 from keras_colopt import export
-from keras_colopt._files import check_writable
+from keras_colopt._files import make_writable_folder
 from keras_colopt.engines import get_engine
 from keras_colopt.fit import collaborative_fit
 from keras_colopt.phases import Cluster, Prune, Quantize, Train
@@ -402,12 +402,8 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
         if phases:
             resolve(phases)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    try:
-        os.makedirs(os.path.join(out_dir, "tflite"), exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"`out_dir` {out_dir!r} cannot be created ({e.strerror or e}). "
-                              "Pick a folder you can write to.") from None
-    check_writable(out_dir, "the report (`out_dir`)")
+    make_writable_folder(out_dir, "`out_dir`", "the report (`out_dir`)")
+    os.makedirs(os.path.join(out_dir, "tflite"), exist_ok=True)
 
     fit_args = dict(fit_kwargs, batch_size=batch_size, verbose=2 if verbose >= 2 else 0)
     tree = _Tree(model, x, y, xv, yv, representative_data, out_dir, baseline_epochs, prune,
