@@ -357,6 +357,18 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             engine.compile_like(current, compile_cfg, planned.phase.learning_rate)
             if resuming:
                 ckpt.restore(current, resume.state)
+        if planned.phase.kind == "quantize" and planned.preserve_clusters:
+            lost = engine.unpreserved_clusters(current, set(clustered) & set(touched))
+            if lost:
+                raise ValueError(
+                    f"{planned.label}: tfmot would quantize the clustered layer(s) "
+                    f"{sorted(lost)} without their clusters (it finds no usable centroids: "
+                    + "; ".join(f"'{k}': {v}" for k, v in sorted(lost.items()))
+                    + "); they would be lost after one step. Expected at most "
+                    f"{planned.clusters} values (+ 0 when pruned) per "
+                    f"{'output channel' if planned.per_channel else 'tensor'}. Exclude these "
+                    "layers from the Cluster phase with layers=[...], or quantize without "
+                    "cluster preservation (Quantize(preserve='sparsity' or preserve='none')).")
         if resuming:
             log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
                      ckpt.folder, resume.epochs_done, planned.label, epoch)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (  # noqa: E501
+    cluster_preserve_quantize_registry as cpq)
 
 import keras_colopt as colopt
-from keras_colopt import Cluster, Prune, Quantize, Train
+from keras_colopt import Cluster, Prune, Quantize, Train, stats
 from keras_colopt.callbacks import layer_stats
 from keras_colopt.engines import tfmot as engine
 
@@ -479,3 +481,71 @@ def test_initial_phase_out_of_range_is_refused(digits, bad):
     with pytest.raises(ValueError, match=r"`initial_phase` must be.*\[0, 3\]"):
         _fit(tiny_sequential(), digits, [Train(epochs=1), Prune(epochs=1), Cluster(epochs=1),
                                          Quantize(epochs=1)], initial_phase=bad)
+
+
+def _clustered_conv_model(channels, values_per_channel, short_channels=(), seed=0):
+    """Input 8x8x1 -> Conv2D(channels, 3) whose kernel already holds `values_per_channel`
+    distinct values in each output channel (2 in `short_channels`), different in every
+    channel -> Dense: what per-channel clustering leaves."""
+    keras.utils.set_random_seed(seed)
+    model = compile_(keras.Sequential([
+        keras.layers.Conv2D(channels, 3, activation="relu", name="conv", input_shape=(8, 8, 1)),
+        keras.layers.Flatten(name="flat"),
+        keras.layers.Dense(10, name="logits")], name="clustered_conv"))
+    rng = np.random.default_rng(seed)
+    k = np.empty((3, 3, 1, channels), np.float32)
+    for c in range(channels):
+        n = 2 if c in short_channels else values_per_channel
+        centroids = rng.normal(0, 0.2, n).astype(np.float32)
+        k[..., c] = centroids[np.arange(9).reshape(3, 3, 1) % n]
+    model.get_layer("conv").kernel.assign(k)
+    return model
+
+
+def test_per_channel_cqat_keeps_channels_holding_fewer_clusters(digits, tmp_path, monkeypatch):
+    """tfmot's CQAT reads per-channel centroids only when every channel holds the same number
+    of values (+-1); otherwise it takes the tensor's values, and past 1,024 of them it
+    quantizes the layer without its clusters ("No clustering performed"), silently. Found on
+    MobileNet's pointwise convs. The engine keeps each channel's own centroids."""
+    phases = [Cluster(clusters=8, epochs=1, per_channel=True, layers=["conv"]),
+              Quantize(epochs=2)]
+    model = _clustered_conv_model(150, 8, short_channels=(0, 1, 2))  # 8 x 147 + 6 > 1,024
+    before = [w.copy() for w in model.get_weights()]
+    r = _fit(model, digits, phases, initial_phase=1)
+    (_, k, axis), = engine.kernels(r.model.get_layer("quant_conv"))
+    per_channel = stats.unique_values(k, axis=axis)
+    assert per_channel.max() <= 8  # the short channels may take up spare centroids, up to 8
+    d = _deployed(_tflite(r.model, tmp_path, digits), "conv")
+    assert d.unique_per_channel_max <= 8
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+    # Without the engine's centroids, tfmot drops the layer's clusters: refused at the start
+    # of the Quantize phase, before it trains, naming the layer and why.
+    monkeypatch.setattr(engine, "_clustered_centroids", lambda planned: cpq.get_centroids)
+    rec = Recorder()
+    with pytest.raises(ValueError, match=r"CQAT.*\['conv'\] without their clusters.*"
+                                         r"'conv': \d{4} distinct values in the tensor, 2-8 "
+                                         r"per output channel"):
+        _fit(_clustered_conv_model(150, 8, short_channels=(0, 1, 2)), digits, phases,
+             initial_phase=1, callbacks=[rec])
+    assert rec.epochs == []
+
+
+def test_per_tensor_cqat_keeps_the_tensors_shared_centroids(digits):
+    """A per-tensor clustered Conv2D whose channels each hold all its values: tfmot's CQAT
+    would give every channel its own copy of the centroids, which then drift apart (up to
+    clusters x channels values in the tensor). The engine keeps one set for the tensor."""
+    model = _clustered_conv_model(8, 4)
+    shared = np.array([-0.3, -0.1, 0.1, 0.3], np.float32)
+    per_channel = shared[np.arange(9) % 4].reshape(3, 3, 1, 1)
+    model.get_layer("conv").kernel.assign(np.repeat(per_channel, 8, axis=-1))
+    r = _fit(model, digits, [Cluster(clusters=4, epochs=1, layers=["conv"]), Quantize(epochs=2)],
+             initial_phase=1)
+    wrapper = r.model.get_layer("quant_conv")
+    (kernel, centroids), = [(w, v[cpq.CLUSTER_CENTROIDS]) for w, _, v in wrapper._weight_vars
+                            if isinstance(v, dict) and cpq.CLUSTER_CENTROIDS in v]
+    assert centroids.shape == (4,)
+    float_kernel = kernel.numpy()  # what the centroids wrote, before fake quantization
+    assert np.unique(float_kernel).size <= 4
+    assert not np.allclose(np.sort(np.unique(float_kernel)), shared)  # it trained
+

@@ -6,7 +6,8 @@ engine module (a Keras 3 engine must provide the same):
   planning: preflight(model, plan), select_layers(model, phase, kind), fold_plan,
     fold_activations, can_touch;
   phases: apply_phase(model, planned, steps_per_epoch) -> (model, companions,
-    touched layers), strip, is_qat, quiet_expected_warnings;
+    touched layers), strip, is_qat, quiet_expected_warnings,
+    unpreserved_clusters(model, names) (clustered layers a CQAT/PCQAT model dropped);
   reading: base_name(layer), kernels(layer) (the weights a layer computes with),
     expectations(model) (what its wrappers promise), quantized_per_channel,
     wrapper_kind.

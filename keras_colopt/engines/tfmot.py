@@ -14,6 +14,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import tensorflow as tf
 
 # tfmot sets TF_USE_LEGACY_KERAS=1 as a side effect of its import; we import it
 # here only, and restore the user's environment right after.
@@ -366,6 +367,59 @@ def apply_phase(model, planned, steps_per_epoch: int):
     raise AssertionError(kind)
 
 
+def _clustered_centroids(planned):
+    """A replacement for tfmot's cluster-preserving `get_centroids`, for one Quantize phase.
+
+    tfmot reads the centroids a CQAT/PCQAT wrapper trains from the distinct values of the
+    kernel it wraps, and decides per channel or per tensor by itself: any Conv2D goes per
+    channel when its channels hold numbers of distinct values that differ by at most one,
+    otherwise per tensor. Two silent losses follow. A per-channel clustered Conv2D whose
+    channels differ by more (an empty cluster, a pruned channel) falls back to per-tensor
+    values, and past 1,024 of them tfmot skips the layer ("No clustering performed ... Too
+    many centroids"): its clusters are gone after one step (MobileNet's pointwise convs).
+    A per-tensor clustered Conv2D goes per channel, each channel's copy of the shared
+    centroids then drifts on its own, and the tensor ends with up to clusters x channels
+    values. Here a kernel that holds at most `clusters` (+ 1 for the pruned zero) values
+    per channel, or per tensor, keeps the layout the plan clustered it with; channels with
+    fewer values are padded with copies of their last one (as tfmot pads a channel one
+    short): spare centroids no weight points to at first, which a channel may take up as
+    it trains, never past the number all channels have. Any other kernel (not clustered by
+    the plan) gets tfmot's own answer.
+    """
+    original = cpq.get_centroids
+    limit = int(planned.clusters or 0) + 1
+
+    def get_centroids(layer, weight, data_format):
+        w = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+        conv = isinstance(getattr(layer, "layer", None), tf_keras.layers.Conv2D)
+        if planned.per_channel and conv and w.ndim == 4 and data_format != "channels_first":
+            rows = np.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
+            parts = [np.unique(r, return_inverse=True) for r in rows]
+            width = max(u.size for u, _ in parts)
+            if width <= limit:
+                centroids = np.stack([np.concatenate([u, np.repeat(u[-1:], width - u.size)])
+                                      for u, _ in parts]).astype(w.dtype)
+                lookup = np.moveaxis(np.stack([i.reshape(w.shape[:-1]) for _, i in parts]),
+                                     0, -1).astype(np.int32)
+                return tf.constant(centroids), width, tf.constant(lookup), True
+        values, index = np.unique(w, return_inverse=True)
+        if values.size <= limit:
+            return (tf.constant(values.astype(w.dtype)), int(values.size),
+                    tf.constant(index.reshape(w.shape).astype(np.int32)), False)
+        return original(layer, weight, data_format)
+    return get_centroids
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 def _quantize(model, planned, wanted):
     """quantize_annotate the `wanted` layers and quantize_apply the plan's scheme."""
     def annotate(layer):
@@ -380,7 +434,9 @@ def _quantize(model, planned, wanted):
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
     else:
         scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
-    with tfmot.quantization.keras.quantize_scope():
+    patch = (_patched(cpq, "get_centroids", _clustered_centroids(planned))
+             if planned.preserve_clusters else contextlib.nullcontext())
+    with tfmot.quantization.keras.quantize_scope(), patch:
         return tfmot.quantization.keras.quantize_apply(annotated, scheme)
 
 
@@ -416,7 +472,12 @@ def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
     """
     import warnings
 
-    copy = clone_model(model)
+    # The copy's weights do not matter to what is checked here (which quantize config each
+    # layer gets, whether tfmot raises): a throw-away copy with fresh weights, whose kernels
+    # hold two values so that the cluster-preserving quantizers build in milliseconds
+    # instead of computing centroids of random weights (seconds on a MobileNet).
+    copy = tf_keras.models.clone_model(model)
+    _two_valued_kernels(copy)
     # tfmot's quantizers warn on the root logger and with warnings.warn about the untrained
     # copy ("no zero weights", "too many centroids"): noise here, not news.
     try:
@@ -438,6 +499,40 @@ def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
         if name in compressed and name in touched and _has_kernel(base_layer(layer)) and \
                 not _preserving(layer):
             lost.append(name)
+    return lost
+
+
+def _two_valued_kernels(model) -> None:
+    for layer in model.layers:
+        for attr in _KERNEL_ATTRS:
+            v = getattr(layer, attr, None)
+            if v is None or not hasattr(v, "assign") or not v.shape.rank:
+                continue
+            shape = tuple(v.shape)
+            k = np.zeros((int(np.prod(shape[:-1])), shape[-1]), np.float32)
+            k[1::2] = 0.5
+            v.assign(k.reshape(shape))
+
+
+def unpreserved_clusters(model, names) -> Dict[str, str]:
+    """{layer: why} for the layers among `names` whose CQAT/PCQAT wrapper trains no clusters.
+
+    tfmot's cluster-preserving quantizer silently quantizes such a kernel as plain QAT
+    ("No clustering performed"): after one step its clusters are gone.
+    """
+    lost = {}
+    for layer in model.layers:
+        name = base_name(layer)
+        if name not in names or not isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            continue
+        for w, q, qvars in getattr(layer, "_weight_vars", []):
+            if isinstance(q, cpq.ClusterPreserveDefaultWeightsQuantizer) and not (
+                    isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars):
+                k = np.asarray(w.numpy())
+                per = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1) if k.ndim > 1 else [k]
+                counts = [np.unique(r).size for r in per]
+                lost[name] = (f"{np.unique(k).size} distinct values in the tensor, "
+                              f"{min(counts)}-{max(counts)} per output channel")
     return lost
 
 
