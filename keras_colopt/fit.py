@@ -345,8 +345,10 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         elif planned.phase.kind == "cluster":
             clustered = engine.select_layers(work, planned.phase, "cluster")[0]
     before = cbs.layer_stats(work, engine)
+    compiled_rate = compile_cfg["optimizer_config"].get("learning_rate")
     for planned in plan.phases[first:]:
         resuming = resume is not None and planned.index == resume.phase
+        rate = planned.phase.rate_for(compiled_rate)
         with scope():
             if resuming:
                 work.set_weights(ckpt.load_entry(planned.index))
@@ -354,7 +356,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             elif ckpt is not None:
                 ckpt.save_entry(planned.index, engine.strip(current).get_weights())
             current, companions, touched = engine.apply_phase(current, planned, steps)
-            engine.compile_like(current, compile_cfg, planned.phase.learning_rate)
+            engine.compile_like(current, compile_cfg, rate)
             if resuming:
                 ckpt.restore(current, resume.state)
         if planned.phase.kind == "quantize" and planned.preserve_clusters:
@@ -401,8 +403,12 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         phase_cbs.insert(0, _FiniteLoss(planned, ckpt))
         if ckpt is not None:  # last: it saves what every other callback left at epoch end
             phase_cbs.append(_EpochCheckpoint(ckpt, planned, merged, epochs_seen, labels))
-        log.info("Phase %d/%d: %s, epochs %d-%d", planned.index + 1, len(plan), planned.label,
-                 epoch, end - 1)
+        log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1, len(plan),
+                 planned.label, epoch, end - 1,
+                 "as compiled (a schedule)" if rate is None else f"{rate:g}" + (
+                     f" (the compiled {compiled_rate:g} / {planned.phase.rate_divisor}: "
+                     "fine-tuning)" if planned.phase.learning_rate is None
+                     and planned.phase.rate_divisor != 1 else ""))
         with engine.quiet_expected_warnings(current):
             h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
                             validation_data=validation_data, callbacks=phase_cbs,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 LayerSelector = Union[None, Sequence[str], Callable]
 
@@ -62,10 +62,17 @@ def _check_layers(cls: str, layers) -> None:
               "predicate `layer -> bool`", "Pass e.g. layers=['dense_1'].", layers=layers)
 
 
+# With learning_rate=None, Cluster and Quantize fine-tune already-trained weights at the
+# compiled rate divided by this. At the full rate, clustering a DS-CNN lost 7.6 points of
+# int8 accuracy against a tenth of it (benchmarks/results/finetune_lr_kws*.md).
+FINE_TUNE_DIVISOR = 10
+
+
 class Phase:
     """Base class of every phase. Subclasses define `kind` and their arguments."""
 
     kind = "phase"
+    rate_divisor = 1  # learning_rate=None: the compiled rate divided by this
 
     def __init__(self, epochs, learning_rate=None, layers: LayerSelector = None):
         name = type(self).__name__
@@ -79,6 +86,23 @@ class Phase:
     def get_config(self) -> dict:
         """Returns exactly the constructor's keyword arguments."""
         return {"epochs": self.epochs, "learning_rate": self.learning_rate, "layers": self.layers}
+
+    def rate_for(self, compiled) -> Optional[float]:
+        """The learning rate this phase trains at, given the compiled optimizer's rate.
+
+        `learning_rate` when given; otherwise the compiled rate as it is for Train
+        and Prune, divided by `FINE_TUNE_DIVISOR` (10) for Cluster and Quantize. `None` (keep the compiled optimizer's) when the compiled rate is a
+        schedule, not a number.
+
+        Example:
+            >>> Quantize(epochs=1).rate_for(1e-3)
+            0.0001
+        """
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if isinstance(compiled, numbers.Real) and not isinstance(compiled, bool):
+            return float(compiled) / self.rate_divisor
+        return None
 
     @classmethod
     def from_config(cls, config: dict):
@@ -138,7 +162,8 @@ class Prune(Phase):
         m_by_n: structured sparsity `(m, n)`: keep at most `m` of every `n`
             consecutive weights, e.g. `(2, 4)`. Then `sparsity` must equal
             `1 - m/n` (the default 0.5 matches 2:4). Defaults to `None`.
-        learning_rate: per-phase learning rate. Defaults to `None`.
+        learning_rate: per-phase learning rate. Defaults to `None` (the
+            compiled optimizer's rate).
         layers: names of the layers to prune, or a predicate `layer -> bool`.
             Defaults to `None` (every layer that can be pruned).
 
@@ -204,7 +229,9 @@ class Cluster(Phase):
             Dense layers are always clustered per tensor. Defaults to `False`.
         preserve_sparsity: `"auto"` (preserve when a Prune phase comes
             before), `True` or `False`. Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`.
+        learning_rate: per-phase learning rate. Defaults to `None`: a tenth of
+            the compiled optimizer's rate (`FINE_TUNE_DIVISOR`), as this phase
+            fine-tunes trained weights; a compiled schedule is kept as it is.
         layers: names of the layers to cluster, or a predicate. Defaults to
             `None` (every layer that can be clustered).
 
@@ -214,6 +241,7 @@ class Cluster(Phase):
     """
 
     kind = "cluster"
+    rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, clusters=8, epochs=None, init="kmeans++", per_channel=False,
                  preserve_sparsity="auto", learning_rate=None, layers=None):
@@ -257,7 +285,9 @@ class Quantize(Phase):
         preserve: `"auto"` (from the phase order), `"none"` (plain QAT),
             `"sparsity"` (PQAT), `"clusters"` (CQAT) or `"sparsity+clusters"`
             (PCQAT). Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`.
+        learning_rate: per-phase learning rate. Defaults to `None`: a tenth of
+            the compiled optimizer's rate (`FINE_TUNE_DIVISOR`), as this phase
+            fine-tunes trained weights; a compiled schedule is kept as it is.
         layers: names of the layers to quantize-annotate, or a predicate.
             Defaults to `None` (the whole model).
 
@@ -267,6 +297,7 @@ class Quantize(Phase):
     """
 
     kind = "quantize"
+    rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None):
         super().__init__(epochs, learning_rate=learning_rate, layers=layers)

@@ -181,6 +181,35 @@ def test_per_phase_learning_rate_and_fresh_optimizer(digits):
     assert rates[1] == (pytest.approx(1e-4), 0, "Adam")
 
 
+def test_cluster_and_quantize_fine_tune_at_a_tenth_of_the_compiled_rate(digits, caplog):
+    """Without learning_rate, Train and Prune keep the compiled rate; Cluster and Quantize,
+    which fine-tune trained weights, take a tenth of it; an explicit rate wins; a compiled
+    schedule is kept as it is."""
+    rates = []
+
+    class Rate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            rates.append(float(keras.backend.get_value(self.model.optimizer.learning_rate)))
+
+    phases = [Train(epochs=1), Prune(sparsity=0.5, epochs=1), Cluster(clusters=4, epochs=1),
+              Quantize(epochs=1)]
+    with caplog.at_level(logging.INFO, logger="keras_colopt"):
+        _fit(tiny_sequential(), digits, phases, callbacks=[Rate()])
+    assert rates == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    assert any("PCQAT, epochs 3-3, learning rate 0.001 (the compiled 0.01 / 10" in r.getMessage()
+               for r in caplog.records)
+    rates.clear()
+    _fit(tiny_sequential(), digits, [Cluster(clusters=4, epochs=1, learning_rate=5e-3),
+                                     Quantize(epochs=1, learning_rate=2e-2)], callbacks=[Rate()])
+    assert rates == pytest.approx([5e-3, 2e-2])
+    model = tiny_sequential()
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10, decay_rate=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss)
+    r = _fit(model, digits, [Quantize(epochs=1)])
+    kept = r.model.optimizer.get_config()["learning_rate"]
+    assert kept["class_name"] == "ExponentialDecay" and kept["config"]["initial_learning_rate"] == 1e-2
+
+
 def test_dataset_input_and_companion_callbacks(digits):
     (x, y), _ = digits
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
