@@ -91,8 +91,9 @@ class Phase:
         """The learning rate this phase trains at, given the compiled optimizer's rate.
 
         `learning_rate` when given; otherwise the compiled rate as it is for Train
-        and Prune, divided by `FINE_TUNE_DIVISOR` (10) for Cluster and Quantize. `None` (keep the compiled optimizer's) when the compiled rate is a
-        schedule, not a number.
+        and Prune, divided by `FINE_TUNE_DIVISOR` (10) for Cluster and Quantize.
+        `None` (keep the compiled optimizer's) when the compiled rate is a schedule,
+        not a number.
 
         Example:
             >>> Quantize(epochs=1).rate_for(1e-3)
