@@ -260,6 +260,15 @@ def _check_initial_phase(initial_phase, plan: Plan) -> int:
     return initial_phase
 
 
+def _rate_text(phase, rate, compiled_rate) -> str:
+    """How a phase's learning rate reads in its log line."""
+    if rate is None:
+        return "as compiled (a schedule)"
+    if phase.learning_rate is None and phase.rate_divisor != 1:
+        return f"{rate:g} (the compiled {compiled_rate:g} / {phase.rate_divisor}: fine-tuning)"
+    return f"{rate:g}"
+
+
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
                        initial_phase, checkpoint_dir, strategy, fit_kwargs) -> FitResult:
@@ -404,11 +413,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         if ckpt is not None:  # last: it saves what every other callback left at epoch end
             phase_cbs.append(_EpochCheckpoint(ckpt, planned, merged, epochs_seen, labels))
         log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1, len(plan),
-                 planned.label, epoch, end - 1,
-                 "as compiled (a schedule)" if rate is None else f"{rate:g}" + (
-                     f" (the compiled {compiled_rate:g} / {planned.phase.rate_divisor}: "
-                     "fine-tuning)" if planned.phase.learning_rate is None
-                     and planned.phase.rate_divisor != 1 else ""))
+                 planned.label, epoch, end - 1, _rate_text(planned.phase, rate, compiled_rate))
         with engine.quiet_expected_warnings(current):
             h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
                             validation_data=validation_data, callbacks=phase_cbs,

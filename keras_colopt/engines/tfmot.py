@@ -32,6 +32,8 @@ from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.pr
 from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: E402
     prune_registry, pruning_wrapper)
 
+from keras_colopt import stats  # noqa: E402
+
 if _prev_legacy is None:
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
 else:
@@ -529,9 +531,9 @@ def unpreserved_clusters(model, names) -> Dict[str, str]:
             if isinstance(q, cpq.ClusterPreserveDefaultWeightsQuantizer) and not (
                     isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars):
                 k = np.asarray(w.numpy())
-                per = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1) if k.ndim > 1 else [k]
-                counts = [np.unique(r).size for r in per]
-                lost[name] = (f"{np.unique(k).size} distinct values in the tensor, "
+                counts = stats.unique_values(k, axis=-1) if k.ndim > 1 else [
+                    stats.unique_values(k)]
+                lost[name] = (f"{stats.unique_values(k)} distinct values in the tensor, "
                               f"{min(counts)}-{max(counts)} per output channel")
     return lost
 
