@@ -102,3 +102,38 @@ def test_per_channel_clustering_of_a_sparse_conv_falls_back_to_linear(digits, ca
     assert any("'conv'" in r.getMessage() and "linear" in r.getMessage() for r in caplog.records)
     (_, k, _), = engine.kernels(_wrapped(clustered, "conv"))
     assert stats.unique_values(k, axis=-1).max() <= 4
+
+
+_TF_KERAS_PROBE = """
+import os, sys
+import numpy as np
+import tensorflow as tf
+import keras_colopt as colopt
+import tf_keras
+from keras_colopt.engines import tfmot  # noqa: F401  (imports tfmot)
+m = tf_keras.Sequential([tf_keras.layers.Dense(4, input_shape=(3,), name="d"),
+                         tf_keras.layers.Dense(2, name="o")])
+m.compile("adam", "mse")
+colopt.collaborative_fit(m, np.ones((8, 3)), np.ones((8, 2)), verbose=0,
+                         phases=[colopt.Prune(sparsity=0.5, epochs=1)])
+print(tf.keras.Model.__module__, os.environ.get("TF_USE_LEGACY_KERAS"))
+"""
+
+
+@pytest.mark.parametrize("legacy", [None, "1"])
+def test_tf_keras_keeps_naming_what_it_named_before(legacy):
+    """Importing the engine (and tfmot) and running a phase leaves `tf.keras` and
+    TF_USE_LEGACY_KERAS as the user's environment made them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    if legacy is not None:
+        env["TF_USE_LEGACY_KERAS"] = legacy
+    r = subprocess.run([sys.executable, "-c", _TF_KERAS_PROBE], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    module, var = r.stdout.split()[-2:]
+    assert var == str(legacy)
+    assert module.startswith("tf_keras." if legacy else "keras.src."), module

@@ -17,8 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 # tfmot sets TF_USE_LEGACY_KERAS=1 as a side effect of its import; we import it
-# here only, and restore the user's environment right after.
+# here only, and restore the user's environment right after. `tf.keras` is a lazy module
+# that picks Keras 3 or tf_keras from that variable on first use: resolve it now, under the
+# user's environment, or it would name tf_keras for the rest of the process and change the
+# meaning of a Keras 3 user's own `tf.keras` code. (tfmot then sees Keras 3 under tf.keras
+# and uses tf_keras explicitly: its compat module checks `tf.keras.version()`.)
 _prev_legacy = os.environ.get("TF_USE_LEGACY_KERAS")
+tf.keras.__name__  # noqa: B018 (resolves the lazy module)
 import tf_keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 from tensorflow_model_optimization.python.core.clustering.keras import (  # noqa: E402
