@@ -154,6 +154,13 @@ def resolve(phases: Sequence[Phase]) -> Plan:
                     "Expected clusters >= 3 with sparsity preservation. Raise `clusters`, or "
                     f"pass preserve_sparsity=False. Received: clusters={p.clusters}, "
                     f"preserve_sparsity={p.preserve_sparsity!r}")
+            if keep and pruned is None:
+                raise PlanError(
+                    f"{_name(i, p)} preserves sparsity, but no Prune phase comes before it: "
+                    "there are no zeros of this plan's making to keep. Expected a Prune phase "
+                    "earlier in the list. Add one; for a model pruned by an earlier call, list "
+                    "that Prune phase too and pass initial_phase= to skip it; or pass "
+                    f"preserve_sparsity='auto'. Received: phases={phases!r}")
             cluster_kept_sparsity = bool(keep)
             label = "Cluster" + (" (sparsity-preserving)" if keep else "")
             if p.per_channel:
@@ -169,6 +176,8 @@ def resolve(phases: Sequence[Phase]) -> Plan:
             else:
                 keep_sparsity = "sparsity" in p.preserve
                 keep_clusters = "clusters" in p.preserve
+                _check_explicit_preserve(i, p, phases, pruned, clustered,
+                                         cluster_kept_sparsity, keep_sparsity, keep_clusters)
             label = {(False, False): "QAT", (True, False): "PQAT", (False, True): "CQAT",
                      (True, True): "PCQAT"}[(keep_sparsity, keep_clusters)]
             planned.append(PlannedPhase(
@@ -178,6 +187,33 @@ def resolve(phases: Sequence[Phase]) -> Plan:
                 clusters=clustered.clusters if (keep_clusters and clustered is not None) else None,
                 per_channel=bool(keep_clusters and clustered is not None and clustered.per_channel)))
     return Plan(planned)
+
+
+def _check_explicit_preserve(i, p, phases, pruned, clustered, cluster_kept_sparsity,
+                             keep_sparsity, keep_clusters) -> None:
+    """Refuses a `Quantize(preserve=...)` that names work no earlier phase did (or that an
+    earlier phase undid): it would be labelled PQAT/CQAT/PCQAT with nothing to preserve, or
+    train and then fail its invariants."""
+    fix = ("Leave preserve='auto' to preserve what the phases before it made; for a model "
+           "compressed by an earlier call, list those phases too and pass initial_phase= to "
+           "skip them.")
+    if keep_sparsity and pruned is None:
+        raise PlanError(
+            f"{_name(i, p)} preserves sparsity (preserve={p.preserve!r}), but no Prune phase "
+            f"comes before it. Expected a Prune phase earlier in the list. {fix} "
+            f"Received: phases={list(phases)!r}")
+    if keep_sparsity and clustered is not None and not cluster_kept_sparsity:
+        raise PlanError(
+            f"{_name(i, p)} preserves sparsity (preserve={p.preserve!r}), but the Cluster phase "
+            "before it does not (preserve_sparsity=False): clustering moved the pruned zeros "
+            "into clusters, so there are none left to keep. Expected a sparsity-preserving "
+            "Cluster phase. Pass Cluster(preserve_sparsity='auto'), or Quantize(preserve="
+            f"'clusters'). Received: phases={list(phases)!r}")
+    if keep_clusters and clustered is None:
+        raise PlanError(
+            f"{_name(i, p)} preserves clusters (preserve={p.preserve!r}), but no Cluster phase "
+            f"comes before it. Expected a Cluster phase earlier in the list. {fix} "
+            f"Received: phases={list(phases)!r}")
 
 
 def _order_message(i, p, j, q, phases) -> str:

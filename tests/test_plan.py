@@ -64,3 +64,29 @@ def test_single_phase_not_in_list_is_refused():
 
 def test_plan_error_is_a_value_error():
     assert issubclass(colopt.PlanError, ValueError)
+
+
+@pytest.mark.parametrize("phases,words", [
+    ([Train(epochs=1), Quantize(epochs=1, preserve="sparsity+clusters")],
+     ["phases[1] Quantize", "no Prune phase", "initial_phase"]),
+    ([Prune(sparsity=0.5, epochs=1), Quantize(epochs=1, preserve="clusters")],
+     ["preserves clusters", "no Cluster phase"]),
+    ([Cluster(clusters=8, epochs=1), Quantize(epochs=1, preserve="sparsity")],
+     ["preserves sparsity", "no Prune phase"]),
+    ([Prune(sparsity=0.5, epochs=1), Cluster(clusters=8, epochs=1, preserve_sparsity=False),
+      Quantize(epochs=1, preserve="sparsity+clusters")],
+     ["phases[2] Quantize", "preserve_sparsity=False", "preserve='clusters'"]),
+    ([Train(epochs=1), Cluster(clusters=8, epochs=1, preserve_sparsity=True)],
+     ["phases[1] Cluster", "no Prune phase"]),
+])
+def test_preservation_of_work_no_earlier_phase_did_is_refused(phases, words):
+    with pytest.raises(PlanError) as info:
+        resolve(phases)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_explicit_preservation_of_earlier_work_still_resolves():
+    plan = resolve([Prune(sparsity=0.5, epochs=1), Cluster(clusters=8, epochs=1),
+                    Quantize(epochs=1, preserve="sparsity")])
+    assert plan.phases[-1].label == "PQAT"

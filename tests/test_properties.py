@@ -97,8 +97,16 @@ def _rules_allow(phases) -> bool:
     if any(kinds.count(k) > 1 for k in ("prune", "cluster", "quantize")):
         return False
     for i, p in enumerate(phases):
-        if p.kind == "cluster" and _keeps_sparsity(p, "prune" in kinds[:i]) and p.clusters < 3:
-            return False
+        if p.kind == "cluster" and _keeps_sparsity(p, "prune" in kinds[:i]) and (
+                p.clusters < 3 or "prune" not in kinds[:i]):
+            return False  # too few clusters for zero and the rest; or no zeros to keep
+        if p.kind == "quantize" and p.preserve != "auto":
+            cluster = next((q for q in phases[:i] if q.kind == "cluster"), None)
+            if "sparsity" in p.preserve and ("prune" not in kinds[:i] or (
+                    cluster is not None and not _keeps_sparsity(cluster, True))):
+                return False  # no zeros made, or the clustering before it did not keep them
+            if "clusters" in p.preserve and cluster is None:
+                return False  # no clusters made
     return True
 
 
