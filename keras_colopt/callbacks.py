@@ -179,10 +179,15 @@ class InvariantGuard(tf_keras.callbacks.Callback):
     quantizer, is per channel). Checked on the weights the layers really
     compute with.
 
-    Expectations given here apply to every layer tfmot can prune/cluster
-    (a float/int) or to the named layers (a dict); those not given are read
-    from the model's wrappers (pruning schedules, clustering wrappers,
-    PQAT/CQAT/PCQAT quantizers).
+    A number given here applies to the layers that carry that technique: a
+    `sparsity` to every layer with a pruning wrapper or a sparsity-preserving
+    wrapper (clustering, PQAT, PCQAT), a `clusters` to every layer with a
+    clustering wrapper or a cluster-preserving quantizer (CQAT, PCQAT), so that
+    the layers a hand-written pipeline left unwrapped are not reported. A dict
+    applies to the named layers, wrapped or not. Expectations not given are
+    read from the model's wrappers (pruning schedules, clustering wrappers,
+    PQAT/CQAT/PCQAT quantizers). A number that no layer carries is named in a
+    warning at the start of training: nothing would be checked for it.
 
     Args:
         sparsity: minimal sparsity, a dict `{layer: sparsity}`, or `None`.
@@ -237,6 +242,21 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         self._engine = get_engine(self.model, compiled=False)
         self.violations = []
         names = {self._engine.base_name(l) for l in self.model.layers}
+        carried = self._engine.expectations(self.model).values()
+        for arg, key, technique in (("sparsity", "sparsity", "pruning (a pruning wrapper, or "
+                                     "a sparsity-preserving clustering or QAT wrapper)"),
+                                    ("clusters", "clusters", "clustering (a clustering "
+                                     "wrapper, or a cluster-preserving QAT wrapper)")):
+            value = getattr(self, arg)
+            if value is not None and not isinstance(value, dict) and not any(
+                    e.get(key) is not None or (key == "sparsity" and e["wrapper"] == "prune")
+                    for e in carried):
+                msg = (f"InvariantGuard({arg}={value!r}): no layer of model "
+                       f"'{self.model.name}' carries {technique}, so nothing is checked "
+                       f"against it. To check layers as they are, name them: "
+                       f"{arg}={{'layer_name': {value!r}}}.")
+                log.warning("%s", msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
         for arg in ("sparsity", "clusters"):
             value = getattr(self, arg)
             if isinstance(value, dict):
@@ -255,8 +275,10 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         for layer in self.model.layers:
             name = eng.base_name(layer)
             w = from_wrappers.get(name, {})
-            sp = self._given(self.sparsity, name, layer, eng, w.get("sparsity"))
-            cl = self._given(self.clusters, name, layer, eng, w.get("clusters"))
+            carries_sparsity = w.get("sparsity") is not None or w.get("wrapper") == "prune"
+            sp = self._given(self.sparsity, name, carries_sparsity, w.get("sparsity"))
+            cl = self._given(self.clusters, name, w.get("clusters") is not None,
+                             w.get("clusters"))
             if w.get("wrapper") == "prune" and not w.get("sparsity_ready", True):
                 sp = None  # the schedule is still ramping up
             if sp is None and cl is None:
@@ -267,10 +289,12 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         return out
 
     @staticmethod
-    def _given(value, name, layer, eng, default):
+    def _given(value, name, carries: bool, default):
+        """A layer's expectation: from a dict by name; a number only where the layer carries
+        the technique (see the class docstring); otherwise what its wrapper says."""
         if isinstance(value, dict):
             return value.get(name, default)
-        if value is not None and (eng.can_touch(layer, "prune") or eng.can_touch(layer, "cluster")):
+        if value is not None and carries:
             return value
         return default
 

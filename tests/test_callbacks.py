@@ -98,7 +98,7 @@ class Tamper(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch != self.at:
             return
-        wrapper = [l for l in self.model.layers if l.layer.name == self.layer][0]
+        wrapper = [l for l in self.model.layers if getattr(l, "layer", l).name == self.layer][0]
         for weight, mask, _ in wrapper.pruning_vars:
             mask.assign(tf.ones_like(mask))
             weight.assign(tf.random.normal(weight.shape) + 0.1)
@@ -169,3 +169,42 @@ def test_callback_configs_round_trip():
                               per_channel=True, phase="PCQAT")):
         again = type(cb)(**cb.get_config())
         assert again.get_config() == cb.get_config()
+
+
+def _prune_dense_only(model):
+    """tfmot's "prune only the Dense layers" tutorial flow: clone_model with a
+    clone_function that wraps Dense layers and leaves the conv as it is."""
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1)
+
+    def wrap(layer):
+        if isinstance(layer, keras.layers.Dense):
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+    return compile_(keras.models.clone_model(model, clone_function=wrap))
+
+
+def test_scalar_guard_checks_only_the_layers_that_carry_pruning(digits):
+    """The README's drop-in guard in a flow that prunes the Dense layers only: the unwrapped
+    conv (0 % zeros) is not a violation; a broken Dense mask still is."""
+    (x, y), _ = digits
+    pruned = _prune_dense_only(tiny_sequential())
+    guard = InvariantGuard(sparsity=0.5)
+    h = pruned.fit(x, y, batch_size=64, epochs=1, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), guard])
+    assert h.history["invariants/violations"] == [0]
+    assert sorted(guard.expectations()) == ["hidden", "logits"]
+    with pytest.raises(colopt.InvariantViolation) as info:
+        pruned.fit(x, y, batch_size=64, epochs=3, initial_epoch=1, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), Tamper("hidden", at=2),
+                              guard])
+    assert [v.layer for v in info.value.violations] == ["hidden"]
+
+
+def test_scalar_guard_on_a_model_carrying_no_such_technique_warns(digits):
+    (x, y), _ = digits
+    pruned = _prune_dense_only(tiny_sequential())
+    with pytest.warns(RuntimeWarning, match=r"InvariantGuard\(clusters=8\): no layer .* carries "
+                                            r"clustering.*clusters=\{'layer_name': 8\}"):
+        pruned.fit(x, y, batch_size=64, epochs=1, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(),
+                              InvariantGuard(sparsity=0.5, clusters=8)])
