@@ -365,7 +365,8 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             elif ckpt is not None:
                 ckpt.save_entry(planned.index, engine.strip(current).get_weights())
             current, companions, touched = engine.apply_phase(current, planned, steps)
-            engine.compile_like(current, compile_cfg, rate)
+            engine.compile_like(current, compile_cfg, rate,
+                                step_offset=planned.start_epoch * steps)
             if resuming:
                 ckpt.restore(current, resume.state)
         if planned.phase.kind == "quantize" and planned.preserve_clusters:

@@ -206,8 +206,41 @@ def test_cluster_and_quantize_fine_tune_at_a_tenth_of_the_compiled_rate(digits, 
     schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10, decay_rate=0.5)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss)
     r = _fit(model, digits, [Quantize(epochs=1)])
-    kept = r.model.optimizer.get_config()["learning_rate"]
+    kept = r.model.optimizer.get_config()["learning_rate"]["config"]["schedule"]
     assert kept["class_name"] == "ExponentialDecay" and kept["config"]["initial_learning_rate"] == 1e-2
+
+
+def test_a_compiled_schedule_runs_on_the_global_step_across_phases(digits):
+    """A CosineDecay compiled by the user continues across phase switches (each phase has a
+    fresh optimizer, whose own step restarts with its fresh moments); an explicit phase rate
+    still wins, and the schedule resumes after it."""
+    seen = []  # (phase index, optimizer step, rate the optimizer applies at that step)
+
+    class Rate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.phase = len({p for p, _, _ in seen})
+
+        def on_train_batch_end(self, batch, logs=None):
+            # The rate the step just taken used (the optimizer keeps it per step).
+            opt = self.model.optimizer
+            seen.append((self.phase, int(opt.iterations.numpy()) - 1,
+                         float(keras.backend.get_value(opt.learning_rate))))
+
+    (x, _), _ = digits
+    steps = int(np.ceil(len(x) / 64))
+    schedule = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=5 * steps)
+    model = tiny_sequential()
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss)
+    _fit(model, digits, [Train(epochs=1), Prune(sparsity=0.5, epochs=1),
+                         Cluster(clusters=4, epochs=1, learning_rate=1e-4), Quantize(epochs=2)],
+         callbacks=[Rate()])
+    assert len(seen) == 5 * steps
+    for g, (phase, step, rate) in enumerate(seen):
+        expected = 1e-4 if phase == 2 else float(schedule(g))  # g: the run's global step
+        assert rate == pytest.approx(expected, rel=1e-5), (g, phase, step)
+    assert [step for p, step, _ in seen if step == 0] == [0] * 4  # a fresh optimizer per phase
+    rates = [r for p, _, r in seen if p != 2]
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # never back up to the peak
 
 
 def test_dataset_input_and_companion_callbacks(digits):

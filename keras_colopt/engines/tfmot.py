@@ -117,6 +117,44 @@ def _fresh(obj):
     return obj
 
 
+@tf_keras.utils.register_keras_serializable(package="keras_colopt")
+class ContinuedSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
+    """The user's compiled schedule, read at the run's global step.
+
+    Each phase trains with a fresh optimizer, whose step counter starts at 0 (its
+    moments are fresh too, so Adam's bias correction restarts with them). Evaluating
+    the schedule at `offset + step`, where `offset` is the global step at which the
+    phase starts, makes it run on across phases instead of restarting at its peak.
+
+    Args:
+        schedule: a `LearningRateSchedule` (not modified).
+        offset: the run's global step at the phase's first step.
+    """
+
+    def __init__(self, schedule, offset):
+        if isinstance(schedule, dict):
+            schedule = tf_keras.optimizers.schedules.deserialize(schedule)
+        self.schedule = schedule
+        self.offset = int(offset)
+
+    def __call__(self, step):
+        step = tf.convert_to_tensor(step)
+        return self.schedule(step + tf.cast(self.offset, step.dtype))
+
+    def get_config(self):
+        return {"schedule": tf_keras.optimizers.schedules.serialize(self.schedule),
+                "offset": self.offset}
+
+
+def _compiled_schedule(opt):
+    lr = getattr(opt, "_learning_rate", None)
+    if lr is None and hasattr(opt, "_get_hyper"):  # a legacy optimizer
+        lr = opt._get_hyper("learning_rate")
+    if isinstance(lr, ContinuedSchedule):  # a model compiled by an earlier run: its offset
+        lr = lr.schedule                     # is derived from the plan again
+    return lr if isinstance(lr, tf_keras.optimizers.schedules.LearningRateSchedule) else None
+
+
 def compile_config(model) -> dict:
     """What `model.compile` was given, in a form that can compile another model."""
     cl = model.compiled_loss
@@ -125,6 +163,7 @@ def compile_config(model) -> dict:
     return {
         "optimizer_class": type(opt),
         "optimizer_config": opt.get_config(),
+        "schedule": _compiled_schedule(opt),
         "loss": model.loss,
         "loss_weights": getattr(cl, "_user_loss_weights", None),
         "metrics": getattr(cm, "_user_metrics", None),
@@ -136,11 +175,20 @@ def compile_config(model) -> dict:
     }
 
 
-def compile_like(model, cfg: dict, learning_rate: Optional[float] = None) -> None:
-    """Compiles `model` as the original was, with a fresh optimizer (optionally a new rate)."""
+def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
+                 step_offset: int = 0) -> None:
+    """Compiles `model` as the original was, with a fresh optimizer.
+
+    Args:
+        learning_rate: a constant rate for this phase, or `None` for the compiled one.
+        step_offset: the run's global step at this phase's first step: a compiled
+            schedule is read from there on (`ContinuedSchedule`), not from 0.
+    """
     ocfg = dict(cfg["optimizer_config"])
     if learning_rate is not None:
         ocfg["learning_rate"] = float(learning_rate)
+    elif cfg.get("schedule") is not None:
+        ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)
     optimizer = cfg["optimizer_class"].from_config(ocfg)
     model.compile(optimizer=optimizer, loss=_fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
                   metrics=_fresh(cfg["metrics"]), weighted_metrics=_fresh(cfg["weighted_metrics"]),
