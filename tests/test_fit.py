@@ -369,7 +369,18 @@ def _unfoldable_relu():
     return compile_(keras.Model(i, o))
 
 
+def _mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return tiny_sequential()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 REFUSALS = [
+    ("mixed precision", _mixed_precision, [Train(epochs=1), Prune(sparsity=0.5, epochs=1),
+                                           Cluster(clusters=4, epochs=1)], {}, ValueError,
+     "uses mixed precision"),
     ("prune after cluster", None, [Cluster(clusters=8, epochs=1), Prune(sparsity=0.5, epochs=1)],
      {}, colopt.PlanError, "scatter the clusters"),
     ("two quantize", None, [Quantize(epochs=1), Quantize(epochs=1)], {}, colopt.PlanError,

@@ -851,6 +851,33 @@ def fold_activations(model, pairs: Dict[str, Tuple[str, str]]):
 
 # --------------------------------------------------------------------------- preflight
 
+def check_precision(model) -> None:
+    """Refuses a mixed-precision model (a float16/bfloat16 compute dtype, or a
+    LossScaleOptimizer), before any training.
+
+    tfmot does not support it through the phases: its k-means++ centroid initialization
+    fails on half-precision kernels after the earlier phases have trained, its QAT
+    wrappers cannot be built, and a phase's own learning rate cannot be set on a
+    LossScaleOptimizer rebuilt from its config.
+    """
+    mixed = [l.name for l in model.layers
+             if getattr(getattr(l, "dtype_policy", None), "compute_dtype", "float32")
+             not in ("float32", None)]
+    scaled = type(getattr(model, "optimizer", None)).__name__.startswith("LossScaleOptimizer")
+    if mixed or scaled:
+        policy = model.layers[0].dtype_policy.name if model.layers else "?"
+        raise ValueError(
+            f"Model '{model.name}' uses mixed precision ({len(mixed)} layer(s) compute in half "
+            f"precision, e.g. {mixed[:3]}; policy {policy!r}"
+            + ("; optimizer LossScaleOptimizer" if scaled else "") + "), which the tfmot "
+            "engine cannot prune, cluster or quantize (tfmot's clustering and QAT wrappers "
+            "need float32 kernels and activations). Expected a float32 model. Rebuild it in "
+            "float32 and copy the weights: tf_keras.mixed_precision.set_global_policy("
+            "'float32'); model32 = tf_keras.models.clone_model(model); model32.set_weights("
+            "model.get_weights()); compile it with a plain optimizer and pass model32. "
+            f"Received: dtype policy {policy!r}")
+
+
 def preflight(model, plan) -> Dict[str, List[str]]:
     """Checks every phase of `plan` against `model` before any training.
 
@@ -864,6 +891,7 @@ def preflight(model, plan) -> Dict[str, List[str]]:
     Returns:
         {phase label: [layers it cannot touch]} for the log.
     """
+    check_precision(model)
     skipped = {}
     pruned, clustered = set(), set()
     for planned in plan:
