@@ -162,6 +162,33 @@ def _phase_expectations(planned: PlannedPhase, touched: List[str],
     return sp, cl
 
 
+def _held_layers(planned: PlannedPhase, pruned: List[str], clustered: List[str]) -> List[str]:
+    """Layers made sparse or clustered by an earlier phase: the ones this phase does not
+    touch are held fixed (see `apply_phase(hold=...)`)."""
+    if planned.phase.kind == "train":
+        return []
+    return sorted(set(pruned) | set(clustered))
+
+
+def _held_expectations(plan: Plan, planned: PlannedPhase, held: List[str],
+                       pruned: List[str], clustered: List[str]):
+    """What the held (frozen) layers must still show: the sparsity of the Prune phase and the
+    clusters of the Cluster phase before this one."""
+    before = plan.phases[:planned.index]
+    prune = next((p for p in before if p.phase.kind == "prune"), None)
+    cluster = next((p for p in before if p.phase.kind == "cluster"), None)
+    sp = {n: prune.sparsity for n in held if prune is not None and n in pruned
+          and (cluster is None or cluster.preserve_sparsity or n not in clustered)}
+    cl = {n: cluster.clusters for n in held if cluster is not None and n in clustered}
+    return sp, cl
+
+
+def _held_per_channel(plan: Plan, planned: PlannedPhase, held_clusters) -> bool:
+    """Whether held layers' clusters were made per output channel (then counted so)."""
+    return bool(held_clusters) and any(p.phase.kind == "cluster" and p.per_channel
+                                       for p in plan.phases[:planned.index])
+
+
 @contextlib.contextmanager
 def _visible_log(verbose):
     """Shows this library's INFO lines (plan, phase transitions) on stdout while `fit` prints
@@ -364,7 +391,10 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 current = work
             elif ckpt is not None:
                 ckpt.save_entry(planned.index, engine.strip(current).get_weights())
-            current, companions, touched = engine.apply_phase(current, planned, steps)
+            held = _held_layers(planned, pruned, clustered)
+            current, companions, touched = engine.apply_phase(current, planned, steps,
+                                                              hold=held)
+            held = sorted(set(held) - set(touched))
             engine.compile_like(current, compile_cfg, rate,
                                 step_offset=planned.start_epoch * steps)
             if resuming:
@@ -381,6 +411,10 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                     f"{'output channel' if planned.per_channel else 'tensor'}. Exclude these "
                     "layers from the Cluster phase with layers=[...], or quantize without "
                     "cluster preservation (Quantize(preserve='sparsity' or preserve='none')).")
+        if held and not resuming:
+            log.info("%s does not touch layer(s) %s, which carry the work of an earlier "
+                     "phase (zeros or clusters): they are frozen during it, so that it keeps "
+                     "their compression.", planned.label, ", ".join(held))
         if resuming:
             log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
                      ckpt.folder, resume.epochs_done, planned.label, epoch)
@@ -399,12 +433,14 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             phase_cbs.append(metrics_cb)
         if invariant_guard:
             sp, cl = _phase_expectations(planned, touched, pruned, clustered)
+            hsp, hcl = _held_expectations(plan, planned, held, pruned, clustered)
+            sp, cl = {**hsp, **sp}, {**hcl, **cl}
             if sp or cl:
                 phase_cbs.append(cbs.InvariantGuard(
                     sparsity=sp or None, clusters=cl or None,
                     mode="warn" if invariant_guard == "warn" else "raise",
                     tolerance=guard_tolerance, phase=planned.label,
-                    per_channel=planned.per_channel))
+                    per_channel=planned.per_channel or _held_per_channel(plan, planned, hcl)))
         if verbose != 0 and not user_has_progbar:
             phase_cbs.append(tf_keras.callbacks.ProgbarLogger(count_mode="steps"))
         phase_cbs += user_callbacks

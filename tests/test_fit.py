@@ -622,3 +622,37 @@ def test_per_tensor_cqat_keeps_the_tensors_shared_centroids(digits):
     assert np.unique(float_kernel).size <= 4
     assert not np.allclose(np.sort(np.unique(float_kernel)), shared)  # it trained
 
+
+
+@pytest.mark.parametrize("later", [
+    Quantize(epochs=2, layers=["logits"]),
+    Cluster(clusters=CLUSTERS, epochs=2, layers=["logits"]),
+], ids=["quantize", "cluster"])
+def test_a_later_phase_restricted_with_layers_keeps_the_others_compression(
+        digits, tmp_path, later, caplog):
+    """Prune everything, then a phase that selects one layer: the other pruned layers keep
+    their zeros (held fixed, said in the log), in Keras and in the .tflite; the guard checks
+    them too."""
+    with caplog.at_level(logging.INFO, logger="keras_colopt"):
+        r = _fit(tiny_sequential(), digits, [Prune(sparsity=SPARSITY, epochs=2), later])
+    st = layer_stats(r.model)
+    deployed = _tflite(r.model, tmp_path, digits)
+    for layer in WEIGHTED:
+        assert st[layer].sparsity >= SPARSITY - TOL, (layer, st[layer])
+        assert _deployed(deployed, layer).sparsity >= SPARSITY - TOL, layer
+    assert any("does not touch layer(s) conv, hidden" in m and "frozen" in m
+               for m in caplog.messages), caplog.messages
+
+
+def test_held_layers_are_checked_by_the_guard(digits, monkeypatch):
+    """If holding a layer fixed failed, the guard would say so: here the engine is made to
+    ignore `hold`, and the zeros of the held layers are lost during the Cluster phase."""
+    real = engine.apply_phase
+    monkeypatch.setattr(engine, "apply_phase",
+                        lambda m, p, s, hold=(): real(m, p, s, hold=()))
+    with pytest.raises(colopt.InvariantViolation) as info:
+        _fit(tiny_sequential(), digits, [Prune(sparsity=SPARSITY, epochs=2),
+                                         Cluster(clusters=CLUSTERS, epochs=2,
+                                                 layers=["logits"])])
+    assert {v.layer for v in info.value.violations} <= {"conv", "hidden"}
+    assert {v.invariant for v in info.value.violations} == {"sparsity"}

@@ -359,12 +359,47 @@ def strip(model):
     return model
 
 
-def apply_phase(model, planned, steps_per_epoch: int):
+def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     """Wraps `model` for one planned phase.
+
+    Args:
+        model: the model as the previous phase left it (its wrappers are stripped).
+        planned: the `PlannedPhase`.
+        steps_per_epoch: training steps per epoch (lays out a pruning schedule).
+        hold: names of layers that carry an earlier phase's work (zeros, clusters)
+            that this phase does not touch: they are frozen (`trainable=False`)
+            during it, so that training the others cannot undo that work.
 
     Returns:
         (new_model, companion_callbacks, touched_layer_names)
     """
+    new, companions, touched = _wrap_for_phase(model, planned, steps_per_epoch)
+    hold = set(hold) - set(touched)
+    if hold:
+        for layer in new.layers:
+            if base_name(layer) in hold:
+                _freeze(layer)
+    return new, companions, touched
+
+
+def _freeze(layer) -> None:
+    """Makes a (possibly wrapped) layer's own weights non-trainable."""
+    layer.trainable = False
+    base_layer(layer).trainable = False
+    if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+        # QuantizeWrapperV2 copies its inner layer's trainable weights into its own list
+        # when built, so they would still train: move them to its non-trainable list.
+        # In place: assigning a list of variables to a layer attribute makes tf_keras track
+        # each trainable variable as a trainable weight again.
+        inner = {id(w) for w in base_layer(layer).weights}
+        moved = [w for w in layer._trainable_weights if id(w) in inner]
+        layer._trainable_weights[:] = [w for w in layer._trainable_weights
+                                       if id(w) not in inner]
+        known = {id(w) for w in layer._non_trainable_weights}
+        layer._non_trainable_weights.extend(w for w in moved if id(w) not in known)
+
+
+def _wrap_for_phase(model, planned, steps_per_epoch: int):
     phase = planned.phase
     kind = phase.kind
     if kind == "train":
@@ -654,7 +689,11 @@ def kernels(layer) -> List[Tuple[str, np.ndarray, Optional[int]]]:
                 continue
             out.append((n, np.asarray(quantizer(w, False, weights=qvars)),
                         _channel_axis(layer.layer, n)))
-        return out
+        if out:
+            return out
+        # A wrapper that quantizes only the layer's output (tfmot wraps a layer that feeds an
+        # annotated one so): its kernel is the float one it holds.
+        layer = layer.layer
     return [(a, getattr(layer, a).numpy(), _channel_axis(layer, a))
             for a in _KERNEL_ATTRS if getattr(layer, a, None) is not None]
 
