@@ -47,7 +47,8 @@ class FitResult:
         history: a `tf_keras.callbacks.History` over all epochs; its
             `history["phase"]` gives each epoch's phase label.
         plan: the resolved `Plan` (epoch ranges, preservation).
-        stopped_early: label of the phase a callback stopped, or None.
+        stopped_early: label of the phase a callback stopped (or, in the `result` an
+            error carries, the phase the error ended), or None.
         folded: {layer: activation layer folded into it} (see DESIGN.md's
             tfmot facts: a standalone ReLU defeats preserving QAT).
         skipped: {phase label: [layers it could not touch]}.
@@ -296,6 +297,42 @@ def _rate_text(phase, rate, compiled_rate) -> str:
     return f"{rate:g}"
 
 
+@dataclasses.dataclass
+class _Run:
+    """The state one `collaborative_fit` call carries from step to step.
+
+    `model` is the model the next phase starts from (after a phase: that phase's wrapped
+    model); `history`, `epochs` and `labels` cover every epoch done so far (resumed ones
+    included); `last_good` is what an error hands back: the model of the last epoch that
+    passed every check, with its weights and the history up to it.
+    """
+
+    plan: Plan
+    engine: object
+    steps: int
+    compile_cfg: dict
+    scope: object
+    start: int
+    model: object = None
+    folded: Dict[str, str] = dataclasses.field(default_factory=dict)
+    skipped: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    ckpt: Optional[RunCheckpoint] = None
+    resume: object = None
+    history: Dict[str, list] = dataclasses.field(default_factory=dict)
+    epochs: List[int] = dataclasses.field(default_factory=list)
+    labels: List[str] = dataclasses.field(default_factory=list)
+    epoch: int = 0
+    pruned: List[str] = dataclasses.field(default_factory=list)
+    clustered: List[str] = dataclasses.field(default_factory=list)
+    stopped: Optional[str] = None
+    last_good: Optional[tuple] = None
+    phase_label: Optional[str] = None
+
+    def record(self, new: Dict[str, list], ran: List[int], label: str) -> None:
+        self.history, self.epochs, self.labels = _merged(self.history, self.epochs,
+                                                         self.labels, new, ran, label)
+
+
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
                        initial_phase, checkpoint_dir, strategy, fit_kwargs) -> FitResult:
@@ -311,8 +348,8 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                          f"Received: compression_metrics={compression_metrics!r}")
     steps = steps_per_epoch_of(x, batch_size, fit_kwargs.get("steps_per_epoch"),
                                fit_kwargs.get("validation_split", 0.0))
-    compile_cfg = engine.compile_config(model)
-    scope = _scope_of(strategy)
+    run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
+               scope=_scope_of(strategy), start=start)
     chief, worker = _role(strategy)
     if not chief:
         # Another worker of a multi-worker run: the chief writes the logs the user reads;
@@ -321,21 +358,66 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         if checkpoint_dir is not None:
             checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), worker)
 
-    with scope():
+    _prepare_model(run, model)
+    # Folders are created once every check has passed, right before training.
+    _open_outputs(run, model, checkpoint_dir, log_dir)
+    shared = _SharedCallbacks(
+        metrics=cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None,
+        tensorboard=(tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+                     if log_dir is not None else None),
+        progbar=verbose != 0 and not any(isinstance(c, tf_keras.callbacks.ProgbarLogger)
+                                         for c in user_callbacks),
+        user=user_callbacks, guard=invariant_guard, tolerance=guard_tolerance)
+    try:
+        before = cbs.layer_stats(run.model, engine)
+        for planned in plan.phases[run.start:]:
+            run.phase_label = planned.label
+            touched, held, companions, rate, resuming = _enter_phase(run, planned)
+            if resuming:
+                log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
+                         run.ckpt.folder, run.resume.epochs_done, planned.label, run.epoch)
+                if log_dir is not None:
+                    _restart_tensorboard_runs(log_dir, run.epoch)
+                before = cbs.layer_stats(run.model, engine)
+            if run.epoch >= planned.end_epoch:  # resumed at the end of this phase
+                continue
+            phase_cbs = _phase_callbacks(run, planned, shared, touched, held, companions)
+            log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1,
+                     len(plan), planned.label, run.epoch, planned.end_epoch - 1,
+                     _rate_text(planned.phase, rate, _compiled_rate(run)))
+            _train_phase(run, planned, phase_cbs, x, y, batch_size, validation_data, verbose,
+                         fit_kwargs)
+            after = cbs.layer_stats(run.model, engine)
+            log.info("%s", _transition_line(planned.label, before, after))
+            before = after
+            if run.stopped:
+                break
+    except BaseException as error:
+        _hand_back(run, error)
+        raise
+    return FitResult(model=run.model, history=_history(run.model, run), plan=plan,
+                     stopped_early=run.stopped, folded=run.folded, skipped=run.skipped,
+                     resumed_at=None if run.resume is None else run.resume.epochs_done)
+
+
+def _prepare_model(run: _Run, model) -> None:
+    """The working copy of the user's model, made ready for the plan and checked against it
+    (folded activations, preflight); logs the plan."""
+    engine, plan = run.engine, run.plan
+    with run.scope():
         work = engine.clone_model(model)
-    folded = {}
     if any(p.phase.kind == "quantize" and (p.preserve_sparsity or p.preserve_clusters)
            for p in plan):
         pairs, _ = engine.fold_plan(work)
         if pairs:
-            with scope():
+            with run.scope():
                 work = engine.fold_activations(work, pairs)
-            folded = {w: a for w, (a, _) in pairs.items()}
+            run.folded = {w: a for w, (a, _) in pairs.items()}
             log.info("Folded standalone activation layer(s) into the layer before them, so that "
                      "preserving QAT keeps them: %s",
-                     ", ".join(f"{a} -> {w}" for w, a in folded.items()))
-    skipped = engine.preflight(work, plan)
-    for label, names in skipped.items():
+                     ", ".join(f"{a} -> {w}" for w, a in run.folded.items()))
+    run.skipped = engine.preflight(work, plan)
+    for label, names in run.skipped.items():
         if names:
             log.warning("%s cannot touch %d layer(s) with weights; they stay as they are: %s",
                         label, len(names), ", ".join(names))
@@ -345,137 +427,242 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             log.warning("%s does not preserve sparsity (preserve=%r): the pruned zeros will "
                         "not survive quantization-aware training.", p.label, p.phase.preserve)
     log.info("collaborative_fit plan (%d epochs, %d steps/epoch):\n%s%s", plan.total_epochs,
-             steps, plan.describe(),
-             f"\n  starting at phase {start} ({plan.phases[start].label}): the ones before "
-             "were already applied to the model" if start else "")
+             run.steps, plan.describe(),
+             f"\n  starting at phase {run.start} ({plan.phases[run.start].label}): the ones "
+             "before were already applied to the model" if run.start else "")
+    run.model = work
+    run.epoch = plan.phases[run.start].start_epoch
+    for planned in plan.phases[:run.start]:  # already applied: what did they touch?
+        if planned.phase.kind == "prune":
+            run.pruned = engine.select_layers(work, planned.phase, "prune")[0]
+        elif planned.phase.kind == "cluster":
+            run.clustered = engine.select_layers(work, planned.phase, "cluster")[0]
 
-    # Folders are created once every check has passed, right before training.
-    ckpt = resume = None
+
+def _open_outputs(run: _Run, model, checkpoint_dir, log_dir) -> None:
+    """Creates the checkpoint and log folders; a checkpoint of this run sets where to resume."""
     if checkpoint_dir is not None:
-        ckpt = RunCheckpoint(checkpoint_dir, meta={
+        run.ckpt = RunCheckpoint(checkpoint_dir, meta={
             "log_dir": None if log_dir is None else os.path.abspath(os.fspath(log_dir))})
-        resume = ckpt.open(checkpoint.fingerprint(plan, model, steps, start))
+        run.resume = run.ckpt.open(checkpoint.fingerprint(run.plan, model, run.steps, run.start))
     if log_dir is not None:
         make_writable_folder(log_dir, "`log_dir`", "TensorBoard logs (`log_dir`)")
-    metrics_cb = cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None
-    tensorboard = (tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
-                   if log_dir is not None else None)
-    user_has_progbar = any(isinstance(c, tf_keras.callbacks.ProgbarLogger)
-                           for c in user_callbacks)
+    if run.resume is not None:
+        run.history, run.epochs, run.labels = (run.resume.history, run.resume.epochs,
+                                               run.resume.labels)
+        run.epoch, run.start = run.resume.epochs_done, run.resume.phase
 
-    merged: Dict[str, list] = {}
-    epochs_seen: List[int] = []
-    labels: List[str] = []
-    pruned: List[str] = []
-    clustered: List[str] = []
-    stopped = None
-    epoch = plan.phases[start].start_epoch
-    first = start
-    if resume is not None:
-        merged, epochs_seen, labels = resume.history, resume.epochs, resume.labels
-        epoch, first = resume.epochs_done, resume.phase
-    current = work
-    for planned in plan.phases[:first]:  # already applied: what did they touch?
-        if planned.phase.kind == "prune":
-            pruned = engine.select_layers(work, planned.phase, "prune")[0]
-        elif planned.phase.kind == "cluster":
-            clustered = engine.select_layers(work, planned.phase, "cluster")[0]
-    before = cbs.layer_stats(work, engine)
-    compiled_rate = compile_cfg["optimizer_config"].get("learning_rate")
-    for planned in plan.phases[first:]:
-        resuming = resume is not None and planned.index == resume.phase
-        rate = planned.phase.rate_for(compiled_rate)
-        with scope():
-            if resuming:
-                work.set_weights(ckpt.load_entry(planned.index))
-                current = work
-            elif ckpt is not None:
-                ckpt.save_entry(planned.index, engine.strip(current).get_weights())
-            held = _held_layers(planned, pruned, clustered)
-            current, companions, touched = engine.apply_phase(current, planned, steps,
-                                                              hold=held)
-            held = sorted(set(held) - set(touched))
-            engine.compile_like(current, compile_cfg, rate,
-                                step_offset=planned.start_epoch * steps)
-            if resuming:
-                ckpt.restore(current, resume.state)
-        if planned.phase.kind == "quantize" and planned.preserve_clusters:
-            lost = engine.unpreserved_clusters(current, set(clustered) & set(touched))
-            if lost:
-                raise ValueError(
-                    f"{planned.label}: tfmot would quantize the clustered layer(s) "
-                    f"{sorted(lost)} without their clusters (it finds no usable centroids: "
-                    + "; ".join(f"'{k}': {v}" for k, v in sorted(lost.items()))
-                    + "); they would be lost after one step. Expected at most "
-                    f"{planned.clusters} values (+ 0 when pruned) per "
-                    f"{'output channel' if planned.per_channel else 'tensor'}. Exclude these "
-                    "layers from the Cluster phase with layers=[...], or quantize without "
-                    "cluster preservation (Quantize(preserve='sparsity' or preserve='none')).")
-        if held and not resuming:
-            log.info("%s does not touch layer(s) %s, which carry the work of an earlier "
-                     "phase (zeros or clusters): they are frozen during it, so that it keeps "
-                     "their compression.", planned.label, ", ".join(held))
+
+def _compiled_rate(run: _Run):
+    return run.compile_cfg["optimizer_config"].get("learning_rate")
+
+
+def _enter_phase(run: _Run, planned: PlannedPhase):
+    """Wraps and compiles the model for one phase (restoring its state when resuming).
+
+    Returns:
+        (touched, held, companions, rate, resuming)
+    """
+    engine, ckpt = run.engine, run.ckpt
+    resuming = run.resume is not None and planned.index == run.resume.phase
+    rate = planned.phase.rate_for(_compiled_rate(run))
+    with run.scope():
         if resuming:
-            log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
-                     ckpt.folder, resume.epochs_done, planned.label, epoch)
-            if log_dir is not None:
-                _restart_tensorboard_runs(log_dir, epoch)
-            before = cbs.layer_stats(current, engine)
-        if planned.phase.kind == "prune":
-            pruned = list(touched)
-        elif planned.phase.kind == "cluster":
-            clustered = list(touched)
-        end = planned.end_epoch
-        if epoch >= end:  # resumed at the end of this phase: nothing left to train in it
-            continue
-        phase_cbs = list(companions)
-        if metrics_cb is not None:
-            phase_cbs.append(metrics_cb)
-        if invariant_guard:
-            sp, cl = _phase_expectations(planned, touched, pruned, clustered)
-            hsp, hcl = _held_expectations(plan, planned, held, pruned, clustered)
-            sp, cl = {**hsp, **sp}, {**hcl, **cl}
-            if sp or cl:
-                phase_cbs.append(cbs.InvariantGuard(
-                    sparsity=sp or None, clusters=cl or None,
-                    mode="warn" if invariant_guard == "warn" else "raise",
-                    tolerance=guard_tolerance, phase=planned.label,
-                    per_channel=planned.per_channel or _held_per_channel(plan, planned, hcl)))
-        if verbose != 0 and not user_has_progbar:
-            phase_cbs.append(tf_keras.callbacks.ProgbarLogger(count_mode="steps"))
-        phase_cbs += user_callbacks
-        if tensorboard is not None:
-            phase_cbs.append(tensorboard)
-        phase_cbs.insert(0, _FiniteLoss(planned, ckpt))
-        if ckpt is not None:  # last: it saves what every other callback left at epoch end
-            phase_cbs.append(_EpochCheckpoint(ckpt, planned, merged, epochs_seen, labels))
-        log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1, len(plan),
-                 planned.label, epoch, end - 1, _rate_text(planned.phase, rate, compiled_rate))
-        with engine.quiet_expected_warnings(current):
-            h = current.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=epoch,
-                            validation_data=validation_data, callbacks=phase_cbs,
-                            verbose=verbose, **fit_kwargs)
-        ran = list(h.epoch)
-        merged, epochs_seen, labels = _merged(merged, epochs_seen, labels, h.history, ran,
-                                              planned.label)
-        after = cbs.layer_stats(current, engine)
-        log.info("%s", _transition_line(planned.label, before, after))
-        before = after
-        epoch = epoch + len(ran)
-        if current.stop_training and epoch < end:
-            stopped = planned.label
-            log.warning("A callback stopped training during %s at epoch %d; the remaining "
-                        "phases were not run.", planned.label, epoch - 1)
-            break
+            run.model.set_weights(ckpt.load_entry(planned.index))
+        if run.epochs:  # an error from here on hands back the model as the last phase left it
+            run.last_good = _LastGood(run.history, run.epochs, run.labels,
+                                      snapshot=engine.snapshot(engine.strip(run.model)))
+        if ckpt is not None and not resuming:
+            ckpt.save_entry(planned.index, engine.strip(run.model).get_weights())
+        held = _held_layers(planned, run.pruned, run.clustered)
+        model, companions, touched = engine.apply_phase(run.model, planned, run.steps,
+                                                        hold=held)
+        held = sorted(set(held) - set(touched))
+        engine.compile_like(model, run.compile_cfg, rate,
+                            step_offset=planned.start_epoch * run.steps)
+        if resuming:
+            ckpt.restore(model, run.resume.state)
+    if planned.phase.kind == "quantize" and planned.preserve_clusters:
+        lost = engine.unpreserved_clusters(model, set(run.clustered) & set(touched))
+        if lost:
+            raise ValueError(
+                f"{planned.label}: tfmot would quantize the clustered layer(s) "
+                f"{sorted(lost)} without their clusters (it finds no usable centroids: "
+                + "; ".join(f"'{k}': {v}" for k, v in sorted(lost.items()))
+                + "); they would be lost after one step. Expected at most "
+                f"{planned.clusters} values (+ 0 when pruned) per "
+                f"{'output channel' if planned.per_channel else 'tensor'}. Exclude these "
+                "layers from the Cluster phase with layers=[...], or quantize without "
+                "cluster preservation (Quantize(preserve='sparsity' or preserve='none')).")
+    if held and not resuming:
+        log.info("%s does not touch layer(s) %s, which carry the work of an earlier "
+                 "phase (zeros or clusters): they are frozen during it, so that it keeps "
+                 "their compression.", planned.label, ", ".join(held))
+    run.model = model
+    if planned.phase.kind == "prune":
+        run.pruned = list(touched)
+    elif planned.phase.kind == "cluster":
+        run.clustered = list(touched)
+    return touched, held, companions, rate, resuming
 
+
+@dataclasses.dataclass
+class _SharedCallbacks:
+    """The callbacks every phase shares, and how to build the per-phase ones."""
+
+    metrics: object
+    tensorboard: object
+    progbar: bool
+    user: list
+    guard: object
+    tolerance: float
+
+
+def _phase_callbacks(run: _Run, planned: PlannedPhase, shared: _SharedCallbacks, touched,
+                     held, companions) -> list:
+    """The callbacks of one phase's fit(), in order: the finite-loss check first, the epoch
+    record (and checkpoint) last, so that it keeps what every other callback accepted."""
+    phase_cbs = [_FiniteLoss(planned, run.ckpt)] + list(companions)
+    if shared.metrics is not None:
+        phase_cbs.append(shared.metrics)
+    if shared.guard:
+        sp, cl = _phase_expectations(planned, touched, run.pruned, run.clustered)
+        hsp, hcl = _held_expectations(run.plan, planned, held, run.pruned, run.clustered)
+        sp, cl = {**hsp, **sp}, {**hcl, **cl}
+        if sp or cl:
+            phase_cbs.append(cbs.InvariantGuard(
+                sparsity=sp or None, clusters=cl or None,
+                mode="warn" if shared.guard == "warn" else "raise",
+                tolerance=shared.tolerance, phase=planned.label,
+                per_channel=planned.per_channel or _held_per_channel(run.plan, planned, hcl)))
+    if shared.progbar:
+        phase_cbs.append(tf_keras.callbacks.ProgbarLogger(count_mode="steps"))
+    phase_cbs += shared.user
+    if shared.tensorboard is not None:
+        phase_cbs.append(shared.tensorboard)
+    phase_cbs.append(_EpochEnd(run, planned))
+    return phase_cbs
+
+
+def _train_phase(run: _Run, planned: PlannedPhase, phase_cbs, x, y, batch_size,
+                 validation_data, verbose, fit_kwargs) -> None:
+    """One fit() segment on the run's epoch axis."""
+    model, end = run.model, planned.end_epoch
+    with run.engine.quiet_expected_warnings(model):
+        h = model.fit(x, y, batch_size=batch_size, epochs=end, initial_epoch=run.epoch,
+                      validation_data=validation_data, callbacks=phase_cbs,
+                      verbose=verbose, **fit_kwargs)
+    ran = list(h.epoch)
+    run.record(h.history, ran, planned.label)
+    run.epoch += len(ran)
+    if model.stop_training and run.epoch < end:
+        run.stopped = planned.label
+        log.warning("A callback stopped training during %s at epoch %d; the remaining "
+                    "phases were not run.", planned.label, run.epoch - 1)
+
+
+def _history(model, run: _Run, upto=None):
+    """A History over the run's epochs (the first `upto` of them when given)."""
+    n = len(run.epochs) if upto is None else upto
     history = tf_keras.callbacks.History()
-    history.set_model(current)
-    history.epoch = epochs_seen
-    history.history = dict(merged)
-    history.history["phase"] = labels
-    return FitResult(model=current, history=history, plan=plan, stopped_early=stopped,
-                     folded=folded, skipped=skipped,
-                     resumed_at=None if resume is None else resume.epochs_done)
+    history.set_model(model)
+    history.epoch = list(run.epochs[:n])
+    history.history = {k: list(v[:n]) for k, v in run.history.items()}
+    history.history["phase"] = list(run.labels[:n])
+    return history
+
+
+class _EpochEnd(tf_keras.callbacks.Callback):
+    """At every epoch end, after every other callback (an epoch that the guard or the
+    finite-loss check refused never gets here): records the epoch, keeps its weights as the
+    run's last good state, and checkpoints it."""
+
+    def __init__(self, run: _Run, planned: PlannedPhase):
+        super().__init__()
+        self.run, self.planned = run, planned
+        self.prior = (run.history, run.epochs, run.labels)
+        self.logs: Dict[str, list] = {}
+        self.ran: List[int] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.logs.setdefault(key, [float("nan")] * len(self.ran)).append(float(value))
+        self.ran.append(epoch)
+        for values in self.logs.values():
+            values += [float("nan")] * (len(self.ran) - len(values))
+        merged, seen, labels = _merged(*self.prior, self.logs, self.ran, self.planned.label)
+        self.run.last_good = _LastGood(merged, seen, labels, model=self.model,
+                                       weights=self.model.get_weights())
+        if self.run.ckpt is not None:
+            self.run.ckpt.save(self.model, self.planned.index, epoch + 1, merged, seen, labels)
+
+
+@dataclasses.dataclass
+class _LastGood:
+    """The run's last good state: the history up to it, and either the training model and
+    its weights at an epoch end, or a snapshot of the model a phase started from."""
+
+    history: Dict[str, list]
+    epochs: List[int]
+    labels: List[str]
+    model: object = None
+    weights: Optional[list] = None
+    snapshot: object = None
+
+
+def _hand_back(run: _Run, error: BaseException) -> None:
+    """Gives an error raised after some training the run's last good state.
+
+    Sets on `error`: `result`, a `FitResult` whose model is the last good one and whose
+    history ends there: the training model restored to the weights of its last epoch that
+    passed every check, or, for an error before the phase's first epoch ended, a new copy
+    of the model the phase started from (unwrapped: export it, or continue from it with
+    `initial_phase=`); `model`, the same model, unless the error carries one already
+    (`InvariantViolation`: then its weights when the violation was found are kept in
+    `error.model_at_error_weights`); `checkpoint_dir`, the folder holding the last good
+    checkpoint, or None; and a note saying where they are.
+    """
+    where = run.ckpt.folder if run.ckpt is not None and run.ckpt.manifest is not None else None
+    error.checkpoint_dir = where
+    good = run.last_good
+    if good is None:
+        if where is not None:
+            _note(error, f"collaborative_fit: the last good checkpoint is in {where}; rerun the "
+                         "same call to resume from it.")
+        return
+    try:
+        if good.snapshot is not None:
+            with run.scope():
+                model = run.engine.rebuild(good.snapshot)
+        else:
+            model = good.model
+            if getattr(error, "model", None) is model:  # restored below
+                error.model_at_error_weights = model.get_weights()
+            model.set_weights(good.weights)
+    except Exception as e:  # noqa: BLE001 (the error at hand is the one to raise)
+        _note(error, f"collaborative_fit: the last good model could not be handed back "
+                     f"({type(e).__name__}: {e}).")
+        return
+    run.history, run.epochs, run.labels = good.history, good.epochs, good.labels
+    error.result = FitResult(model=model, history=_history(model, run), plan=run.plan,
+                             stopped_early=run.phase_label, folded=run.folded,
+                             skipped=run.skipped,
+                             resumed_at=None if run.resume is None else run.resume.epochs_done)
+    if getattr(error, "model", None) is None:
+        error.model = model
+    _note(error, f"collaborative_fit: {type(error).__name__} during {run.phase_label}, after "
+                 f"{len(good.epochs)} epoch(s) of training. The last good model (after epoch "
+                 f"{good.epochs[-1]}, {good.labels[-1]}) is handed back: error.result.model, "
+                 "with its history in error.result.history"
+                 + (f"; the last good checkpoint is in {where} (rerun the same call to resume)."
+                    if where else "."))
+
+
+def _note(error: BaseException, text: str) -> None:
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    else:  # Python 3.10: no notes; the attributes are still set
+        error.__dict__.setdefault("__notes__", []).append(text)
 
 
 def _merged(merged, epochs_seen, labels, new: Dict[str, list], ran: List[int], label: str):
@@ -585,28 +772,8 @@ def _diverged_message(planned, bad, ckpt) -> str:
                 f"in {ckpt.folder}: after fixing the cause, rerun the same call to resume "
                 "from it. ")
     else:
-        msg += "No checkpoint was kept (pass checkpoint_dir=... to keep the last good state). "
+        msg += ("No checkpoint was kept (pass checkpoint_dir=... to keep one); the last good "
+                "model is handed back as error.result.model. ")
     return msg + ("Expected a finite loss. Common causes: a learning rate too high for this "
                   "phase (compile the model with a lower one, or clip gradients), or NaN/inf "
                   "in the inputs or labels.")
-
-
-class _EpochCheckpoint(tf_keras.callbacks.Callback):
-    """Saves the run at every epoch end (after every other callback: an epoch the guard or
-    the finite-loss check refused is never saved)."""
-
-    def __init__(self, ckpt, planned, merged, epochs_seen, labels):
-        super().__init__()
-        self.ckpt, self.planned = ckpt, planned
-        self.prior = (merged, epochs_seen, labels)
-        self.history: Dict[str, list] = {}
-        self.ran: List[int] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, [float("nan")] * len(self.ran)).append(float(value))
-        self.ran.append(epoch)
-        for values in self.history.values():
-            values += [float("nan")] * (len(self.ran) - len(values))
-        merged, seen, labels = _merged(*self.prior, self.history, self.ran, self.planned.label)
-        self.ckpt.save(self.model, self.planned.index, epoch + 1, merged, seen, labels)

@@ -22,6 +22,10 @@ class InvariantViolation(RuntimeError):
     Attributes:
         violations: list of `Violation`, one per broken layer/invariant.
         model: the model as it was when the violation was found (for inspection).
+            Raised by `collaborative_fit`, the error also carries `result` (the last
+            good model and its history): that model, when it is this one, is restored
+            to its last good weights, and the weights at the violation are kept in
+            `model_at_error_weights`.
     """
 
     def __init__(self, violations, model=None):

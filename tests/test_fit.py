@@ -656,3 +656,97 @@ def test_held_layers_are_checked_by_the_guard(digits, monkeypatch):
                                                  layers=["logits"])])
     assert {v.layer for v in info.value.violations} <= {"conv", "hidden"}
     assert {v.invariant for v in info.value.violations} == {"sparsity"}
+
+
+# ------------------------------------------------------------------ errors after training
+
+class _Weights(keras.callbacks.Callback):
+    """The weights of the training model at every epoch end (as the user's callback sees it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.at = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.at[epoch] = _kernels(self.model)
+
+
+def _kernels(model):
+    """{layer: kernel} as the layer computes with it (wrapped or not)."""
+    from keras_colopt.callbacks import effective_kernels
+
+    return {name: ks[0][1] for name, ks in effective_kernels(model).items()}
+
+
+class _Poison(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            for v in self.model.trainable_variables:
+                v.assign(v * np.nan)
+
+
+class _Boom(keras.callbacks.Callback):
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise RuntimeError("a user callback failed")
+
+
+def _ignore_hold(monkeypatch):
+    real = engine.apply_phase
+    monkeypatch.setattr(engine, "apply_phase", lambda m, p, s, hold=(): real(m, p, s, hold=()))
+
+
+@pytest.mark.parametrize("case,exc,good", [
+    ("diverged", colopt.TrainingDiverged, 1),
+    ("user callback", RuntimeError, 1),
+    ("violation", colopt.InvariantViolation, 1),
+    ("user callback, second epoch of the phase", RuntimeError, 2),
+])
+def test_an_error_after_training_hands_back_the_last_good_model(
+        digits, monkeypatch, case, exc, good):
+    phases = [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=1),
+              Cluster(clusters=CLUSTERS, epochs=2, layers=["logits"])]
+    weights = _Weights()
+    extra = {"diverged": [_Poison()], "user callback": [_Boom(2)], "violation": [],
+             "user callback, second epoch of the phase": [_Boom(3)]}[case]
+    if case == "violation":
+        _ignore_hold(monkeypatch)  # the held layers lose their zeros in epoch 2
+    with pytest.raises(exc) as info:
+        _fit(tiny_sequential(), digits, phases, callbacks=[weights] + extra)
+    e = info.value
+    assert e.result.history.epoch == list(range(good + 1))
+    assert e.result.history.history["phase"] == ["Train", "Prune", "Cluster (sparsity-"
+                                                 "preserving)"][:good + 1]
+    assert e.result.stopped_early == "Cluster (sparsity-preserving)"
+    handed = _kernels(e.result.model)
+    assert sorted(handed) == sorted(weights.at[good]) == WEIGHTED
+    for name, kernel in handed.items():
+        np.testing.assert_array_equal(kernel, weights.at[good][name])
+    assert all(np.isfinite(w).all() for w in e.result.model.get_weights())
+    assert e.checkpoint_dir is None
+    notes = "\n".join(getattr(e, "__notes__", []))
+    assert f"The last good model (after epoch {good}, " \
+           f"{e.result.history.history['phase'][-1]}) is handed back" in notes
+    if good == 2:  # within the phase: its own (wrapped) model, restored
+        assert e.result.model is weights.model
+
+
+def test_a_refusal_after_training_names_the_checkpoint_and_hands_back(digits, tmp_path,
+                                                                      monkeypatch):
+    """The CQAT lost-clusters refusal comes at the start of the Quantize phase, after the
+    Cluster phase trained: the error carries that model, and the checkpoint folder."""
+    monkeypatch.setattr(engine, "unpreserved_clusters",
+                        lambda model, names: {n: "refused for the test" for n in names})
+    with pytest.raises(ValueError, match="without their clusters") as info:
+        _fit(tiny_sequential(), digits, [Cluster(clusters=CLUSTERS, epochs=2), Quantize(epochs=1)],
+             checkpoint_dir=tmp_path / "ckpt")
+    e = info.value
+    assert e.result.history.epoch == [0, 1]
+    assert e.checkpoint_dir == str(tmp_path / "ckpt")
+    assert f"the last good checkpoint is in {tmp_path / 'ckpt'}" in "\n".join(e.__notes__)
+    assert max(stats.unique_values(k) for _, k, _ in engine.kernels(
+        e.result.model.get_layer("hidden"))) <= CLUSTERS

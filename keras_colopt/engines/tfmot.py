@@ -105,6 +105,24 @@ def clone_model(model):
     return clone
 
 
+def snapshot(model):
+    """What `rebuild(snapshot(model))` needs to make a copy of `model` as it is now, however
+    its layer objects change later (a later phase's wrappers share and modify them).
+
+    For an unwrapped model (between phases): its class, config and weights (copies).
+    """
+    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+
+
+def rebuild(snap):
+    """A new model from a `snapshot`, with its weights."""
+    cls, config, weights = snap
+    model = (tf_keras.Sequential if issubclass(cls, tf_keras.Sequential)
+             else tf_keras.Model).from_config(config)
+    model.set_weights(weights)
+    return model
+
+
 def _fresh(obj):
     """A new copy of each Metric/Loss object in a (nested) compile argument: metric state
     must not be shared between the models of two phases."""
