@@ -299,11 +299,43 @@ def pruning_schedule(phase, steps_per_epoch: int):
 
 def strip(model):
     """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
+    stripped = model
     if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
         model = tfmot.sparsity.keras.strip_pruning(model)
     if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
         model = tfmot.clustering.keras.strip_clustering(model)
-    return model
+    return model if stripped is model else keep_output_names(model, stripped)
+
+
+def keep_output_names(new, old):
+    """Gives `new`, a re-wrapped copy of `old`, the output names of `old`; returns `new`.
+
+    tf_keras names a Functional model's outputs after its output layers, and tfmot's
+    wrappers rename those (`prune_low_magnitude_cls`, `quant_cls`): without this, a loss
+    or metrics dict keyed by output name no longer compiles, and History's `cls_loss`
+    becomes `prune_low_magnitude_cls_loss` after a phase switch. `compile` reads
+    `output_names` (losses, metrics and their History names), and so does the `.tflite`
+    converter (the signature's output names); they are plain strings, not checkpointed
+    state. Outputs are matched by their base layer, or by position when a layer changed
+    (an activation folded into the layer before it).
+    """
+    names = getattr(old, "output_names", None)
+    if not names or not getattr(new, "_is_graph_network", False):
+        return new
+    before = [base_name(l) for l in old._output_layers]
+    after = [base_name(l) for l in new._output_layers]
+    if len(set(before)) == len(before) == len(names) and sorted(after) == sorted(before):
+        by_layer = dict(zip(before, names))
+        _set_output_names(new, [by_layer[n] for n in after])
+    elif len(after) == len(names):  # clone_model keeps the order of the outputs
+        _set_output_names(new, names)
+    return new
+
+
+@tf.__internal__.tracking.no_automatic_dependency_tracking
+def _set_output_names(model, names):
+    # As tf_keras sets them: a plain list, not a tracked ListWrapper (no checkpoint entry).
+    model.output_names = [str(n) for n in names]
 
 
 def apply_phase(model, planned, steps_per_epoch: int):
@@ -331,7 +363,7 @@ def apply_phase(model, planned, steps_per_epoch: int):
             if layer.name in wanted:
                 return tfmot.sparsity.keras.prune_low_magnitude(layer, **kwargs)
             return layer
-        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
         return new, [tfmot.sparsity.keras.UpdatePruningStep()], touched
 
     if kind == "cluster":
@@ -360,11 +392,11 @@ def apply_phase(model, planned, steps_per_epoch: int):
                 # (_too_small) ran in select_layers; wrap it directly.
                 return cluster_wrapper.ClusterWeights(layer, **layer_kwargs)
             return tfmot.clustering.keras.cluster_weights(layer, **layer_kwargs)
-        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
         return new, [], touched
 
     if kind == "quantize":
-        new = _quantize(model, planned, wanted)
+        new = keep_output_names(_quantize(model, planned, wanted), model)
         return new, [], [n for n in touched if _has_kernel(_find(model, n))]
     raise AssertionError(kind)
 
@@ -793,7 +825,7 @@ def fold_activations(model, pairs: Dict[str, Tuple[str, str]]):
     old = {l.name: l for l in model.layers}
     for layer in new.layers:
         layer.set_weights(old[layer.name].get_weights())
-    return new
+    return keep_output_names(new, model)
 
 
 # --------------------------------------------------------------------------- preflight
