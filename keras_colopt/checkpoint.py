@@ -70,6 +70,8 @@ def _plain(obj):
         return [_plain(v) for v in obj]
     if callable(obj):
         return f"<callable {getattr(obj, '__qualname__', type(obj).__name__)}>"
+    if type(obj).__repr__ is object.__repr__:  # e.g. Quantize(quantize_configs=...)'s objects:
+        return f"<{type(obj).__qualname__}>"  # by class, as their repr holds an address
     return obj
 
 

@@ -285,35 +285,163 @@ def inspect_tflite(path) -> List[TFLiteWeight]:
     return out
 
 
-def predict_tflite(path, x, batch_size: int = 256) -> np.ndarray:
-    """Runs a `.tflite` on `x` with LiteRT and returns the (dequantized) outputs."""
+# tfmot's wrapper prefixes: a `.tflite` converted from a QAT model that did not keep the user's
+# output names (a hand-written tfmot pipeline) names its outputs e.g. `quant_cls`.
+_WRAPPER_PREFIXES = ("quant_", "prune_low_magnitude_", "cluster_")
+
+
+def _signature(interp):
+    """`({input name: details}, {output name: details})` of a loaded `.tflite`, named as in its
+    signature (`details["index"]` is the tensor's index in `interp`).
+
+    Only the signature maps the file's tensors to the Keras outputs reliably. Measured (TF
+    2.21, LiteRT 2.3) on a tf_keras model whose outputs are `zeta`, `alpha`, `mid` in that
+    Keras order, converted by `convert` plain (float and int8 PTQ) and QAT-wrapped: the
+    signature's output names are the model's `output_names` (the user's names: the tfmot
+    engine keeps them through its wrappers; without that they were `quant_zeta`, ...) and
+    its input names the Keras `Input` names; but `get_output_details()` lists the plain
+    file's outputs as [zeta, mid, alpha] and the QAT one's as [alpha, zeta, mid]: neither
+    the Keras order nor the same order twice (the tensors are named
+    `StatefulPartitionedCall:k` with `k` in the alphabetical order of the names). A file
+    without a signature falls back to the tensor details, which are unambiguous only for
+    one input and one output.
+    """
+    sigs = interp.get_signature_list()
+    key = "serving_default" if "serving_default" in sigs else (
+        next(iter(sigs)) if len(sigs) == 1 else None)
+    if key is not None:
+        runner = interp.get_signature_runner(key)
+        return runner.get_input_details(), runner.get_output_details()
+    return ({d["name"]: d for d in interp.get_input_details()},
+            {d["name"]: d for d in interp.get_output_details()})
+
+
+def output_names(path) -> List[str]:
+    """The output names of a `.tflite` (the Keras model's output names), as `predict_tflite`'s
+    `output=` takes them."""
+    return list(_signature(_interpreter(path))[1])
+
+
+def _pick_outputs(outs: dict, output, path) -> List[str]:
+    names = list(outs)
+    if isinstance(output, str) and output == "all":
+        return names
+    if output is None:
+        if len(names) == 1:
+            return names
+        raise ValueError(
+            f"{os.fspath(path)!r} has {len(names)} outputs: {names}. Expected `output` to name "
+            f"the one to use (a Keras output name), or output='all' for a dict of every "
+            f"output. Pass e.g. output={names[0]!r}. Received: output=None")
+    if not isinstance(output, str):
+        raise ValueError(f"`output` must be an output name, 'all' or None. Expected one of "
+                         f"{names}. Received: output={output!r}")
+    if output in outs:
+        return [output]
+    wrapped = [n for n in names if any(n == p + output for p in _WRAPPER_PREFIXES)]
+    if len(wrapped) == 1:
+        return wrapped
+    raise ValueError(f"{os.fspath(path)!r} has no output named {output!r}. Expected one of "
+                     f"{names} (the Keras model's output names). Received: output={output!r}")
+
+
+def _feeds(ins: dict, x, path) -> Dict[str, np.ndarray]:
+    names = list(ins)
+    if isinstance(x, dict):
+        if set(x) != set(names):
+            raise ValueError(
+                f"`x` must have one array per input of {os.fspath(path)!r}. Expected the keys "
+                f"{names} (the Keras Input names). Received: x with keys {sorted(x)}")
+        feeds = {n: np.asarray(x[n]) for n in names}
+    elif len(names) == 1:
+        feeds = {names[0]: np.asarray(x)}
+    else:
+        raise ValueError(
+            f"{os.fspath(path)!r} has {len(names)} inputs: {names}. A list or an array cannot "
+            "be matched to them (the file does not keep the Keras order of the inputs). "
+            f"Expected a dict {{input name: array}}. Pass x={{{names[0]!r}: ..., ...}}. "
+            f"Received: x of type {type(x).__name__}")
+    if len({len(a) for a in feeds.values()}) != 1:
+        raise ValueError("Every input of `x` must hold the same number of samples. Received: "
+                         + ", ".join(f"{k}: {len(a)}" for k, a in feeds.items()))
+    return feeds
+
+
+def predict_tflite(path, x, batch_size: int = 256, output=None):
+    """Runs a `.tflite` on `x` with LiteRT and returns the (dequantized) outputs.
+
+    Args:
+        path: the `.tflite` file.
+        x: the inputs, first axis = samples: an array, or for a model with
+            several inputs a dict `{Keras Input name: array}`.
+        batch_size: samples per LiteRT invocation. Defaults to `256`.
+        output: which output to return when the model has several: its Keras
+            output name (`output_names(path)` lists them), or `"all"` for a
+            dict `{name: array}` of every output. Defaults to `None`: the only
+            output (a ValueError listing the names when there are several).
+
+    Returns:
+        A float32 array, or a dict of them with `output="all"`.
+
+    Example:
+        >>> predict_tflite("two_heads.tflite", xt, output="cls").shape
+        (128, 10)
+    """
     interp = _interpreter(path)
-    inp = interp.get_input_details()[0]
-    outd = interp.get_output_details()[0]
-    x = np.asarray(x)
-    results = []
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        interp.resize_tensor_input(inp["index"], list(chunk.shape))
+    ins, outs = _signature(interp)
+    wanted = _pick_outputs(outs, output, path)
+    feeds = _feeds(ins, x, path)
+    n = len(next(iter(feeds.values())))
+    results = {name: [] for name in wanted}
+    for start in range(0, n, batch_size):
+        chunks = {k: a[start:start + batch_size] for k, a in feeds.items()}
+        for name, d in ins.items():
+            interp.resize_tensor_input(d["index"], list(chunks[name].shape))
         interp.allocate_tensors()
-        inp = interp.get_input_details()[0]
-        outd = interp.get_output_details()[0]
-        if inp["dtype"] in (np.int8, np.uint8):
-            scale, zp = inp["quantization"]
-            chunk = np.round(chunk / scale + zp).astype(inp["dtype"])
-        interp.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
+        for name, d in ins.items():
+            chunk = chunks[name]
+            if d["dtype"] in (np.int8, np.uint8):
+                scale, zp = d["quantization"]
+                chunk = np.round(chunk / scale + zp)
+            interp.set_tensor(d["index"], chunk.astype(d["dtype"]))
         interp.invoke()
-        y = interp.get_tensor(outd["index"])
-        if outd["dtype"] in (np.int8, np.uint8):
-            scale, zp = outd["quantization"]
-            y = (y.astype(np.float32) - zp) * scale
-        results.append(np.asarray(y, dtype=np.float32))
-    return np.concatenate(results, axis=0)
+        for name in wanted:
+            d = outs[name]
+            y = interp.get_tensor(d["index"])
+            if d["dtype"] in (np.int8, np.uint8):
+                scale, zp = d["quantization"]
+                y = (y.astype(np.float32) - zp) * scale
+            results[name].append(np.asarray(y, dtype=np.float32))
+    merged = {name: np.concatenate(parts, axis=0) for name, parts in results.items()}
+    return merged if output == "all" else merged[wanted[0]]
 
 
-def evaluate_tflite(path, x, y) -> float:
-    """Top-1 accuracy of a classification `.tflite` on `(x, y)` (integer labels)."""
-    pred = predict_tflite(path, x)
+def evaluate_tflite(path, x, y, output=None) -> float:
+    """Top-1 accuracy of a classification `.tflite` (or of one of its outputs) on `(x, y)`.
+
+    Args:
+        path: the `.tflite` file.
+        x: the inputs, as for `predict_tflite`.
+        y: integer labels; or a dict `{output name: labels}`, of which the
+            `output`'s are used.
+        output: the classification output to score when the model has
+            several: its Keras output name. Defaults to `None`: the only
+            output (a ValueError listing the names when there are several).
+
+    Example:
+        >>> evaluate_tflite("two_heads.tflite", xt, yt, output="cls")
+        0.95
+    """
+    if isinstance(output, str) and output == "all":
+        raise ValueError("evaluate_tflite scores one output. Expected `output` to name it. "
+                         f"Received: output={output!r}")
+    if isinstance(y, dict):
+        key = output if output is not None else (next(iter(y)) if len(y) == 1 else None)
+        if key not in y:
+            raise ValueError(f"`y` is a dict: expected it to hold the labels of output "
+                             f"{output!r}. Received: y with keys {sorted(y)}")
+        y = y[key]
+    pred = predict_tflite(path, x, output=output)
     return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y).reshape(-1)))
 
 
@@ -333,6 +461,9 @@ def latency_ms(path, sample, runs: int = 50, warmup: int = 5, num_threads: int =
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"`runs` must be a positive int. Received: runs={runs!r}")
     interp = _interpreter(path, num_threads=num_threads)
+    if len(interp.get_input_details()) != 1:
+        raise ValueError(f"latency_ms feeds one input; {os.fspath(path)!r} has "
+                         f"{len(interp.get_input_details())}. Expected a single-input model.")
     inp = interp.get_input_details()[0]
     x = np.asarray(sample, dtype=np.float32)
     if x.ndim == len(inp["shape"]) - 1:

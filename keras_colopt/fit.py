@@ -221,7 +221,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
                       callbacks=None, log_dir=None, compression_metrics=True,
                       invariant_guard=True, guard_tolerance=0.005, verbose="auto",
                       initial_phase=0, checkpoint_dir=None, strategy=None,
-                      **fit_kwargs) -> FitResult:
+                      custom_objects=None, **fit_kwargs) -> FitResult:
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
@@ -260,6 +260,14 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         strategy: a `tf.distribute.Strategy` (e.g. `MirroredStrategy`): every
             copy, wrapping and re-compiling of the model happens in its scope,
             so each phase trains on all its devices. Defaults to `None`.
+        custom_objects: `{name: class or function}` that the model's layer
+            configs, or a Quantize phase's `quantize_configs`, refer to by name
+            (a custom activation, a quantizer, a layer inside a custom layer):
+            phases rebuild layers from their configs, so the whole run is in a
+            `tf_keras.utils.custom_object_scope` of these (tfmot's
+            `quantize_scope` adds its own). The model's custom layer classes
+            and the QuantizeConfig classes are found without it. Defaults to
+            `None`.
         **fit_kwargs: other `Model.fit` arguments (class_weight,
             steps_per_epoch, validation_split, shuffle, ...).
 
@@ -271,11 +279,22 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         ...     Prune(sparsity=0.5, epochs=3), Cluster(clusters=8, epochs=3),
         ...     Quantize(epochs=2)], validation_data=(xv, yv), log_dir="logs/run1")
     """
-    with _visible_log(verbose):
+    with _visible_log(verbose), _custom_object_scope(custom_objects):
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
                                   guard_tolerance, verbose, initial_phase, checkpoint_dir,
                                   strategy, fit_kwargs)
+
+
+def _custom_object_scope(custom_objects):
+    if custom_objects is None:
+        return contextlib.nullcontext()
+    if not isinstance(custom_objects, dict) or not all(
+            isinstance(k, str) and k and v is not None for k, v in custom_objects.items()):
+        raise ValueError("`custom_objects` must be a dict of names to the classes or functions "
+                         "they stand for. Expected e.g. custom_objects={'MyActivation': "
+                         f"MyActivation}}. Received: custom_objects={custom_objects!r}")
+    return tf_keras.utils.custom_object_scope(dict(custom_objects))
 
 
 def _check_initial_phase(initial_phase, plan: Plan) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Callable, Optional, Sequence, Union
 
 LayerSelector = Union[None, Sequence[str], Callable]
@@ -116,9 +117,19 @@ class Phase:
         return hash((type(self).__name__, repr(sorted(self.get_config().items()))))
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+        args = ", ".join(f"{k}={_arg_repr(v)}" for k, v in self.get_config().items()
                          if v is not None)
         return f"{type(self).__name__}({args})"
+
+
+def _arg_repr(value) -> str:
+    """repr of a config value; objects without a repr of their own (a QuantizeConfig) show
+    their class, not an address, in plan logs."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_arg_repr(v)}" for k, v in value.items()) + "}"
+    if type(value).__repr__ is object.__repr__:
+        return f"<{type(value).__name__}>"
+    return repr(value)
 
 
 class Train(Phase):
@@ -291,25 +302,68 @@ class Quantize(Phase):
             fine-tunes trained weights; a compiled schedule is kept as it is.
         layers: names of the layers to quantize-annotate, or a predicate.
             Defaults to `None` (the whole model).
+        quantize_configs: `{layer name: QuantizeConfig instance}`: how to
+            quantize layers tfmot's 8-bit scheme does not know (a custom layer,
+            a `Lambda`), or to override its choice for a layer; each is given
+            to tfmot's `quantize_annotate_layer(layer, quantize_config=...)`.
+            The names are checked against the model before training. These
+            objects cannot go in a recipe file. A config that references
+            custom classes of its own gets them through
+            `collaborative_fit(custom_objects=...)`. Defaults to `None`.
 
     Example:
         >>> Quantize(epochs=2)
         Quantize(epochs=2, preserve='auto')
+        >>> Quantize(epochs=2, quantize_configs={"scaled": MyQuantizeConfig()})
+        Quantize(epochs=2, preserve='auto', quantize_configs={'scaled': <MyQuantizeConfig>})
     """
 
     kind = "quantize"
     rate_divisor = FINE_TUNE_DIVISOR
 
-    def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None):
+    def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None,
+                 quantize_configs=None):
         super().__init__(epochs, learning_rate=learning_rate, layers=layers)
         if preserve not in _QUANTIZE_PRESERVE:
             _fail("Quantize: unknown `preserve`", f"one of {_QUANTIZE_PRESERVE}",
                   "Leave it at 'auto' to follow the phase order.", preserve=preserve)
         self.preserve = preserve
+        self.quantize_configs = _check_quantize_configs(quantize_configs)
 
     def get_config(self):
         return {"epochs": self.epochs, "preserve": self.preserve,
-                "learning_rate": self.learning_rate, "layers": self.layers}
+                "learning_rate": self.learning_rate, "layers": self.layers,
+                "quantize_configs": self.quantize_configs}
+
+
+_PLAIN_DATA = (str, bytes, numbers.Number, list, tuple, dict, set)
+
+
+def _check_quantize_configs(configs) -> Optional[dict]:
+    """`quantize_configs` as a new dict, or a ValueError. Phases know no tfmot: the values are
+    checked to be objects here (not plain data, as a recipe file would give, nor a class
+    instead of an instance); whether they are QuantizeConfigs, and the layer names, are
+    checked against the model before training (the engine's preflight)."""
+    if configs is None:
+        return None
+    fix = ("Pass one QuantizeConfig instance per layer name, e.g. "
+           "quantize_configs={'scaled_dense': ScaledDenseQuantizeConfig()}.")
+    if not isinstance(configs, Mapping) or not configs:
+        _fail("Quantize: `quantize_configs` must be a non-empty mapping of layer names to "
+              "quantize configs", "a dict {layer name: QuantizeConfig instance}, or None",
+              fix, quantize_configs=configs)
+    for name, config in configs.items():
+        if not isinstance(name, str) or not name:
+            _fail("Quantize: every key of `quantize_configs` must be a layer name",
+                  "non-empty strings", fix, quantize_configs=configs)
+        if config is None or isinstance(config, (_PLAIN_DATA, type)):
+            what = ("a class, not an instance" if isinstance(config, type) else
+                    "plain data, not a QuantizeConfig object (a recipe file cannot hold one: "
+                    "give it in Python)")
+            _fail(f"Quantize: quantize_configs[{name!r}] is {what}",
+                  "a tfmot.quantization.keras.QuantizeConfig instance", fix,
+                  quantize_configs=configs)
+    return dict(configs)
 
 
 PHASE_CLASSES = {cls.__name__: cls for cls in (Train, Prune, Cluster, Quantize)}

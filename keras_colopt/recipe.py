@@ -118,6 +118,15 @@ def _phase_entry(i: int, phase) -> dict:
                 "which a recipe cannot store. Expected a list of layer names. Select the names "
                 "in Python first, e.g. layers=[l.name for l in model.layers if predicate(l)], "
                 f"then dump. Received: layers={value!r}", key=f"phases[{i}].{cls.kind}.layers")
+        if key == "quantize_configs" and value is not None:
+            kinds = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in value.items())
+            raise RecipeError(
+                f"{cls.__name__}(quantize_configs=...) holds QuantizeConfig objects, which a "
+                "recipe cannot store. Expected plain values only. Dump the phase without it, "
+                f"and give it back in Python after loading: r = recipe.load(path); "
+                f"r.phases[{i}] = {cls.__name__}.from_config({{**r.phases[{i}].get_config(), "
+                f"'quantize_configs': {{...}}}}). Received: quantize_configs={{{kinds}}}",
+                key=f"phases[{i}].{cls.kind}.quantize_configs")
         if value is None:
             continue  # not set (the phase's default): from_config restores it
         if isinstance(value, tuple):
@@ -145,7 +154,8 @@ def to_recipe(phases, **sections) -> dict:
         `{"phases": [{kind: {args}}, ...], "fit": {...}, "export": {...}}`.
 
     Raises:
-        RecipeError: a phase uses a callable `layers=` selector, a section
+        RecipeError: a phase uses a callable `layers=` selector or holds
+            `quantize_configs` (objects, not plain values), a section
             is unknown or invalid, or the phase order is refused by the plan.
     """
     if isinstance(phases, Phase) or not isinstance(phases, (list, tuple)):

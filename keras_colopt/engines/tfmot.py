@@ -25,6 +25,7 @@ import tensorflow as tf
 _prev_legacy = os.environ.get("TF_USE_LEGACY_KERAS")
 tf.keras.__name__  # noqa: B018 (resolves the lazy module)
 import tf_keras  # noqa: E402
+from tf_keras.src.saving import serialization_lib  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 from tensorflow_model_optimization.python.core.clustering.keras import (  # noqa: E402
     cluster_wrapper, clustering_registry)
@@ -100,7 +101,18 @@ def _is_keras3(model) -> bool:
 
 def clone_model(model):
     """A deep copy of `model` (new layer objects, same weights) that shares nothing with it."""
-    clone = tf_keras.models.clone_model(model)
+    try:
+        clone = tf_keras.models.clone_model(model)
+    except (TypeError, ValueError) as e:
+        if "deserializ" not in str(e) and "Unknown" not in str(e):
+            raise
+        raise ValueError(
+            f"Cannot copy model '{model.name}': a layer's config names a class or function "
+            f"tf_keras does not know ({type(e).__name__}: {str(e)[:400]}). Expected every "
+            "custom object its layers refer to to be known by name: every phase rebuilds "
+            "layers from their configs. Pass them with collaborative_fit(custom_objects="
+            "{'name': obj}), or register them with "
+            "@tf_keras.saving.register_keras_serializable().") from e
     clone.set_weights(model.get_weights())
     return clone
 
@@ -370,11 +382,43 @@ def pruning_schedule(phase, steps_per_epoch: int):
 
 def strip(model):
     """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
+    stripped = model
     if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
         model = tfmot.sparsity.keras.strip_pruning(model)
     if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
         model = tfmot.clustering.keras.strip_clustering(model)
-    return model
+    return model if stripped is model else keep_output_names(model, stripped)
+
+
+def keep_output_names(new, old):
+    """Gives `new`, a re-wrapped copy of `old`, the output names of `old`; returns `new`.
+
+    tf_keras names a Functional model's outputs after its output layers, and tfmot's
+    wrappers rename those (`prune_low_magnitude_cls`, `quant_cls`): without this, a loss
+    or metrics dict keyed by output name no longer compiles, and History's `cls_loss`
+    becomes `prune_low_magnitude_cls_loss` after a phase switch. `compile` reads
+    `output_names` (losses, metrics and their History names), and so does the `.tflite`
+    converter (the signature's output names); they are plain strings, not checkpointed
+    state. Outputs are matched by their base layer, or by position when a layer changed
+    (an activation folded into the layer before it).
+    """
+    names = getattr(old, "output_names", None)
+    if not names or not getattr(new, "_is_graph_network", False):
+        return new
+    before = [base_name(l) for l in old._output_layers]
+    after = [base_name(l) for l in new._output_layers]
+    if len(set(before)) == len(before) == len(names) and sorted(after) == sorted(before):
+        by_layer = dict(zip(before, names))
+        _set_output_names(new, [by_layer[n] for n in after])
+    elif len(after) == len(names):  # clone_model keeps the order of the outputs
+        _set_output_names(new, names)
+    return new
+
+
+@tf.__internal__.tracking.no_automatic_dependency_tracking
+def _set_output_names(model, names):
+    # As tf_keras sets them: a plain list, not a tracked ListWrapper (no checkpoint entry).
+    model.output_names = [str(n) for n in names]
 
 
 def apply_phase(model, planned, steps_per_epoch: int, hold=()):
@@ -437,7 +481,7 @@ def _wrap_for_phase(model, planned, steps_per_epoch: int):
             if layer.name in wanted:
                 return tfmot.sparsity.keras.prune_low_magnitude(layer, **kwargs)
             return layer
-        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
         return new, [tfmot.sparsity.keras.UpdatePruningStep()], touched
 
     if kind == "cluster":
@@ -466,11 +510,11 @@ def _wrap_for_phase(model, planned, steps_per_epoch: int):
                 # (_too_small) ran in select_layers; wrap it directly.
                 return cluster_wrapper.ClusterWeights(layer, **layer_kwargs)
             return tfmot.clustering.keras.cluster_weights(layer, **layer_kwargs)
-        new = tf_keras.models.clone_model(model, clone_function=wrap)
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
         return new, [], touched
 
     if kind == "quantize":
-        new = _quantize(model, planned, wanted)
+        new = keep_output_names(_quantize(model, planned, wanted), model)
         return new, [], [n for n in touched if _has_kernel(_find(model, n))]
     raise AssertionError(kind)
 
@@ -529,10 +573,14 @@ def _patched(module, name, value):
 
 
 def _quantize(model, planned, wanted):
-    """quantize_annotate the `wanted` layers and quantize_apply the plan's scheme."""
+    """quantize_annotate the `wanted` layers (with the phase's `quantize_configs`, if any) and
+    quantize_apply the plan's scheme."""
+    configs = getattr(planned.phase, "quantize_configs", None) or {}
+
     def annotate(layer):
         if layer.name in wanted and not isinstance(layer, tf_keras.layers.InputLayer):
-            return tfmot.quantization.keras.quantize_annotate_layer(layer)
+            return tfmot.quantization.keras.quantize_annotate_layer(
+                layer, quantize_config=configs.get(layer.name))
         return layer
     annotated = tf_keras.models.clone_model(model, clone_function=annotate)
     if planned.preserve_clusters:
@@ -544,8 +592,81 @@ def _quantize(model, planned, wanted):
         scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
     patch = (_patched(cpq, "get_centroids", _clustered_centroids(planned))
              if planned.preserve_clusters else contextlib.nullcontext())
-    with tfmot.quantization.keras.quantize_scope(), patch:
+    with _rebuilding(model, configs), patch:
         return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+
+
+@contextlib.contextmanager
+def _rebuilding(model, quantize_configs=None):
+    """The scope in which the user's live model is rebuilt from its layers' configs (tfmot's
+    quantize_apply, activation folding): its custom classes known by name (`custom_classes`),
+    and tf_keras' safe mode off, which otherwise refuses a Lambda's Python code. Safe mode
+    guards loading untrusted files; these configs were just made from the user's own layers.
+    """
+    with tfmot.quantization.keras.quantize_scope(custom_classes(model, quantize_configs)), \
+            serialization_lib.SafeModeScope(safe_mode=False):
+        yield
+
+
+def custom_classes(model, quantize_configs=None) -> Dict[str, type]:
+    """`{class name: class}` of the model's layers that are not tf_keras' own, and of the given
+    QuantizeConfig objects: what tfmot's `quantize_apply` must find by name when it rebuilds
+    the model from its config (tfmot's tutorial lists them in `quantize_scope` by hand).
+    Classes these refer to in turn come from `collaborative_fit(custom_objects=...)`."""
+    found = {}
+    for layer in model.layers:
+        cls = type(base_layer(layer))
+        if not cls.__module__.startswith(("tf_keras.", "tensorflow_model_optimization.")):
+            found[cls.__name__] = cls
+    for config in (quantize_configs or {}).values():
+        found[type(config).__name__] = type(config)
+    return found
+
+
+def _unsupported_without_config(model, planned, touched) -> List[str]:
+    """The layers among `touched` tfmot's 8-bit scheme has no quantize config for, as far as
+    can be told without quantizing: custom layer classes and Lambdas not given one."""
+    configs = getattr(planned.phase, "quantize_configs", None) or {}
+    custom = custom_classes(model)
+    out = []
+    for name in touched:
+        layer = _find(model, name)
+        if name not in configs and (isinstance(layer, tf_keras.layers.Lambda)
+                                    or type(layer).__name__ in custom):
+            out.append(f"'{name}' ({type(layer).__name__})")
+    return out
+
+
+def check_quantize_configs(model, planned, touched) -> None:
+    """Raises ValueError unless every key of the phase's `quantize_configs` names a layer of
+    `model` that the phase quantizes, and every value is a tfmot QuantizeConfig."""
+    configs = getattr(planned.phase, "quantize_configs", None) or {}
+    if not configs:
+        return
+    names = [base_name(l) for l in model.layers]
+    given = f"Received: quantize_configs keys {sorted(configs)}"
+    missing = sorted(set(configs) - set(names))
+    if missing:
+        raise ValueError(
+            f"{planned.label}: quantize_configs names layer(s) {missing} that model "
+            f"'{model.name}' does not have. Expected names from: {names}. Fix the keys of "
+            f"Quantize(quantize_configs=...). {given}")
+    left_out = sorted(n for n in configs if n not in touched
+                      or isinstance(_find(model, n), tf_keras.layers.InputLayer))
+    if left_out:
+        raise ValueError(
+            f"{planned.label}: layer(s) {left_out} have a quantize config but this phase does "
+            "not quantize them (an Input layer, or left out by Quantize(layers=...)). Expected "
+            "every configured layer to be quantized. Add them to `layers=`, or drop their "
+            f"configs. {given}")
+    wrong = {n: type(c).__name__ for n, c in configs.items()
+             if not isinstance(c, tfmot.quantization.keras.QuantizeConfig)}
+    if wrong:
+        raise ValueError(
+            f"{planned.label}: the quantize_configs of {sorted(wrong)} are not QuantizeConfig "
+            f"objects ({wrong}). Expected instances of a subclass of "
+            "tfmot.quantization.keras.QuantizeConfig. Pass e.g. quantize_configs="
+            "{'layer': MyQuantizeConfig()} (see examples/custom_layer_qat.py).")
 
 
 def _preserving(layer) -> bool:
@@ -593,11 +714,17 @@ def dry_run_quantize(model, planned, touched, compressed) -> List[str]:
             warnings.simplefilter("ignore")
             q = _quantize(copy, planned, set(touched))
     except Exception as e:  # tfmot raises RuntimeError/ValueError/KeyError for unsupported layouts
+        custom = _unsupported_without_config(model, planned, touched)
         raise ValueError(
             f"{planned.label}: tfmot cannot quantize model '{model.name}' as planned: "
             f"{type(e).__name__}: {e}. Expected layers tfmot's 8-bit scheme supports (Conv2D, "
             "Dense, DepthwiseConv2D, BatchNormalization after a convolution, ReLU, pooling, "
-            "...). Restrict the phase with Quantize(layers=[...]), or change those layers."
+            "...) or that have a QuantizeConfig"
+            + (f" (none for {', '.join(custom)})" if custom else "") + ". Give a custom layer "
+            "or a Lambda its QuantizeConfig with Quantize(quantize_configs={'layer': "
+            "MyQuantizeConfig()}) (see examples/custom_layer_qat.py; classes it refers to "
+            "by name go in collaborative_fit(custom_objects={...})), leave layers out with "
+            "Quantize(layers=[...]), or change them."
         ) from e
     if not (planned.preserve_sparsity or planned.preserve_clusters):
         return []
@@ -886,7 +1013,8 @@ def fold_activations(model, pairs: Dict[str, Tuple[str, str]]):
             entry["config"]["activation"] = pairs[name][1]
     config["layers"] = [e for e in config["layers"] if e["config"]["name"] not in removed]
     if isinstance(model, tf_keras.Sequential):
-        new = tf_keras.Sequential.from_config(config)
+        with _rebuilding(model):
+            new = tf_keras.Sequential.from_config(config)
     else:
         def rename(obj):
             if isinstance(obj, list):
@@ -899,11 +1027,12 @@ def fold_activations(model, pairs: Dict[str, Tuple[str, str]]):
         for entry in config["layers"]:
             entry["inbound_nodes"] = rename(entry.get("inbound_nodes", []))
         config["output_layers"] = rename(config["output_layers"])
-        new = tf_keras.Model.from_config(config)
+        with _rebuilding(model):
+            new = tf_keras.Model.from_config(config)
     old = {l.name: l for l in model.layers}
     for layer in new.layers:
         layer.set_weights(old[layer.name].get_weights())
-    return new
+    return keep_output_names(new, model)
 
 
 # --------------------------------------------------------------------------- preflight
@@ -968,6 +1097,7 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         elif planned.phase.kind == "cluster":
             clustered = set(touched)
         elif planned.phase.kind == "quantize":
+            check_quantize_configs(model, planned, touched)
             compressed = (pruned if planned.preserve_sparsity else set()) | (
                 clustered if planned.preserve_clusters else set())
             unfoldable = {k: v for k, v in fold_plan(model)[1].items()
@@ -982,6 +1112,7 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "activation='relu'). Move it there, or exclude these layers with "
                     "Quantize(layers=[...]).")
             lost = dry_run_quantize(model, planned, touched, compressed)
+            mine = sorted(set(lost) & set(getattr(planned.phase, "quantize_configs", None) or {}))
             if lost:
                 raise ValueError(
                     f"{planned.label}: tfmot would quantize layer(s) {lost} without preserving "
@@ -989,7 +1120,9 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "when it fuses them with the layer after them): the work of the earlier "
                     "phases would be lost silently. Expected every pruned/clustered layer to "
                     "keep a preserving weight quantizer. Exclude them from the Prune/Cluster "
-                    "phases with layers=[...], or change the layer that follows them.")
+                    "phases with layers=[...], or change the layer that follows them."
+                    + (f" The QuantizeConfig given for {mine} in quantize_configs replaces "
+                       "tfmot's preserving quantizer." if mine else ""))
     return skipped
 
 
