@@ -16,10 +16,10 @@ from typing import Dict, Union
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from keras_colopt import invariants, stats
 from keras_colopt.engines import get_engine
+from keras_colopt.engines.base import Callback
 
 log = logging.getLogger("keras_colopt")
 
@@ -40,7 +40,7 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
     """Per-layer compression statistics of the weights each layer computes with.
 
     Args:
-        model: a tf_keras model, wrapped or not.
+        model: a model an engine accepts, wrapped or not.
         kernels: the output of `effective_kernels(model)`, when already computed.
 
     Returns:
@@ -62,7 +62,7 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
     return out
 
 
-class CompressionMetrics(tf_keras.callbacks.Callback):
+class CompressionMetrics(Callback):
     """Logs per-layer sparsity and unique weight counts every epoch.
 
     Statistics are computed on the weights each layer really computes with
@@ -170,7 +170,7 @@ def _check_target(arg, value, ok, expected):
     return dict(value) if isinstance(value, dict) else value
 
 
-class InvariantGuard(tf_keras.callbacks.Callback):
+class InvariantGuard(Callback):
     """Checks at every epoch end that compression invariants hold.
 
     Each pruned layer must keep at least its target sparsity once its pruning

@@ -192,14 +192,14 @@ class RunCheckpoint:
     # ------------------------------------------------------------------ states
     def save(self, model, phase: int, epochs_done: int, history: Dict[str, list],
              epochs: List[int], labels: List[str]) -> str:
-        """Writes the model+optimizer state, then the manifest that points at it."""
-        import tensorflow as tf
+        """Writes the model+optimizer state (through the model's engine), then the manifest
+        that points at it."""
+        from keras_colopt.engines import engine_of
 
         name = f"state-{epochs_done:05d}"
         tmp = tempfile.mkdtemp(prefix=".colopt-state-", dir=self.folder)
         try:
-            tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
-                os.path.join(tmp, "ckpt"))
+            engine_of(model).save_state(model, os.path.join(tmp, "ckpt"))
             final = os.path.join(self.folder, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -219,12 +219,7 @@ class RunCheckpoint:
 
     def restore(self, model, state: str) -> None:
         """Loads a saved state into `model` (built for the same phase) and its optimizer."""
-        import tensorflow as tf
+        from keras_colopt.engines import engine_of
 
-        optimizer = model.optimizer
-        if hasattr(optimizer, "build"):
-            optimizer.build(model.trainable_variables)  # its slots must exist to be restored
-        status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(
-            os.path.join(self.folder, state, "ckpt"))
-        status.assert_existing_objects_matched()
+        engine_of(model).restore_state(model, os.path.join(self.folder, state, "ckpt"))
 

@@ -78,11 +78,10 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
     Returns:
         The summary as a dict (also written to `out/summary.json`).
     """
-    import tf_keras
-
     import keras_colopt as colopt
     from keras_colopt import data
     from keras_colopt.engines import get_engine
+    from keras_colopt.engines.base import Callback
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
@@ -90,7 +89,7 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
     (x, y), (xt, yt) = data.load_digits(seed=seed)
     model = data.demo_model(seed=seed)
 
-    class _KeepBaseline(tf_keras.callbacks.Callback):
+    class _KeepBaseline(Callback):
         """Keeps a copy of the model at the end of the first (Train) phase."""
         baseline = None
 
@@ -172,19 +171,11 @@ def format_summary(s: dict) -> str:
 
 
 def load_model(path):
-    """A compiled tf_keras model from a `.keras` / `.h5` file (or SavedModel folder)."""
-    import tf_keras
+    """A compiled model from a `.keras` / `.h5` file (or SavedModel folder), loaded by the
+    default engine (tf_keras)."""
+    from keras_colopt.engines import default_engine
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No model at {path!r}. Expected a tf_keras model saved with "
-                                "model.save('model.keras').")
-    try:
-        return tf_keras.models.load_model(path, compile=True)
-    except Exception as e:  # noqa: BLE001 - Keras raises many types; say what we needed
-        raise ValueError(f"Cannot load {path!r} as a tf_keras model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Expected a compiled "
-                         "tf_keras (Keras 2) model saved with model.save('model.keras'). A "
-                         "Keras 3 model must be rebuilt with tf_keras.") from None
+    return default_engine().load_model(path)
 
 
 def run_report(out: str, model_path=None, data_path=None, leaves=None, baseline_epochs=None,
@@ -348,10 +339,9 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
     """
     import shutil
 
-    import tf_keras
-
     import keras_colopt as colopt
     from keras_colopt import checkpoint, data, recipe
+    from keras_colopt.engines.base import Callback
 
     t0 = time.time()
     r = recipe.load(recipe_path)
@@ -384,7 +374,7 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
         or new_log_dir(out)
     plan = r.plan
 
-    class _PhaseProgress(tf_keras.callbacks.Callback):
+    class _PhaseProgress(Callback):
         """One line per phase as it ends (each phase is one `fit`: on_train_begin counts
         them, so this callback spans the run on purpose)."""
 

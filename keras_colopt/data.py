@@ -28,23 +28,11 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0):
 
 
 def demo_model(seed: int = 0):
-    """The demo's small CNN for 8x8x1 digits (compiled, tf_keras)."""
-    import tf_keras as keras
+    """The demo's small CNN for 8x8x1 digits (compiled; a tf_keras model, built by the
+    default engine)."""
+    from keras_colopt.engines import default_engine
 
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1",
-                            input_shape=(8, 8, 1)),
-        keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(2, name="pool"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(64, activation="relu", name="dense1"),
-        keras.layers.Dense(10, name="logits"),
-    ], name="digits_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    return model
+    return default_engine().demo_model(seed)
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")

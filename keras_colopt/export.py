@@ -13,7 +13,6 @@ import dataclasses
 import gzip
 import os
 import time
-import warnings
 from typing import Dict, List
 
 import numpy as np
@@ -112,8 +111,6 @@ def convert(model, quantization: str = "int8", representative_data=None,
             sparse int8 weights: such a file runs with LiteRT's builtin kernels
             (`predict_tflite` falls back to them). Defaults to `False`.
     """
-    import tensorflow as tf
-
     from keras_colopt.engines import get_engine
 
     if quantization not in QUANTIZATIONS:
@@ -130,22 +127,9 @@ def convert(model, quantization: str = "int8", representative_data=None,
             "Quantize phase.")
     if not isinstance(sparse, bool):
         raise ValueError(f"`sparse` must be a bool. Received: sparse={sparse!r}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
-    converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) + (
-        [tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
-    if quantization == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    if quantization == "int8" and representative_data is not None:
-        # Calibrates what QAT did not cover (all of a plain model, the unannotated layers of
-        # a partly annotated one); QAT ranges are kept where they exist.
-        converter.representative_dataset = _representative(representative_data)
-    if quantization == "int8" and not qat:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with warnings.catch_warnings():
-        # Expected for a QAT model with float inputs: the converter says it on every export.
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were "
-                                "expected, but not specified")
-        return converter.convert()
+    representative = (_representative(representative_data)
+                      if quantization == "int8" and representative_data is not None else None)
+    return engine.to_tflite_bytes(stripped, quantization, representative, sparse=sparse, qat=qat)
 
 
 def to_tflite(model, path, quantization: str = "int8", representative_data=None,

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
 import os
 import sys
 from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from keras_colopt import callbacks as cbs
 from keras_colopt import checkpoint
 from keras_colopt._files import make_writable_folder
 from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
-from keras_colopt.engines import get_engine
+from keras_colopt.engines import engine_of, get_engine
+from keras_colopt.engines.base import Callback
 from keras_colopt.plan import Plan, PlannedPhase, resolve
 
 log = logging.getLogger("keras_colopt")
@@ -44,7 +44,7 @@ class FitResult:
     Attributes:
         model: the optimized model, still wrapped for its last phase (a QAT
             model after Quantize); pass it to `export.to_tflite`.
-        history: a `tf_keras.callbacks.History` over all epochs; its
+        history: a `History` (of the model's Keras flavour) over all epochs; its
             `history["phase"]` gives each epoch's phase label.
         plan: the resolved `Plan` (epoch ranges, preservation).
         stopped_early: label of the phase a callback stopped (or, in the `result` an
@@ -56,8 +56,8 @@ class FitResult:
             started (None: it started from scratch).
     """
 
-    model: tf_keras.Model
-    history: tf_keras.callbacks.History
+    model: object
+    history: object
     plan: Plan
     stopped_early: Optional[str] = None
     folded: Dict[str, str] = dataclasses.field(default_factory=dict)
@@ -65,7 +65,8 @@ class FitResult:
     resumed_at: Optional[int] = None
 
 
-def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_split=0.0) -> int:
+def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_split=0.0,
+                       engine=None) -> int:
     """Number of training steps per epoch `fit` will run for these inputs.
 
     Raises ValueError when it cannot be known (an infinite or unsized dataset
@@ -92,7 +93,7 @@ def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_spli
                 "steps_per_epoch=N (batches per epoch), or use "
                 "dataset.apply(tf.data.experimental.assert_cardinality(N)).")
         return card
-    if isinstance(x, tf_keras.utils.Sequence):
+    if engine.is_sequence(x) if engine is not None else _looks_like_sequence(x):
         return len(x)
     first = x
     if isinstance(x, dict):
@@ -110,29 +111,24 @@ def steps_per_epoch_of(x, batch_size=None, steps_per_epoch=None, validation_spli
     return int(math.ceil(n_train / float(batch_size or 32)))
 
 
-def _check_inputs(callbacks, fit_kwargs, log_dir):
+def _looks_like_sequence(x) -> bool:
+    """A batched sequence (a Keras `Sequence`/`PyDataset`): indexable by batch, with a length,
+    and not an array or a container of arrays."""
+    return (hasattr(x, "__getitem__") and hasattr(x, "__len__")
+            and not isinstance(x, (np.ndarray, list, tuple, dict)))
+
+
+def _check_inputs(engine, callbacks, fit_kwargs, log_dir):
     for key in fit_kwargs:
         if key in _MANAGED:
             raise ValueError(f"collaborative_fit manages `{key}`: {_MANAGED[key]}. "
                              f"Remove it from the call. Received: {key}={fit_kwargs[key]!r}")
-    allowed = set(inspect.signature(tf_keras.Model.fit).parameters) - {"self"}
+    allowed = engine.fit_arguments()
     unknown = sorted(set(fit_kwargs) - allowed)
     if unknown:
         raise TypeError(f"collaborative_fit got unknown keyword argument(s) {unknown}. "
                         f"Expected keyword arguments of Model.fit: {sorted(allowed - set(_MANAGED))}.")
-    if callbacks is None:
-        callbacks = []
-    if isinstance(callbacks, tf_keras.callbacks.Callback):
-        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
-                         f"callbacks=[{type(callbacks).__name__}(...)]")
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        if not isinstance(cb, tf_keras.callbacks.Callback):
-            raise TypeError(
-                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a tf_keras "
-                "callback. Expected instances of tf_keras.callbacks.Callback (a Keras 3 "
-                "`keras.callbacks` object cannot drive a tf_keras model). Use the "
-                "same callback from `tf_keras.callbacks`.")
+    callbacks = engine.check_callbacks(callbacks)
     if log_dir is not None:
         if not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"`log_dir` must be a path. Received: log_dir={log_dir!r}")
@@ -225,12 +221,12 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
-    (a compiled tf_keras Sequential/Functional model), `layers=` selections,
+    (a compiled model an engine accepts: a tf_keras Sequential/Functional model), `layers=` selections,
     the fit arguments. The user's model is never modified: the phases run on a
     copy, returned as `result.model`.
 
     Args:
-        model: a compiled tf_keras model.
+        model: a compiled model an engine accepts (a tf_keras model).
         x, y: training data as for `Model.fit`; `x` may be a `tf.data.Dataset`.
         phases: list of `Train`, `Prune`, `Cluster`, `Quantize`.
         validation_data: as for `Model.fit`.
@@ -264,7 +260,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
             configs, or a Quantize phase's `quantize_configs`, refer to by name
             (a custom activation, a quantizer, a layer inside a custom layer):
             phases rebuild layers from their configs, so the whole run is in a
-            `tf_keras.utils.custom_object_scope` of these (tfmot's
+            custom object scope of these (the tfmot engine's
             `quantize_scope` adds its own). The model's custom layer classes
             and the QuantizeConfig classes are found without it. Defaults to
             `None`.
@@ -279,14 +275,14 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         ...     Prune(sparsity=0.5, epochs=3), Cluster(clusters=8, epochs=3),
         ...     Quantize(epochs=2)], validation_data=(xv, yv), log_dir="logs/run1")
     """
-    with _visible_log(verbose), _custom_object_scope(custom_objects):
+    with _visible_log(verbose), _custom_object_scope(model, custom_objects):
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
                                   guard_tolerance, verbose, initial_phase, checkpoint_dir,
                                   strategy, fit_kwargs)
 
 
-def _custom_object_scope(custom_objects):
+def _custom_object_scope(model, custom_objects):
     if custom_objects is None:
         return contextlib.nullcontext()
     if not isinstance(custom_objects, dict) or not all(
@@ -294,7 +290,9 @@ def _custom_object_scope(custom_objects):
         raise ValueError("`custom_objects` must be a dict of names to the classes or functions "
                          "they stand for. Expected e.g. custom_objects={'MyActivation': "
                          f"MyActivation}}. Received: custom_objects={custom_objects!r}")
-    return tf_keras.utils.custom_object_scope(dict(custom_objects))
+    engine = engine_of(model)  # none: the model is refused with its reason right after
+    return (engine.custom_object_scope(custom_objects) if engine is not None
+            else contextlib.nullcontext())
 
 
 def _check_initial_phase(initial_phase, plan: Plan) -> int:
@@ -358,7 +356,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     plan = resolve(phases)
     start = _check_initial_phase(initial_phase, plan)
     engine = get_engine(model)
-    user_callbacks = _check_inputs(callbacks, fit_kwargs, log_dir)
+    user_callbacks = _check_inputs(engine, callbacks, fit_kwargs, log_dir)
     if invariant_guard not in (True, False, "warn"):
         raise ValueError("`invariant_guard` must be True, False or 'warn'. "
                          f"Received: invariant_guard={invariant_guard!r}")
@@ -366,7 +364,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         raise ValueError("`compression_metrics` must be a bool. "
                          f"Received: compression_metrics={compression_metrics!r}")
     steps = steps_per_epoch_of(x, batch_size, fit_kwargs.get("steps_per_epoch"),
-                               fit_kwargs.get("validation_split", 0.0))
+                               fit_kwargs.get("validation_split", 0.0), engine=engine)
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
                scope=_scope_of(strategy), start=start)
     chief, worker = _role(strategy)
@@ -382,10 +380,9 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     _open_outputs(run, model, checkpoint_dir, log_dir)
     shared = _SharedCallbacks(
         metrics=cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None,
-        tensorboard=(tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+        tensorboard=(engine.tensorboard_callback(os.fspath(log_dir))
                      if log_dir is not None else None),
-        progbar=verbose != 0 and not any(isinstance(c, tf_keras.callbacks.ProgbarLogger)
-                                         for c in user_callbacks),
+        progbar=verbose != 0 and not any(engine.is_progbar(c) for c in user_callbacks),
         user=user_callbacks, guard=invariant_guard, tolerance=guard_tolerance)
     try:
         before = cbs.layer_stats(run.model, engine)
@@ -555,7 +552,7 @@ def _phase_callbacks(run: _Run, planned: PlannedPhase, shared: _SharedCallbacks,
                 tolerance=shared.tolerance, phase=planned.label,
                 per_channel=planned.per_channel or _held_per_channel(run.plan, planned, hcl)))
     if shared.progbar:
-        phase_cbs.append(tf_keras.callbacks.ProgbarLogger(count_mode="steps"))
+        phase_cbs.append(run.engine.progbar_callback())
     phase_cbs += shared.user
     if shared.tensorboard is not None:
         phase_cbs.append(shared.tensorboard)
@@ -583,15 +580,12 @@ def _train_phase(run: _Run, planned: PlannedPhase, phase_cbs, x, y, batch_size,
 def _history(model, run: _Run, upto=None):
     """A History over the run's epochs (the first `upto` of them when given)."""
     n = len(run.epochs) if upto is None else upto
-    history = tf_keras.callbacks.History()
-    history.set_model(model)
-    history.epoch = list(run.epochs[:n])
-    history.history = {k: list(v[:n]) for k, v in run.history.items()}
-    history.history["phase"] = list(run.labels[:n])
-    return history
+    values = {k: list(v[:n]) for k, v in run.history.items()}
+    values["phase"] = list(run.labels[:n])
+    return run.engine.history(model, run.epochs[:n], values)
 
 
-class _EpochEnd(tf_keras.callbacks.Callback):
+class _EpochEnd(Callback):
     """At every epoch end, after every other callback (an epoch that the guard or the
     finite-loss check refused never gets here): records the epoch, keeps its weights as the
     run's last good state, and checkpoints it."""
@@ -760,7 +754,7 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; the phase was stopped."""
 
 
-class _FiniteLoss(tf_keras.callbacks.Callback):
+class _FiniteLoss(Callback):
     """Ends the run at the end of an epoch whose training loss is NaN or infinite, before
     any other callback sees that epoch's end (the guard would report NaN weights as lost
     sparsity; the checkpoint must not save them).

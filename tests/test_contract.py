@@ -47,3 +47,107 @@ def test_phase_contract(digits, tmp_path, phase, label, holds):
     info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
                                    representative_data=x[:32])
     assert info.gzip_bytes > 0
+
+
+# ------------------------------------------------------------------ engine conformance
+# Every engine must pass these, on a tiny model of its own Keras flavour: each path of the
+# deployment tree with its invariants in Keras and in the int8 .tflite, the user's callbacks
+# on one epoch axis, and resume from a checkpoint. A new engine adds one row here.
+
+def _tfmot_settings():
+    import tf_keras
+
+    return {"tiny_model": tiny_sequential, "callback_base": tf_keras.callbacks.Callback}
+
+
+ENGINES = [("tfmot", _tfmot_settings)]
+
+PATHS = [  # phases after Train(1), what the last phase is called, (sparsity, clusters) kept
+    ([colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=6, epochs=1)],
+     "Cluster (sparsity-preserving)", (0.5, 6 + 1)),
+    ([colopt.Prune(sparsity=0.5, epochs=2), colopt.Quantize(epochs=1)], "PQAT", (0.5, None)),
+    ([colopt.Cluster(clusters=6, epochs=1), colopt.Quantize(epochs=1)], "CQAT", (None, 6)),
+    ([colopt.Cluster(clusters=6, epochs=1, per_channel=True), colopt.Quantize(epochs=1)],
+     "CQAT", (None, 6)),
+    ([colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=6, epochs=1),
+      colopt.Quantize(epochs=1)], "PCQAT", (0.5, 6 + 1)),
+]
+
+
+@pytest.fixture(params=ENGINES, ids=[e[0] for e in ENGINES])
+def flavour(request):
+    return request.param[1]()
+
+
+@pytest.mark.parametrize("phases,label,kept", PATHS,
+                         ids=["spc", "pqat", "cqat", "cqat-per-channel", "pcqat"])
+def test_engine_path_keeps_its_invariants_in_keras_and_tflite(digits, tmp_path, flavour,
+                                                              phases, label, kept):
+    (x, y), (xt, yt) = digits
+    r = colopt.collaborative_fit(flavour["tiny_model"](), x, y,
+                                 phases=[colopt.Train(epochs=1)] + phases,
+                                 validation_data=(xt, yt), batch_size=64, verbose=0)
+    assert r.plan.phases[-1].label == label
+    sparsity, clusters = kept
+    per_channel = any(getattr(p, "per_channel", False) for p in phases)
+    keras_stats = layer_stats(r.model)
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                   representative_data=x[:64])
+    deployed = colopt.export.inspect_tflite(info.path)
+    assert deployed and all(w.dtype == "int8" for w in deployed)
+    for name, s in keras_stats.items():
+        if sparsity is not None:
+            assert s.sparsity >= sparsity - 0.01, (name, s)
+        if clusters is not None:
+            n = s.unique_per_channel_max if per_channel else s.unique
+            assert n <= clusters, (name, s)
+    for w in deployed:  # every weight tensor, read back from the file
+        if sparsity is not None:
+            assert w.sparsity >= sparsity - 0.01, w
+        if clusters is not None:
+            assert w.unique_per_channel_max <= clusters, w
+
+
+def test_engine_drives_the_users_callbacks_on_one_epoch_axis(digits, flavour):
+    (x, y), _ = digits
+    seen = []
+
+    class Epochs(flavour["callback_base"]):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    r = colopt.collaborative_fit(flavour["tiny_model"](), x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Train(epochs=1),
+                                         colopt.Prune(sparsity=0.5, epochs=2),
+                                         colopt.Quantize(epochs=1)],
+                                 callbacks=[Epochs()])
+    assert seen == [0, 1, 2, 3]
+    assert r.history.history["phase"] == ["Train", "Prune", "Prune", "PQAT"]
+    assert r.history.history["compression/sparsity"][-1] >= 0.49
+
+
+def test_engine_resumes_from_its_checkpoint(digits, tmp_path, flavour):
+    """A run whose later phases a callback stopped resumes where its checkpoint left it, and
+    ends as an uninterrupted run does (same data order)."""
+    (x, y), _ = digits
+    phases = [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
+              colopt.Quantize(epochs=1)]
+
+    def fit(ckpt, callbacks=()):
+        return colopt.collaborative_fit(flavour["tiny_model"](), x[:128], y[:128],
+                                        phases=phases, batch_size=64, verbose=0,
+                                        shuffle=False, checkpoint_dir=ckpt,
+                                        callbacks=list(callbacks))
+
+    class StopAt2(flavour["callback_base"]):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    whole = fit(tmp_path / "whole")
+    stopped = fit(tmp_path / "cut", [StopAt2()])
+    assert stopped.stopped_early == "Prune" and stopped.history.epoch == [0, 1]
+    resumed = fit(tmp_path / "cut")
+    assert resumed.resumed_at == 2 and resumed.history.epoch == [0, 1, 2, 3]
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

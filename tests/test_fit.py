@@ -14,6 +14,8 @@ import keras_colopt as colopt
 from keras_colopt import Cluster, Prune, Quantize, Train, stats
 from keras_colopt.callbacks import layer_stats
 from keras_colopt.engines import tfmot as engine
+from keras_colopt.engines.tfmot import checks as engine_checks
+from keras_colopt.engines.tfmot import quantize as engine_quantize
 
 from conftest import Recorder, compile_, tiny_functional_relu, tiny_sequential
 
@@ -278,7 +280,7 @@ def test_guard_catches_a_silent_tfmot_skip_when_not_folded(digits, monkeypatch):
     """InvariantGuard is the last line: without folding, tfmot's PCQAT skips the Conv2D
     followed by a standalone ReLU, and the guard must say so."""
     monkeypatch.setattr(engine, "fold_plan", lambda model: ({}, {}))
-    monkeypatch.setattr(engine, "dry_run_quantize", lambda *a: [])
+    monkeypatch.setattr(engine_checks, "dry_run_quantize", lambda *a: [])
     with pytest.raises(colopt.InvariantViolation) as info:
         _fit(tiny_functional_relu(), digits, [Prune(sparsity=SPARSITY, epochs=2),
                                               Cluster(clusters=CLUSTERS, epochs=1),
@@ -594,7 +596,8 @@ def test_per_channel_cqat_keeps_channels_holding_fewer_clusters(digits, tmp_path
 
     # Without the engine's centroids, tfmot drops the layer's clusters: refused at the start
     # of the Quantize phase, before it trains, naming the layer and why.
-    monkeypatch.setattr(engine, "_clustered_centroids", lambda planned: cpq.get_centroids)
+    monkeypatch.setattr(engine_quantize, "_clustered_centroids",
+                        lambda planned: cpq.get_centroids)
     rec = Recorder()
     with pytest.raises(ValueError, match=r"CQAT.*\['conv'\] without their clusters.*"
                                          r"'conv': \d{4} distinct values in the tensor, 2-8 "

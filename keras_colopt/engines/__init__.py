@@ -1,31 +1,50 @@
-"""Engines apply phases to a model of one Keras flavour.
+"""Engines apply phases to a model of one Keras flavour, behind one interface
+(`keras_colopt.engines.base.Engine`). Only `engines/` imports tf_keras, tfmot or keras.
 
-Only `engines/` imports tfmot. What `fit`, `callbacks` and `export` call on an
-engine module (a Keras 3 engine must provide the same):
-  model checks and copies: check_model, clone_model, compile_config, compile_like;
-  planning: preflight(model, plan), select_layers(model, phase, kind), fold_plan,
-    fold_activations, can_touch;
-  phases: apply_phase(model, planned, steps_per_epoch) -> (model, companions,
-    touched layers), strip, is_qat, quiet_expected_warnings,
-    unpreserved_clusters(model, names) (clustered layers a CQAT/PCQAT model dropped);
-  reading: base_name(layer), kernels(layer) (the weights a layer computes with),
-    expectations(model) (what its wrappers promise), quantized_per_channel,
-    wrapper_kind.
-`get_engine(model)` picks the engine for a model.
+`get_engine(model)` asks each engine whether it accepts the model; the first that does
+checks it and is returned. `default_engine()` is the engine of the library's own demo.
 """
 
 from __future__ import annotations
 
+from typing import List
+
+
+def engines() -> List[object]:
+    """The registered engines, in the order they are asked (imported on first use: TF's
+    import costs seconds)."""
+    global _ENGINES
+    if _ENGINES is None:
+        from keras_colopt.engines.tfmot import TfmotEngine
+
+        _ENGINES = [TfmotEngine()]
+    return _ENGINES
+
+
+_ENGINES = None
+
+
+def engine_of(model):
+    """The engine that accepts `model`, or None (no check beyond its flavour)."""
+    return next((e for e in engines() if e.accepts(model)), None)
+
 
 def get_engine(model, compiled: bool = True):
-    """Returns the engine module able to handle `model`, or raises a clear error.
+    """Returns the engine able to handle `model`, or raises a clear error.
 
     Args:
         model: the user's model.
         compiled: also require the model to be compiled (what `collaborative_fit`
             needs; a callback does not).
     """
-    from keras_colopt.engines import tfmot
+    engine = engine_of(model)
+    if engine is None:
+        # No engine takes this flavour: the first engine's check says why, and what to do.
+        engines()[0].check_model(model, compiled=compiled)
+        raise TypeError(f"No engine handles a model of type {type(model).__name__}.")
+    engine.check_model(model, compiled=compiled)
+    return engine
 
-    tfmot.check_model(model, compiled=compiled)
-    return tfmot
+
+def default_engine():
+    return engines()[0]

@@ -1,0 +1,154 @@
+"""Layers: what a phase can touch, which layers it selects, the user's names inside wrappers."""
+
+from __future__ import annotations
+
+import numpy as np
+from typing import Dict, List, Tuple
+
+from keras_colopt.engines.tfmot._deps import clustering_registry, prune_registry, tf_keras, tfmot
+
+_INITS = {
+    "kmeans++": tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS,
+    "linear": tfmot.clustering.keras.CentroidInitialization.LINEAR,
+    "density": tfmot.clustering.keras.CentroidInitialization.DENSITY_BASED,
+    "random": tfmot.clustering.keras.CentroidInitialization.RANDOM,
+}
+
+_KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
+_WEIGHTED = (tf_keras.layers.Conv2D, tf_keras.layers.Dense, tf_keras.layers.DepthwiseConv2D)
+
+
+
+def base_layer(layer):
+    """The user's layer inside any tfmot wrapper."""
+    while isinstance(layer, tf_keras.layers.Wrapper) and \
+            type(layer).__module__.startswith("tensorflow_model_optimization"):
+        layer = layer.layer
+    return layer
+
+
+def base_name(layer) -> str:
+    return base_layer(layer).name
+
+
+def _prunable_weight_names(layer) -> List[str]:
+    if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
+        return [w.name for w in layer.get_prunable_weights()]
+    if not prune_registry.PruneRegistry.supports(layer):
+        return []
+    return list(prune_registry.PruneRegistry._weight_names(layer))
+
+
+def _clusterable_weight_names(layer) -> List[str]:
+    if isinstance(layer, tfmot.clustering.keras.ClusterableLayer):
+        return [n for n, _ in layer.get_clusterable_weights()]
+    if not clustering_registry.ClusteringRegistry.supports(layer):
+        return []
+    return list(clustering_registry.ClusteringRegistry._weight_names(layer))
+
+
+def can_touch(layer, kind: str) -> bool:
+    """Whether a phase of `kind` ("prune", "cluster", "quantize") can apply to `layer`."""
+    layer = base_layer(layer)
+    if kind == "prune":
+        return bool(_prunable_weight_names(layer))
+    if kind == "cluster":
+        return bool(_clusterable_weight_names(layer))
+    if kind == "quantize":
+        # Whether tfmot can quantize a layer depends on its neighbours (Conv2D+BatchNorm is
+        # folded, BatchNorm alone is not): `preflight` finds out with a dry run.
+        return True
+    return False
+
+
+def _has_kernel(layer) -> bool:
+    return any(getattr(layer, a, None) is not None for a in _KERNEL_ATTRS)
+
+
+def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
+    """Which layers a phase touches, and which weighted layers it cannot touch.
+
+    Returns:
+        (touched, skipped): base layer names. Raises ValueError for a name in
+        `phase.layers` that does not exist or that the phase cannot touch.
+    """
+    layers = [base_layer(l) for l in model.layers]
+    by_name = {l.name: l for l in layers}
+    sel = phase.layers
+    if sel is None:
+        chosen = [l for l in layers if _has_kernel(l) or kind == "quantize"]
+    elif callable(sel):
+        chosen = [l for l in layers if sel(l)]
+        if not chosen:
+            raise ValueError(
+                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
+                f"'{model.name}'. Expected it to return True for at least one of: "
+                f"{sorted(by_name)}. Received: layers={sel!r}")
+    else:
+        missing = [n for n in sel if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"{type(phase).__name__}: no layer named {missing} in model '{model.name}'. "
+                f"Expected names from: {[l.name for l in layers]}. Fix the names in `layers=`. "
+                f"Received: layers={sel!r}")
+        chosen = [by_name[n] for n in sel]
+    def ok(layer):
+        return can_touch(layer, kind) and not (kind == "cluster" and _too_small(layer, phase))
+
+    touched = [l.name for l in chosen if ok(l)]
+    skipped = [l.name for l in chosen if not ok(l) and l.weights]
+    refused = [l.name for l in chosen if not ok(l)]
+    if sel is not None and not callable(sel) and refused:
+        raise ValueError(
+            f"{type(phase).__name__}: tfmot cannot {kind} the layer(s) {refused} you named "
+            f"(type {[type(by_name[n]).__name__ for n in refused]}). Expected layers it supports "
+            "(Dense, Conv1D/2D/3D, ...; DepthwiseConv2D is never pruned or clustered). Remove "
+            f"them from `layers=`. Received: layers={sel!r}")
+    return touched, skipped
+
+
+def _is_relu_layer(layer) -> bool:
+    if isinstance(layer, tf_keras.layers.ReLU):
+        return True
+    if isinstance(layer, tf_keras.layers.Activation):
+        return tf_keras.activations.serialize(layer.activation) in ("relu", "relu6")
+    return False
+
+
+def _too_small(layer, phase) -> bool:
+    """Whether a kernel has no more weights (per output channel, when clustering a Conv2D per
+    channel) than clusters: then there is nothing to cluster (tfmot skips such a Conv2D)."""
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None:
+        return False
+    size = int(np.prod(kernel.shape))
+    if phase.per_channel and isinstance(layer, tf_keras.layers.Conv2D):
+        axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+        size //= int(kernel.shape[axis])
+    return size <= phase.clusters
+
+
+def activation_after(model) -> Dict[str, str]:
+    """Weighted layers (Conv2D/Dense/DepthwiseConv2D) followed by a standalone ReLU layer
+    (`ReLU` or `Activation("relu")`/`"relu6"`; other activations are not fused by tfmot).
+
+    tfmot's quantize transforms fuse such a pair, and the preserving quantizer
+    (PQAT/CQAT/PCQAT) is then not applied to the weighted layer: its sparsity
+    or clusters are silently lost. Returns {weighted layer: activation layer}.
+    """
+    found = {}
+    for layer in (base_layer(l) for l in model.layers):
+        if not isinstance(layer, _WEIGHTED):
+            continue
+        for node in layer._outbound_nodes:
+            nxt = base_layer(node.outbound_layer)
+            if _is_relu_layer(nxt):
+                found[layer.name] = nxt.name
+    return found
+
+
+def _find(model, name):
+    for l in model.layers:
+        if base_name(l) == name:
+            return base_layer(l)
+    raise KeyError(name)

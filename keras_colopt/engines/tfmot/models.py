@@ -1,0 +1,173 @@
+"""Models: checks, copies, snapshots, and compiling each phase like the user's model."""
+
+from __future__ import annotations
+
+import numpy as np
+from typing import Optional
+
+from keras_colopt.engines.tfmot._deps import tf, tf_keras
+
+def check_model(model, compiled: bool = True) -> None:
+    """Raises a clear error unless `model` is a (compiled) tf_keras Sequential/Functional model."""
+    if isinstance(model, tf_keras.Model):
+        pass
+    elif _is_keras3(model):
+        raise TypeError(
+            "This is a Keras 3 model (`import keras`), which tensorflow-model-optimization "
+            "cannot wrap (its cluster_weights silently returns None for one). Expected a "
+            "tf_keras (Keras 2) model. Build the model with `import tf_keras as keras` "
+            "(pip package tf-keras), or rebuild it from its config with tf_keras. "
+            f"Received: model of type {type(model).__module__}.{type(model).__name__}")
+    else:
+        raise TypeError(
+            "Expected a compiled tf_keras Sequential or Functional model. "
+            f"Received: model={model!r} of type {type(model).__name__}")
+    if not (isinstance(model, tf_keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise TypeError(
+            f"Model '{model.name}' is a subclassed tf_keras.Model ({type(model).__name__}); "
+            "tfmot can only re-wrap the layers of Sequential and Functional models. Expected "
+            "a Sequential or Functional model. Rebuild it with the Functional API "
+            "(keras.Model(inputs, outputs)).")
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Expected a model with known input shapes. "
+            "Give the first layer an input_shape (or use keras.Input) before calling.")
+    if compiled and (getattr(model, "optimizer", None) is None
+                     or not getattr(model, "compiled_loss", None)):
+        raise ValueError(
+            f"Model '{model.name}' is not compiled. Expected a model compiled with an "
+            "optimizer and a loss: every phase re-compiles with the same loss and metrics "
+            "and a fresh copy of your optimizer. Call model.compile(optimizer=..., loss=..., "
+            "metrics=[...]) first.")
+
+
+def _is_keras3(model) -> bool:
+    return type(model).__module__.startswith("keras.") or any(
+        c.__module__.startswith("keras.src") for c in type(model).__mro__)
+
+
+def clone_model(model):
+    """A deep copy of `model` (new layer objects, same weights) that shares nothing with it."""
+    try:
+        clone = tf_keras.models.clone_model(model)
+    except (TypeError, ValueError) as e:
+        if "deserializ" not in str(e) and "Unknown" not in str(e):
+            raise
+        raise ValueError(
+            f"Cannot copy model '{model.name}': a layer's config names a class or function "
+            f"tf_keras does not know ({type(e).__name__}: {str(e)[:400]}). Expected every "
+            "custom object its layers refer to to be known by name: every phase rebuilds "
+            "layers from their configs. Pass them with collaborative_fit(custom_objects="
+            "{'name': obj}), or register them with "
+            "@tf_keras.saving.register_keras_serializable().") from e
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def snapshot(model):
+    """What `rebuild(snapshot(model))` needs to make a copy of `model` as it is now, however
+    its layer objects change later (a later phase's wrappers share and modify them).
+
+    For an unwrapped model (between phases): its class, config and weights (copies).
+    """
+    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+
+
+def rebuild(snap):
+    """A new model from a `snapshot`, with its weights."""
+    cls, config, weights = snap
+    model = (tf_keras.Sequential if issubclass(cls, tf_keras.Sequential)
+             else tf_keras.Model).from_config(config)
+    model.set_weights(weights)
+    return model
+
+
+def _fresh(obj):
+    """A new copy of each Metric/Loss object in a (nested) compile argument: metric state
+    must not be shared between the models of two phases."""
+    if isinstance(obj, (tf_keras.metrics.Metric, tf_keras.losses.Loss)):
+        return type(obj).from_config(obj.get_config())
+    if isinstance(obj, dict):
+        return {k: _fresh(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fresh(v) for v in obj)
+    return obj
+
+
+@tf_keras.utils.register_keras_serializable(package="keras_colopt")
+class ContinuedSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
+    """The user's compiled schedule, read at the run's global step.
+
+    Each phase trains with a fresh optimizer, whose step counter starts at 0 (its
+    moments are fresh too, so Adam's bias correction restarts with them). Evaluating
+    the schedule at `offset + step`, where `offset` is the global step at which the
+    phase starts, makes it run on across phases instead of restarting at its peak.
+
+    Args:
+        schedule: a `LearningRateSchedule` (not modified).
+        offset: the run's global step at the phase's first step.
+    """
+
+    def __init__(self, schedule, offset):
+        if isinstance(schedule, dict):
+            schedule = tf_keras.optimizers.schedules.deserialize(schedule)
+        self.schedule = schedule
+        self.offset = int(offset)
+
+    def __call__(self, step):
+        step = tf.convert_to_tensor(step)
+        return self.schedule(step + tf.cast(self.offset, step.dtype))
+
+    def get_config(self):
+        return {"schedule": tf_keras.optimizers.schedules.serialize(self.schedule),
+                "offset": self.offset}
+
+
+def _compiled_schedule(opt):
+    lr = getattr(opt, "_learning_rate", None)
+    if lr is None and hasattr(opt, "_get_hyper"):  # a legacy optimizer
+        lr = opt._get_hyper("learning_rate")
+    if isinstance(lr, ContinuedSchedule):  # a model compiled by an earlier run: its offset
+        lr = lr.schedule                     # is derived from the plan again
+    return lr if isinstance(lr, tf_keras.optimizers.schedules.LearningRateSchedule) else None
+
+
+def compile_config(model) -> dict:
+    """What `model.compile` was given, in a form that can compile another model."""
+    cl = model.compiled_loss
+    cm = model.compiled_metrics
+    opt = model.optimizer
+    return {
+        "optimizer_class": type(opt),
+        "optimizer_config": opt.get_config(),
+        "schedule": _compiled_schedule(opt),
+        "loss": model.loss,
+        "loss_weights": getattr(cl, "_user_loss_weights", None),
+        "metrics": getattr(cm, "_user_metrics", None),
+        "weighted_metrics": getattr(cm, "_user_weighted_metrics", None),
+        "run_eagerly": model._run_eagerly,
+        "jit_compile": getattr(model, "_jit_compile", None),
+        "steps_per_execution": int(model._steps_per_execution.numpy())
+        if getattr(model, "_steps_per_execution", None) is not None else 1,
+    }
+
+
+def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
+                 step_offset: int = 0) -> None:
+    """Compiles `model` as the original was, with a fresh optimizer.
+
+    Args:
+        learning_rate: a constant rate for this phase, or `None` for the compiled one.
+        step_offset: the run's global step at this phase's first step: a compiled
+            schedule is read from there on (`ContinuedSchedule`), not from 0.
+    """
+    ocfg = dict(cfg["optimizer_config"])
+    if learning_rate is not None:
+        ocfg["learning_rate"] = float(learning_rate)
+    elif cfg.get("schedule") is not None:
+        ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)
+    optimizer = cfg["optimizer_class"].from_config(ocfg)
+    model.compile(optimizer=optimizer, loss=_fresh(cfg["loss"]), loss_weights=cfg["loss_weights"],
+                  metrics=_fresh(cfg["metrics"]), weighted_metrics=_fresh(cfg["weighted_metrics"]),
+                  run_eagerly=cfg["run_eagerly"], steps_per_execution=cfg["steps_per_execution"],
+                  jit_compile=cfg["jit_compile"])

@@ -1,0 +1,157 @@
+"""What `fit`, the callbacks, checkpoints, export and the command line need from tf_keras:
+fit's arguments and callbacks, training state on disk, `.tflite` conversion, model files."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+
+from keras_colopt.engines.tfmot._deps import tf, tf_keras
+from keras_colopt.engines.tfmot.layers import base_name
+
+def _is_callback(cb) -> bool:
+    from keras_colopt.engines.base import Callback
+
+    return isinstance(cb, (tf_keras.callbacks.Callback, Callback))
+
+
+def check_callbacks(callbacks) -> list:
+    """The user's callbacks as a list; refuses a single callback and foreign objects."""
+    if callbacks is None:
+        return []
+    if _is_callback(callbacks):
+        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
+                         f"callbacks=[{type(callbacks).__name__}(...)]")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not _is_callback(cb):
+            raise TypeError(
+                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a tf_keras "
+                "callback. Expected instances of tf_keras.callbacks.Callback (a Keras 3 "
+                "`keras.callbacks` object cannot drive a tf_keras model). Use the "
+                "same callback from `tf_keras.callbacks`.")
+    return callbacks
+
+
+def fit_arguments() -> set:
+    return set(inspect.signature(tf_keras.Model.fit).parameters) - {"self"}
+
+
+def is_sequence(x) -> bool:
+    return isinstance(x, tf_keras.utils.Sequence)
+
+
+def custom_object_scope(custom_objects):
+    return tf_keras.utils.custom_object_scope(dict(custom_objects))
+
+
+def history(model, epochs, values):
+    h = tf_keras.callbacks.History()
+    h.set_model(model)
+    h.epoch = list(epochs)
+    h.history = dict(values)
+    return h
+
+
+def tensorboard_callback(log_dir):
+    return tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+
+
+def progbar_callback():
+    return tf_keras.callbacks.ProgbarLogger(count_mode="steps")
+
+
+def is_progbar(callback) -> bool:
+    return isinstance(callback, tf_keras.callbacks.ProgbarLogger)
+
+
+def walk(model):
+    """`[(name, layer)]` of the model's layers, by the user's (unwrapped) names."""
+    return [(base_name(layer), layer) for layer in model.layers]
+
+
+def flatten_nested(model):
+    return model
+
+
+# --------------------------------------------------------------------------- training state
+
+def save_state(model, path: str) -> None:
+    """The wrapped model's variables (masks, pruning step, centroids, quantizer ranges) and
+    its optimizer's, as a TF checkpoint at `path`."""
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(path)
+
+
+def restore_state(model, path: str) -> None:
+    optimizer = model.optimizer
+    if hasattr(optimizer, "build"):
+        optimizer.build(model.trainable_variables)  # its slots must exist to be restored
+    status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(path)
+    status.assert_existing_objects_matched()
+
+
+# --------------------------------------------------------------------------- files
+
+def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool = False,
+                    qat: bool = False) -> bytes:
+    """Converts a stripped model with TF's converter.
+
+    Args:
+        representative: a generator function of calibration samples, or None.
+        qat: whether the model is quantization-aware trained (its ranges are used).
+    """
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) + (
+        [tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantization == "int8" and representative is not None:
+        # Calibrates what QAT did not cover (all of a plain model, the unannotated layers of
+        # a partly annotated one); QAT ranges are kept where they exist.
+        converter.representative_dataset = representative
+    if quantization == "int8" and not qat:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    with warnings.catch_warnings():
+        # Expected for a QAT model with float inputs: the converter says it on every export.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were "
+                                "expected, but not specified")
+        return converter.convert()
+
+
+def load_model(path):
+    """A compiled tf_keras model from a `.keras` / `.h5` file (or SavedModel folder)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Expected a tf_keras model saved with "
+                                "model.save('model.keras').")
+    try:
+        return tf_keras.models.load_model(path, compile=True)
+    except Exception as e:  # noqa: BLE001 - Keras raises many types; say what we needed
+        raise ValueError(f"Cannot load {path!r} as a tf_keras model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Expected a compiled "
+                         "tf_keras (Keras 2) model saved with model.save('model.keras'). A "
+                         "Keras 3 model must be rebuilt with tf_keras.") from None
+
+
+def demo_model(seed: int = 0):
+    """The demo's small CNN for 8x8x1 digits (compiled, tf_keras)."""
+    keras = tf_keras
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1",
+                            input_shape=(8, 8, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(2, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(64, activation="relu", name="dense1"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="digits_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def is_model(obj) -> bool:
+    return isinstance(obj, tf_keras.Model)
+

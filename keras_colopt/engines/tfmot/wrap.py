@@ -1,0 +1,189 @@
+"""Wrapping a model for one phase (prune, cluster, quantize) and stripping it again."""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+from typing import List
+
+from keras_colopt.engines.tfmot._deps import cluster_wrapper, pruning_wrapper, quantize_wrapper, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot.layers import _INITS, _find, _has_kernel, base_layer, base_name, select_layers
+from keras_colopt.engines.tfmot.quantize import _quantize
+
+log = logging.getLogger("keras_colopt")
+
+def pruning_schedule(phase, steps_per_epoch: int):
+    """The tfmot schedule of a Prune phase for `steps_per_epoch` steps per epoch.
+
+    The ramp covers the first `max(1, epochs - 1)` epochs and ends on a step
+    where the mask is updated, so the target is reached exactly.
+
+    Returns:
+        (schedule, end_step): `end_step` is the pruning step after which the
+        layer holds its target sparsity.
+    """
+    ramp_epochs = max(1, phase.epochs - 1)
+    ramp_steps = max(1, ramp_epochs * steps_per_epoch)
+    frequency = max(1, ramp_steps // 10)
+    end_step = (ramp_steps // frequency) * frequency
+    if phase.schedule == "constant" or phase.m_by_n is not None:
+        return (tfmot.sparsity.keras.ConstantSparsity(
+            phase.sparsity, begin_step=0, end_step=-1, frequency=frequency), frequency)
+    return (tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=phase.initial_sparsity, final_sparsity=phase.sparsity,
+        begin_step=0, end_step=end_step, frequency=frequency), end_step)
+
+
+def strip(model):
+    """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
+    stripped = model
+    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
+        model = tfmot.sparsity.keras.strip_pruning(model)
+    if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
+        model = tfmot.clustering.keras.strip_clustering(model)
+    return model if stripped is model else keep_output_names(model, stripped)
+
+
+def keep_output_names(new, old):
+    """Gives `new`, a re-wrapped copy of `old`, the output names of `old`; returns `new`.
+
+    tf_keras names a Functional model's outputs after its output layers, and tfmot's
+    wrappers rename those (`prune_low_magnitude_cls`, `quant_cls`): without this, a loss
+    or metrics dict keyed by output name no longer compiles, and History's `cls_loss`
+    becomes `prune_low_magnitude_cls_loss` after a phase switch. `compile` reads
+    `output_names` (losses, metrics and their History names), and so does the `.tflite`
+    converter (the signature's output names); they are plain strings, not checkpointed
+    state. Outputs are matched by their base layer, or by position when a layer changed
+    (an activation folded into the layer before it).
+    """
+    names = getattr(old, "output_names", None)
+    if not names or not getattr(new, "_is_graph_network", False):
+        return new
+    before = [base_name(l) for l in old._output_layers]
+    after = [base_name(l) for l in new._output_layers]
+    if len(set(before)) == len(before) == len(names) and sorted(after) == sorted(before):
+        by_layer = dict(zip(before, names))
+        _set_output_names(new, [by_layer[n] for n in after])
+    elif len(after) == len(names):  # clone_model keeps the order of the outputs
+        _set_output_names(new, names)
+    return new
+
+
+@tf.__internal__.tracking.no_automatic_dependency_tracking
+def _set_output_names(model, names):
+    # As tf_keras sets them: a plain list, not a tracked ListWrapper (no checkpoint entry).
+    model.output_names = [str(n) for n in names]
+
+
+def apply_phase(model, planned, steps_per_epoch: int, hold=()):
+    """Wraps `model` for one planned phase.
+
+    Args:
+        model: the model as the previous phase left it (its wrappers are stripped).
+        planned: the `PlannedPhase`.
+        steps_per_epoch: training steps per epoch (lays out a pruning schedule).
+        hold: names of layers that carry an earlier phase's work (zeros, clusters)
+            that this phase does not touch: they are frozen (`trainable=False`)
+            during it, so that training the others cannot undo that work.
+
+    Returns:
+        (new_model, companion_callbacks, touched_layer_names)
+    """
+    new, companions, touched = _wrap_for_phase(model, planned, steps_per_epoch)
+    hold = set(hold) - set(touched)
+    if hold:
+        for layer in new.layers:
+            if base_name(layer) in hold:
+                _freeze(layer)
+    return new, companions, touched
+
+
+def _freeze(layer) -> None:
+    """Makes a (possibly wrapped) layer's own weights non-trainable."""
+    layer.trainable = False
+    base_layer(layer).trainable = False
+    if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+        # QuantizeWrapperV2 copies its inner layer's trainable weights into its own list
+        # when built, so they would still train: move them to its non-trainable list.
+        # In place: assigning a list of variables to a layer attribute makes tf_keras track
+        # each trainable variable as a trainable weight again.
+        inner = {id(w) for w in base_layer(layer).weights}
+        moved = [w for w in layer._trainable_weights if id(w) in inner]
+        layer._trainable_weights[:] = [w for w in layer._trainable_weights
+                                       if id(w) not in inner]
+        known = {id(w) for w in layer._non_trainable_weights}
+        layer._non_trainable_weights.extend(w for w in moved if id(w) not in known)
+
+
+def _wrap_for_phase(model, planned, steps_per_epoch: int):
+    phase = planned.phase
+    kind = phase.kind
+    if kind == "train":
+        return model, [], []
+    # Drop the previous phase's training wrappers; their work is in the weights now.
+    model = strip(model)
+    touched, _ = select_layers(model, phase, kind)  # the skipped ones were logged by preflight
+    wanted = set(touched)
+
+    if kind == "prune":
+        schedule, _ = pruning_schedule(phase, steps_per_epoch)
+        kwargs = {"pruning_schedule": schedule}
+        if phase.m_by_n is not None:
+            kwargs["sparsity_m_by_n"] = tuple(phase.m_by_n)
+
+        def wrap(layer):
+            if layer.name in wanted:
+                return tfmot.sparsity.keras.prune_low_magnitude(layer, **kwargs)
+            return layer
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
+        return new, [tfmot.sparsity.keras.UpdatePruningStep()], touched
+
+    if kind == "cluster":
+        kwargs = {"number_of_clusters": phase.clusters,
+                  "cluster_centroids_init": _INITS[phase.init],
+                  "preserve_sparsity": planned.preserve_sparsity,
+                  "cluster_per_channel": phase.per_channel}
+
+        def wrap(layer):
+            if layer.name not in wanted:
+                return layer
+            layer_kwargs = dict(kwargs)
+            short = _kmeans_short_channels(layer, phase, planned.preserve_sparsity)
+            if short:
+                log.warning(
+                    "%s: layer '%s' has output channel(s) %s with fewer %s than clusters=%d, "
+                    "where tfmot's per-channel kmeans++ initialization fails; that layer's "
+                    "centroids are initialized 'linear' instead.", planned.label, layer.name,
+                    short[:8], "non-zero weights" if planned.preserve_sparsity else
+                    "distinct weights", phase.clusters)
+                layer_kwargs["cluster_centroids_init"] = _INITS["linear"]
+            if type(layer) is tf_keras.layers.Conv2D:
+                # tfmot's cluster_weights counts a Conv2D's channels from its last trainable
+                # weight, which is the kernel itself when use_bias=False, and then silently
+                # skips the layer as "too small" for per-channel clustering. Our own check
+                # (_too_small) ran in select_layers; wrap it directly.
+                return cluster_wrapper.ClusterWeights(layer, **layer_kwargs)
+            return tfmot.clustering.keras.cluster_weights(layer, **layer_kwargs)
+        new = keep_output_names(tf_keras.models.clone_model(model, clone_function=wrap), model)
+        return new, [], touched
+
+    if kind == "quantize":
+        new = keep_output_names(_quantize(model, planned, wanted), model)
+        return new, [], [n for n in touched if _has_kernel(_find(model, n))]
+    raise AssertionError(kind)
+
+
+def _kmeans_short_channels(layer, phase, preserve_sparsity) -> List[int]:
+    """Output channels too small for tfmot's per-channel kmeans++ (it samples `clusters`
+    points per channel, among the non-zero weights when sparsity is preserved)."""
+    if not (phase.per_channel and phase.init == "kmeans++"
+            and isinstance(layer, tf_keras.layers.Conv2D) and _has_kernel(layer)):
+        return []
+    k = np.asarray(layer.kernel.numpy())
+    per = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+    short = []
+    for c, row in enumerate(per):
+        points = row[row != 0] if preserve_sparsity else row
+        if np.unique(points).size < phase.clusters:
+            short.append(c)
+    return short

@@ -1,0 +1,78 @@
+"""The engine boundary: only `engines/` imports tf_keras, tfmot or keras; every engine
+implements the whole interface; `get_engine` asks each engine."""
+
+import ast
+import pathlib
+
+import pytest
+
+import keras_colopt
+from keras_colopt.engines import base, engine_of, engines, get_engine
+
+PACKAGE = pathlib.Path(keras_colopt.__file__).parent
+KERAS_FLAVOURS = ("tf_keras", "tensorflow_model_optimization", "keras")
+
+
+def _imports(path):
+    """Top-level package names a module imports (at any depth of its code)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_only_engines_import_a_keras_flavour():
+    above = [p for p in PACKAGE.rglob("*.py") if "engines" not in p.relative_to(PACKAGE).parts]
+    assert {p.name for p in above} >= {"fit.py", "callbacks.py", "checkpoint.py", "export.py",
+                                        "tree.py", "report.py", "cli.py", "data.py"}
+    found = {str(p.relative_to(PACKAGE)): sorted(set(_imports(p)) & set(KERAS_FLAVOURS))
+             for p in above}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_check_sees_an_import_inside_a_function(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    import tf_keras\n    from keras import layers\n")
+    assert set(_imports(f)) == {"tf_keras", "keras"}
+
+
+@pytest.mark.parametrize("engine", engines(), ids=lambda e: e.name)
+def test_every_engine_implements_the_whole_interface(engine):
+    missing = [n for n in base.INTERFACE if getattr(type(engine), n) is getattr(base.Engine, n)]
+    assert missing == []
+    for flag in ("supports_strategy", "supports_checkpoints", "supports_quantize_configs"):
+        assert isinstance(getattr(engine, flag), bool)
+
+
+def test_get_engine_asks_each_engine(seq_model):
+    engine = get_engine(seq_model)
+    assert engine is engine_of(seq_model) and engine.accepts(seq_model)
+    assert engine_of(object()) is None
+    with pytest.raises(TypeError, match="Expected a compiled tf_keras"):
+        get_engine(object())
+
+
+def test_library_callbacks_drive_a_keras3_fit_too():
+    """The library's callbacks derive from the engine-neutral `Callback`: the same object is a
+    valid callback for Keras 3's `fit` (what the Keras 3 engine will rely on)."""
+    import numpy as np
+    import keras as k3
+
+    from keras_colopt.engines.base import Callback
+
+    class Seen(Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs.append(epoch)
+            logs["seen/epoch"] = float(epoch)
+
+    m = k3.Sequential([k3.Input((3,)), k3.layers.Dense(2)])
+    m.compile("adam", "mse")
+    cb = Seen()
+    h = m.fit(np.ones((8, 3)), np.ones((8, 2)), epochs=2, verbose=0, callbacks=[cb])
+    assert cb.epochs == [0, 1] and h.history["seen/epoch"] == [0.0, 1.0]
