@@ -10,7 +10,10 @@ engine module (a Keras 3 engine must provide the same):
     unpreserved_clusters(model, names) (clustered layers a CQAT/PCQAT model dropped);
   reading: base_name(layer), kernels(layer) (the weights a layer computes with),
     expectations(model) (what its wrappers promise), quantized_per_channel,
-    wrapper_kind.
+    wrapper_kind;
+  nested models: walk(model) -> [(path name, layer)] at any depth (`backbone/conv1`),
+    nested_models(model), flatten_nested(model) (one Functional model, layers named by
+    path, for collaborative_fit).
 `get_engine(model)` picks the engine for a model.
 """
 

@@ -33,6 +33,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: 
     prune_registry, pruning_wrapper)
 
 from keras_colopt import stats  # noqa: E402
+from keras_colopt.engines.tfmot_flatten import flatten_nested, nested_models, walk  # noqa: E402,F401,E501
 
 if _prev_legacy is None:
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
