@@ -25,14 +25,16 @@ log = logging.getLogger("keras_colopt")
 
 
 def effective_kernels(model, engine=None) -> Dict[str, list]:
-    """`{base layer name: [(weight name, array, channel axis)]}` of the kernels each layer
-    really computes with (see `engines.tfmot.kernels`), for every layer that has one."""
+    """`{layer name: [(weight name, array, channel axis)]}` of the kernels each layer
+    really computes with (see `engines.tfmot.kernels`), for every layer that has one, at
+    any depth of nested models: a layer's name is its path (`backbone/conv1`, see the
+    engine's `walk`)."""
     engine = engine or get_engine(model, compiled=False)
     out = {}
-    for layer in model.layers:
+    for name, layer in engine.walk(model):
         ks = engine.kernels(layer)
         if ks:
-            out[engine.base_name(layer)] = ks
+            out[name] = ks
     return out
 
 
@@ -44,7 +46,7 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
         kernels: the output of `effective_kernels(model)`, when already computed.
 
     Returns:
-        `{base layer name: TensorStats}` over every layer with a kernel; a layer's
+        `{layer path name: TensorStats}` over every layer with a kernel; a layer's
         kernels are pooled, `unique` is the largest per-kernel count and
         `unique_per_channel_max` the largest per-output-channel count.
     """
@@ -71,7 +73,8 @@ class CompressionMetrics(tf_keras.callbacks.Callback):
     `unique_weights/<layer>` and `unique_weights_per_channel/<layer>`, with
     kernel histograms under `weights/<layer>`, in `<log_dir>/compression`.
     Layer names are the user's (unwrapped) names, so a series runs on across
-    phases. Only model-wide aggregates go into `logs`:
+    phases; a layer inside a nested model (a backbone) is named by its path,
+    `sparsity/backbone/conv1`. Only model-wide aggregates go into `logs`:
     `compression/sparsity` (zeros over all kernel weights) and
     `compression/max_unique_weights`.
 
@@ -180,7 +183,8 @@ class InvariantGuard(tf_keras.callbacks.Callback):
     compute with.
 
     Expectations given here apply to every layer tfmot can prune/cluster
-    (a float/int) or to the named layers (a dict); those not given are read
+    (a float/int) or to the named layers (a dict; a layer inside a nested
+    model is named by its path, `backbone/conv1`); those not given are read
     from the model's wrappers (pruning schedules, clustering wrappers,
     PQAT/CQAT/PCQAT quantizers).
 
@@ -236,7 +240,7 @@ class InvariantGuard(tf_keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._engine = get_engine(self.model, compiled=False)
         self.violations = []
-        names = {self._engine.base_name(l) for l in self.model.layers}
+        names = {name for name, _ in self._engine.walk(self.model)}
         for arg in ("sparsity", "clusters"):
             value = getattr(self, arg)
             if isinstance(value, dict):
@@ -252,8 +256,7 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         eng = self._engine or get_engine(self.model, compiled=False)
         from_wrappers = eng.expectations(self.model)
         out = {}
-        for layer in self.model.layers:
-            name = eng.base_name(layer)
+        for name, layer in eng.walk(self.model):
             w = from_wrappers.get(name, {})
             sp = self._given(self.sparsity, name, layer, eng, w.get("sparsity"))
             cl = self._given(self.clusters, name, layer, eng, w.get("clusters"))
@@ -279,8 +282,7 @@ class InvariantGuard(tf_keras.callbacks.Callback):
         found = []
         exp = self.expectations()
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
-        for layer in self.model.layers:
-            name = eng.base_name(layer)
+        for name, layer in eng.walk(self.model):
             if name in exp:
                 found += invariants.check_layer(name, eng.kernels(layer), exp[name],
                                                 self.tolerance, phase=phase, epoch=epoch)

@@ -3,12 +3,18 @@ collaborative_fit, walked by the drop-in callbacks, nothing left out silently.""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+import keras_colopt as colopt
+from keras_colopt.callbacks import CompressionMetrics, InvariantGuard
 from keras_colopt.engines import tfmot as engine
 
 from conftest import compile_, tiny_sequential
+from test_callbacks import read_events
+
+TOL = 0.01
 
 
 def _randomize_batchnorm(model):
@@ -146,3 +152,66 @@ def test_a_shared_nested_model_is_refused(make):
     msg = str(e.value)
     assert all(w in msg for w in words)
     assert "Expected each nested model to be called once" in msg and "Received: model" in msg
+
+
+# ------------------------------------------------------------------ drop-in callbacks
+
+def _nested_pruned():
+    """backbone (pruned by tfmot, wrappers inside) nested in a Sequential nested in the
+    model: the drop-in callbacks must look two levels down."""
+    backbone = tfmot.sparsity.keras.prune_low_magnitude(
+        conv_backbone(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(
+            0.5, begin_step=0, frequency=1))
+    deep = keras.Sequential([backbone], name="deep")
+    i = keras.Input((8, 8, 1))
+    return compile_(keras.Model(i, keras.layers.Dense(10, name="logits")(deep(i)), name="m"))
+
+
+def test_drop_in_callbacks_look_inside_nested_models(digits, tmp_path):
+    (x, y), _ = digits
+    model = _nested_pruned()
+    metrics = CompressionMetrics(log_dir=tmp_path / "logs")
+    guard = InvariantGuard()  # expectations read from the nested wrappers
+    h = model.fit(x, y, batch_size=64, epochs=1, verbose=0,
+                  callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), metrics, guard])
+    layers = ["deep/backbone/conv", "deep/backbone/hidden", "logits"]
+    assert set(guard.expectations()) == {"deep/backbone/conv", "deep/backbone/hidden"}
+    assert h.history["invariants/violations"] == [0]
+    tags = read_events(tmp_path / "logs" / "compression")[0]
+    assert set(tags) == {f"{kind}/{l}" for kind in ("sparsity", "unique_weights", "weights")
+                         for l in layers}
+    assert float(tags["sparsity/deep/backbone/hidden"]) >= 0.5 - TOL
+    assert float(tags["sparsity/logits"]) == 0.0
+
+    # A broken mask inside the nested wrapper: the kernel densifies.
+    wrapper = model.get_layer("deep").get_layer("backbone").get_layer(
+        "prune_low_magnitude_hidden")
+    for weight, mask, _ in wrapper.pruning_vars:
+        mask.assign(tf.ones_like(mask))
+        weight.assign(tf.random.normal(weight.shape) + 0.1)
+    guard.set_model(model)
+    guard.on_train_begin()
+    with pytest.raises(colopt.InvariantViolation) as e:
+        guard.on_epoch_end(1, {})
+    (v,) = e.value.violations
+    assert (v.layer, v.invariant, v.phase) == ("deep/backbone/hidden", "sparsity", "prune")
+    assert "layer 'deep/backbone/hidden', phase prune, epoch 1" in str(e.value)
+
+
+def test_engine_reads_wrappers_inside_nested_models(digits):
+    model = _nested_pruned()
+    assert engine.wrapper_kind(model) == "prune" and not engine.is_qat(model)
+    assert set(engine.expectations(model)) == {"deep/backbone/conv", "deep/backbone/hidden"}
+    stripped = engine.strip(model)
+    assert engine.wrapper_kind(stripped) == "none"
+    assert [n for n, _ in engine.walk(stripped)] == [n for n, _ in engine.walk(model)]
+
+    qat = tfmot.quantization.keras.quantize_model(conv_backbone())
+    i = keras.Input((8, 8, 1))
+    outer = keras.Model(i, keras.layers.Dense(10)(qat(i)))
+    assert engine.is_qat(outer) and engine.wrapper_kind(outer) == "QAT"
+    # Guard names must be path names, checked before training.
+    (x, y), _ = digits
+    with pytest.raises(ValueError, match=r"names layer\(s\) \['hidden'\]"):
+        model.fit(x[:8], y[:8], verbose=0, callbacks=[
+            tfmot.sparsity.keras.UpdatePruningStep(), InvariantGuard(sparsity={"hidden": 0.5})])

@@ -300,9 +300,9 @@ def pruning_schedule(phase, steps_per_epoch: int):
 
 def strip(model):
     """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
-    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
+    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for _, l in walk(model)):
         model = tfmot.sparsity.keras.strip_pruning(model)
-    if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
+    if any(isinstance(l, cluster_wrapper.ClusterWeights) for _, l in walk(model)):
         model = tfmot.clustering.keras.strip_clustering(model)
     return model
 
@@ -614,7 +614,8 @@ def _short(name: str) -> str:
 # --------------------------------------------------------------------------- expectations
 
 def expectations(model) -> Dict[str, dict]:
-    """What the model's wrappers promise, per base layer name.
+    """What the model's wrappers promise, per layer path name (see `walk`: the base name,
+    `backbone/conv1` inside a nested model).
 
     Returns:
         {layer: {"sparsity": float or None, "sparsity_ready": bool,
@@ -622,7 +623,7 @@ def expectations(model) -> Dict[str, dict]:
         `sparsity_ready` is False while a pruning schedule is still ramping.
     """
     out = {}
-    for layer in model.layers:
+    for name, layer in walk(model):
         e = None
         if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
             if not getattr(layer, "pruning_vars", None):
@@ -665,7 +666,7 @@ def expectations(model) -> Dict[str, dict]:
                 e = {"sparsity": sp, "sparsity_ready": True, "clusters": cl, "per_channel": pc,
                      "wrapper": "quantize"}
         if e is not None:
-            out[base_name(layer)] = e
+            out[name] = e
     return out
 
 
@@ -680,7 +681,7 @@ def _mask_sparsity(masks) -> Optional[float]:
 def wrapper_kind(model) -> str:
     """A label for what the model's wrappers do: "prune", "cluster", "QAT", "PQAT", ... or "none"."""
     kinds = set()
-    for layer in model.layers:
+    for _, layer in walk(model):
         if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
             kinds.add("prune")
         elif isinstance(layer, cluster_wrapper.ClusterWeights):
@@ -697,7 +698,7 @@ def wrapper_kind(model) -> str:
 
 
 def is_qat(model) -> bool:
-    return any(isinstance(l, quantize_wrapper.QuantizeWrapper) for l in model.layers)
+    return any(isinstance(l, quantize_wrapper.QuantizeWrapper) for _, l in walk(model))
 
 
 def quantized_per_channel(layer) -> bool:
@@ -880,7 +881,7 @@ def gradless_by_design(model) -> set:
     """Variables that get no gradient by design: CQAT/PCQAT kernels, rewritten each step from
     the trained centroids (tf_keras warns 'Gradients do not exist' for them)."""
     names = set()
-    for layer in model.layers:
+    for _, layer in walk(model):
         for w, _, qvars in getattr(layer, "_weight_vars", []) if isinstance(
                 layer, quantize_wrapper.QuantizeWrapper) else []:
             if isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars:
