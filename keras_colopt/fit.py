@@ -43,7 +43,8 @@ class FitResult:
 
     Attributes:
         model: the optimized model, still wrapped for its last phase (a QAT
-            model after Quantize); pass it to `export.to_tflite`.
+            model after Quantize); pass it to `export.to_tflite`. Nested models
+            (a backbone) are flattened into it, their layers named by path.
         history: a `tf_keras.callbacks.History` over all epochs; its
             `history["phase"]` gives each epoch's phase label.
         plan: the resolved `Plan` (epoch ranges, preservation).
@@ -294,8 +295,15 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         if checkpoint_dir is not None:
             checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), worker)
 
+    nested = engine.nested_models(model)
     with scope():
-        work = engine.clone_model(model)
+        # tfmot wraps top-level layers only: nested models are opened, in a copy (it refuses
+        # a nested model called twice, which clone_model would copy into untied layers).
+        work = engine.flatten_nested(model) if nested else engine.clone_model(model)
+    if nested:
+        log.info("Model '%s' has nested model(s) %s: flattened into one graph of %d layers, "
+                 "named by path ('%s/...'), so that every phase reaches their layers.",
+                 model.name, ", ".join(nested), len(work.layers), nested[0])
     folded = {}
     if any(p.phase.kind == "quantize" and (p.preserve_sparsity or p.preserve_clusters)
            for p in plan):

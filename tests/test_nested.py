@@ -1,6 +1,8 @@
 """Nested models (a backbone inside a model, as in transfer learning): flattened for
 collaborative_fit, walked by the drop-in callbacks, nothing left out silently."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,7 +10,8 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 import keras_colopt as colopt
-from keras_colopt.callbacks import CompressionMetrics, InvariantGuard
+from keras_colopt import Cluster, Prune, Quantize
+from keras_colopt.callbacks import CompressionMetrics, InvariantGuard, layer_stats
 from keras_colopt.engines import tfmot as engine
 
 from conftest import compile_, tiny_sequential
@@ -145,13 +148,123 @@ def _shared_at_depth():
 
 
 @pytest.mark.parametrize("make", [_siamese, _shared_at_depth])
-def test_a_shared_nested_model_is_refused(make):
+def test_a_shared_nested_model_is_refused(make, digits):
     model, words = make()
     with pytest.raises(ValueError, match="is called more than once") as e:
         engine.flatten_nested(model)
     msg = str(e.value)
     assert all(w in msg for w in words)
     assert "Expected each nested model to be called once" in msg and "Received: model" in msg
+    (x, y), _ = digits
+    with pytest.raises(ValueError, match="is called more than once"):  # before any training
+        colopt.collaborative_fit(model, [x[:8], x[:8]], y[:8] % 2, phases=[Prune(epochs=1)],
+                                 verbose=0)
+
+
+# ------------------------------------------------------------------ collaborative_fit
+
+def test_mobilenet_backbone_through_pcqat_into_the_tflite(tmp_path, caplog):
+    keras.utils.set_random_seed(0)
+    backbone = keras.applications.MobileNet(include_top=False, weights=None, alpha=0.25,
+                                            input_shape=(32, 32, 3))
+    model = compile_(keras.Sequential([backbone, keras.layers.GlobalAveragePooling2D(),
+                                       keras.layers.Dense(10, name="head")]), lr=1e-3)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 32, 32, 3), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    with caplog.at_level("INFO", logger="keras_colopt"):
+        r = colopt.collaborative_fit(model, x, y, phases=[
+            Prune(sparsity=0.5, epochs=2), Cluster(clusters=8, epochs=1), Quantize(epochs=1)],
+            batch_size=32, verbose=0, log_dir=tmp_path / "logs")
+    bb = backbone.name
+    depthwise = [f"{bb}/{l.name}" for l in backbone.layers
+                 if isinstance(l, keras.layers.DepthwiseConv2D)]
+    pointwise = [l.name for l in backbone.layers
+                 if type(l) is keras.layers.Conv2D and l.name.startswith("conv_pw")]
+    assert len(depthwise) == 13 and len(pointwise) == 13
+    assert r.skipped["Prune"] == depthwise
+    assert r.skipped["Cluster (sparsity-preserving)"] == depthwise
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING
+              and "cannot touch" in rec.getMessage()]
+    assert len(warned) == 2 and all(all(n in w for n in depthwise) for w in warned)
+
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                   representative_data=x[:16])
+    deployed = colopt.export.inspect_tflite(info.path)
+    for name in pointwise + ["head"]:
+        key = f"quant_{bb}/{name}/" if name != "head" else "quant_head/"
+        (w,) = [w for w in deployed if key in w.name]
+        assert w.dtype == "int8"
+        assert w.sparsity >= 0.5 - TOL, (name, w)
+        assert w.unique_per_channel_max <= 8 + 1, (name, w)  # 8 clusters, + the pruned zero
+    events = read_events(tmp_path / "logs" / "compression")
+    last = events[max(events)]
+    for name in pointwise:
+        assert float(last[f"sparsity/{bb}/{name}"]) >= 0.5 - TOL
+    assert f"sparsity/{bb}/conv_dw_1" in last and f"sparsity/{bb}" not in last
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAt(keras.callbacks.Callback):
+    """Interrupts a run at the beginning of epoch `at`, keeping the weights it had then."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.weights = at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            self.weights = [w.copy() for w in self.model.get_weights()]
+            raise _Interrupted
+
+
+class _FirstWeights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = None
+
+    def on_train_begin(self, logs=None):
+        if self.weights is None:
+            self.weights = [w.copy() for w in self.model.get_weights()]
+
+
+def test_checkpoint_resume_of_a_nested_model(digits, tmp_path):
+    (x, y), _ = digits
+    phases = [Prune(sparsity=0.5, epochs=2), Cluster(clusters=4, epochs=1)]
+    # One model object for both calls: a second fine_tuning_model() in this process would
+    # get other automatic layer names (input_7...), a model the checkpoint does not match.
+    model = fine_tuning_model()
+    stop = _StopAt(1)
+    with pytest.raises(_Interrupted):
+        colopt.collaborative_fit(model, x, y, phases=phases, batch_size=64,
+                                 verbose=0, checkpoint_dir=tmp_path, callbacks=[stop])
+    first = _FirstWeights()
+    r = colopt.collaborative_fit(model, x, y, phases=phases, batch_size=64,
+                                 verbose=0, checkpoint_dir=tmp_path, callbacks=[first])
+    assert r.resumed_at == 1 and r.history.epoch == [0, 1, 2]
+    assert len(first.weights) == len(stop.weights)
+    for a, b in zip(first.weights, stop.weights):  # masks, pruning step, kernels
+        np.testing.assert_array_equal(a, b)
+    st = layer_stats(r.model)
+    assert st["backbone/conv"].sparsity >= 0.5 - TOL and st["backbone/conv"].unique <= 5
+
+
+def test_initial_phase_continues_a_nested_run(digits):
+    (x, y), _ = digits
+    phases = [Prune(sparsity=0.5, epochs=1), Cluster(clusters=4, epochs=1)]
+    first = colopt.collaborative_fit(fine_tuning_model(), x, y, phases=phases[:1],
+                                     batch_size=64, verbose=0)
+    pruned = engine.strip(first.model)
+    engine.compile_like(pruned, engine.compile_config(fine_tuning_model()))
+    r = colopt.collaborative_fit(pruned, x, y, phases=phases, initial_phase=1, batch_size=64,
+                                 verbose=0)
+    assert r.history.history["phase"] == ["Cluster (sparsity-preserving)"]
+    st = layer_stats(r.model)
+    for name in ("backbone/conv", "backbone/hidden", "logits"):
+        assert st[name].sparsity >= 0.5 - TOL and st[name].unique <= 5, (name, st[name])
 
 
 # ------------------------------------------------------------------ drop-in callbacks
