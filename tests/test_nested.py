@@ -163,6 +163,32 @@ def test_a_shared_nested_model_is_refused(make, digits):
 
 # ------------------------------------------------------------------ collaborative_fit
 
+def test_training_false_holds_in_every_phase(digits, caplog):
+    """The backbone's BatchNorm, called with training=False, keeps its moving statistics
+    through Prune, Cluster and PCQAT (tfmot's quantize transforms drop the argument; it is
+    put back), while its gamma trains."""
+    (x, y), (xt, yt) = digits
+    model = fine_tuning_model()
+    _randomize_batchnorm(model)
+    bn = model.get_layer("backbone").get_layer("bn")
+    gamma, _, mean, var = [w.copy() for w in bn.get_weights()]
+    with caplog.at_level("INFO", logger="keras_colopt"):
+        r = colopt.collaborative_fit(model, x, y, phases=[
+            Prune(sparsity=0.5, epochs=1), Cluster(clusters=4, epochs=1), Quantize(epochs=1)],
+            batch_size=64, verbose=0)
+    flattened = [rec.getMessage() for rec in caplog.records if "flattened" in rec.getMessage()]
+    assert len(flattened) == 1 and "nested model(s) backbone" in flattened[0]
+    assert engine.wrapper_kind(r.model) == "PCQAT"
+    (qbn,) = [l for l in r.model.layers if engine.base_name(l) == "backbone/bn"]
+    by_name = {w.name.split("/")[-1]: w.numpy() for w in qbn.weights}
+    np.testing.assert_array_equal(by_name["moving_mean:0"], mean)
+    np.testing.assert_array_equal(by_name["moving_variance:0"], var)
+    assert not np.allclose(by_name["gamma:0"], gamma)  # it trained, in inference mode
+    st = layer_stats(r.model)
+    assert set(st) == {"backbone/conv", "backbone/hidden", "logits"}
+    assert st["backbone/hidden"].sparsity >= 0.5 - TOL and st["backbone/hidden"].unique <= 5
+
+
 def test_mobilenet_backbone_through_pcqat_into_the_tflite(tmp_path, caplog):
     keras.utils.set_random_seed(0)
     backbone = keras.applications.MobileNet(include_top=False, weights=None, alpha=0.25,

@@ -33,7 +33,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: 
     prune_registry, pruning_wrapper)
 
 from keras_colopt import stats  # noqa: E402
-from keras_colopt.engines.tfmot_flatten import flatten_nested, nested_models, walk  # noqa: E402,F401,E501
+from keras_colopt.engines.tfmot_flatten import flatten_nested, nested_models, restore_training_args, walk  # noqa: E402,F401,E501
 
 if _prev_legacy is None:
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
@@ -440,7 +440,8 @@ def _quantize(model, planned, wanted):
     patch = (_patched(cpq, "get_centroids", _clustered_centroids(planned))
              if planned.preserve_clusters else contextlib.nullcontext())
     with tfmot.quantization.keras.quantize_scope(), patch:
-        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        return restore_training_args(tfmot.quantization.keras.quantize_apply(annotated, scheme),
+                                     model)
 
 
 def _preserving(layer) -> bool:

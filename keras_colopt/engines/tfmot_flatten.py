@@ -163,6 +163,56 @@ def flatten_nested(model):
     return _functional_like(model, inputs, outputs)
 
 
+def restore_training_args(model, reference):
+    """`model` with the `training=` call arguments its layers have in `reference`.
+
+    tfmot's quantize_apply rebuilds the connections of the layers it matches
+    as a pattern (Conv2D -> BatchNormalization -> ReLU) without their call
+    arguments: a `BatchNormalization` that `flatten_nested` calls with
+    `training=False` (a backbone called with `training=False`) would run in
+    training mode during QAT, updating its statistics. Here such layers get
+    their argument back (a wrapper passes it on to its layer, and to its own
+    quantizers: a BatchNormalization fused after a convolution has none).
+
+    Args:
+        model: a Functional model built from `reference` by tfmot (its layers
+            named like `reference`'s, or inside wrappers of that name).
+        reference: the model as it was before.
+
+    Returns:
+        `model` itself when no argument was lost, otherwise a new Functional
+        model calling the same layer objects (weights and wrappers shared).
+    """
+    wanted = _training_args(reference)
+    if not wanted:
+        return model
+    have = _training_args(model)
+    lost = {}
+    for layer in model.layers:
+        name = _unwrapped(layer).name
+        if name in wanted and have.get(name) != wanted[name]:
+            lost[layer.name] = wanted[name]
+    if not lost:
+        return model
+
+    def call(layer, args, kwargs):
+        if layer.name in lost:
+            kwargs = dict(kwargs, training=lost[layer.name])
+        return layer(*args, **kwargs)
+    inputs = _new_inputs(model)
+    return _functional_like(model, inputs, _replay(model, inputs, call))
+
+
+def _training_args(model) -> Dict[str, object]:
+    """{base layer name: the `training=` it is called with} in `model`'s own graph."""
+    out = {}
+    for depth_nodes in getattr(model, "_nodes_by_depth", {}).values():
+        for node in depth_nodes:
+            if not node.is_input and "training" in node.call_kwargs:
+                out[_unwrapped(node.layer).name] = node.call_kwargs["training"]
+    return out
+
+
 def _new_inputs(model) -> list:
     names = getattr(model, "input_names", None) or [None] * len(model.inputs)
     return [tf_keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=name)
