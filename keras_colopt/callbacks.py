@@ -25,14 +25,16 @@ log = logging.getLogger("keras_colopt")
 
 
 def effective_kernels(model, engine=None) -> Dict[str, list]:
-    """`{base layer name: [(weight name, array, channel axis)]}` of the kernels each layer
-    really computes with (see `engines.tfmot.kernels`), for every layer that has one."""
+    """`{layer name: [(weight name, array, channel axis)]}` of the kernels each layer
+    really computes with (see `engines.tfmot.kernels`), for every layer that has one, at
+    any depth of nested models: a layer's name is its path (`backbone/conv1`, see the
+    engine's `walk`)."""
     engine = engine or get_engine(model, compiled=False)
     out = {}
-    for layer in model.layers:
+    for name, layer in engine.walk(model):
         ks = engine.kernels(layer)
         if ks:
-            out[engine.base_name(layer)] = ks
+            out[name] = ks
     return out
 
 
@@ -44,7 +46,7 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
         kernels: the output of `effective_kernels(model)`, when already computed.
 
     Returns:
-        `{base layer name: TensorStats}` over every layer with a kernel; a layer's
+        `{layer path name: TensorStats}` over every layer with a kernel; a layer's
         kernels are pooled, `unique` is the largest per-kernel count and
         `unique_per_channel_max` the largest per-output-channel count.
     """
@@ -71,7 +73,8 @@ class CompressionMetrics(Callback):
     `unique_weights/<layer>` and `unique_weights_per_channel/<layer>`, with
     kernel histograms under `weights/<layer>`, in `<log_dir>/compression`.
     Layer names are the user's (unwrapped) names, so a series runs on across
-    phases. Only model-wide aggregates go into `logs`:
+    phases; a layer inside a nested model (a backbone) is named by its path,
+    `sparsity/backbone/conv1`. Only model-wide aggregates go into `logs`:
     `compression/sparsity` (zeros over all kernel weights) and
     `compression/max_unique_weights`.
 
@@ -184,7 +187,8 @@ class InvariantGuard(Callback):
     wrapper (clustering, PQAT, PCQAT), a `clusters` to every layer with a
     clustering wrapper or a cluster-preserving quantizer (CQAT, PCQAT), so that
     the layers a hand-written pipeline left unwrapped are not reported. A dict
-    applies to the named layers, wrapped or not. Expectations not given are
+    applies to the named layers, wrapped or not (a layer inside a nested model
+    is named by its path, `backbone/conv1`). Expectations not given are
     read from the model's wrappers (pruning schedules, clustering wrappers,
     PQAT/CQAT/PCQAT quantizers). A number that no layer carries is named in a
     warning at the start of training: nothing would be checked for it.
@@ -241,7 +245,7 @@ class InvariantGuard(Callback):
     def on_train_begin(self, logs=None):
         self._engine = get_engine(self.model, compiled=False)
         self.violations = []
-        names = {self._engine.base_name(l) for l in self.model.layers}
+        names = {name for name, _ in self._engine.walk(self.model)}
         carried = self._engine.expectations(self.model).values()
         for arg, key, technique in (("sparsity", "sparsity", "pruning (a pruning wrapper, or "
                                      "a sparsity-preserving clustering or QAT wrapper)"),
@@ -272,8 +276,7 @@ class InvariantGuard(Callback):
         eng = self._engine or get_engine(self.model, compiled=False)
         from_wrappers = eng.expectations(self.model)
         out = {}
-        for layer in self.model.layers:
-            name = eng.base_name(layer)
+        for name, layer in eng.walk(self.model):
             w = from_wrappers.get(name, {})
             carries_sparsity = w.get("sparsity") is not None or w.get("wrapper") == "prune"
             sp = self._given(self.sparsity, name, carries_sparsity, w.get("sparsity"))
@@ -303,8 +306,7 @@ class InvariantGuard(Callback):
         found = []
         exp = self.expectations()
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
-        for layer in self.model.layers:
-            name = eng.base_name(layer)
+        for name, layer in eng.walk(self.model):
             if name in exp:
                 found += invariants.check_layer(name, eng.kernels(layer), exp[name],
                                                 self.tolerance, phase=phase, epoch=epoch)

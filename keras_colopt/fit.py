@@ -43,7 +43,8 @@ class FitResult:
 
     Attributes:
         model: the optimized model, still wrapped for its last phase (a QAT
-            model after Quantize); pass it to `export.to_tflite`.
+            model after Quantize); pass it to `export.to_tflite`. Nested models
+            (a backbone) are flattened into it, their layers named by path.
         history: a `History` (of the model's Keras flavour) over all epochs; its
             `history["phase"]` gives each epoch's phase label.
         plan: the resolved `Plan` (epoch ranges, preservation).
@@ -420,8 +421,15 @@ def _prepare_model(run: _Run, model) -> None:
     """The working copy of the user's model, made ready for the plan and checked against it
     (folded activations, preflight); logs the plan."""
     engine, plan = run.engine, run.plan
+    nested = engine.nested_models(model)
     with run.scope():
-        work = engine.clone_model(model)
+        # tfmot wraps top-level layers only: nested models are opened, in a copy (it refuses
+        # a nested model called twice, which clone_model would copy into untied layers).
+        work = engine.flatten_nested(model) if nested else engine.clone_model(model)
+    if nested:
+        log.info("Model '%s' has nested model(s) %s: flattened into one graph of %d layers, "
+                 "named by path ('%s/...'), so that every phase reaches their layers.",
+                 model.name, ", ".join(nested), len(work.layers), nested[0])
     if any(p.phase.kind == "quantize" and (p.preserve_sparsity or p.preserve_clusters)
            for p in plan):
         pairs, _ = engine.fold_plan(work)

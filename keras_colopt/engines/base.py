@@ -60,6 +60,10 @@ class Engine:
         a nested layer's name is its path (`backbone/conv_pw_1`)."""
         raise NotImplementedError
 
+    def nested_models(self, model) -> List[str]:
+        """The path names of the models nested in `model` (empty when none)."""
+        raise NotImplementedError
+
     def flatten_nested(self, model):
         """`model` with its nested models inlined into one equivalent model (same function,
         same weights), or `model` itself when it has none."""

@@ -25,9 +25,11 @@ from keras_colopt.engines.tfmot.read import (  # noqa: F401
 from keras_colopt.engines.tfmot.wrap import (  # noqa: F401
     _kmeans_short_channels, apply_phase, keep_output_names, pruning_schedule, strip)
 from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
-    check_callbacks, custom_object_scope, demo_model, fit_arguments, flatten_nested, history,
-    is_model, is_progbar, is_sequence, load_model, progbar_callback, restore_state,
-    save_state, tensorboard_callback, to_tflite_bytes, walk)
+    check_callbacks, custom_object_scope, demo_model, fit_arguments, history, is_model,
+    is_progbar, is_sequence, load_model, progbar_callback, restore_state, save_state,
+    tensorboard_callback, to_tflite_bytes)
+from keras_colopt.engines.tfmot.flatten import (  # noqa: F401,E402
+    flatten_nested, nested_models, restore_training_args, walk)
 
 import sys as _sys  # noqa: E402
 

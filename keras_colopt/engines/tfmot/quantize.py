@@ -8,6 +8,7 @@ import numpy as np
 from typing import Dict, List
 
 from keras_colopt.engines.tfmot._deps import cpq, ppq, quantize_wrapper, serialization_lib, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot.flatten import restore_training_args, walk
 from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS, _find, _has_kernel, base_layer, base_name
 from keras_colopt import stats
 
@@ -85,7 +86,8 @@ def _quantize(model, planned, wanted):
     patch = (_patched(cpq, "get_centroids", _clustered_centroids(planned))
              if planned.preserve_clusters else contextlib.nullcontext())
     with _rebuilding(model, configs), patch:
-        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        return restore_training_args(tfmot.quantization.keras.quantize_apply(annotated, scheme),
+                                     model)
 
 
 @contextlib.contextmanager
@@ -287,7 +289,7 @@ def gradless_by_design(model) -> set:
     """Variables that get no gradient by design: CQAT/PCQAT kernels, rewritten each step from
     the trained centroids (tf_keras warns 'Gradients do not exist' for them)."""
     names = set()
-    for layer in model.layers:
+    for _, layer in walk(model):
         for w, _, qvars in getattr(layer, "_weight_vars", []) if isinstance(
                 layer, quantize_wrapper.QuantizeWrapper) else []:
             if isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars:

@@ -6,6 +6,7 @@ import numpy as np
 from typing import Dict, List, Optional, Tuple
 
 from keras_colopt.engines.tfmot._deps import cluster_wrapper, cpq, ppq, pruning_wrapper, quantize_wrapper
+from keras_colopt.engines.tfmot.flatten import walk
 from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS, base_name
 
 def _channel_axis(layer, weight_name: str) -> Optional[int]:
@@ -62,7 +63,8 @@ def _short(name: str) -> str:
 # --------------------------------------------------------------------------- expectations
 
 def expectations(model) -> Dict[str, dict]:
-    """What the model's wrappers promise, per base layer name.
+    """What the model's wrappers promise, per layer path name (see `walk`: the base name,
+    `backbone/conv1` inside a nested model).
 
     Returns:
         {layer: {"sparsity": float or None, "sparsity_ready": bool,
@@ -70,7 +72,7 @@ def expectations(model) -> Dict[str, dict]:
         `sparsity_ready` is False while a pruning schedule is still ramping.
     """
     out = {}
-    for layer in model.layers:
+    for name, layer in walk(model):
         e = None
         if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
             if not getattr(layer, "pruning_vars", None):
@@ -113,7 +115,7 @@ def expectations(model) -> Dict[str, dict]:
                 e = {"sparsity": sp, "sparsity_ready": True, "clusters": cl, "per_channel": pc,
                      "wrapper": "quantize"}
         if e is not None:
-            out[base_name(layer)] = e
+            out[name] = e
     return out
 
 
@@ -128,7 +130,7 @@ def _mask_sparsity(masks) -> Optional[float]:
 def wrapper_kind(model) -> str:
     """A label for what the model's wrappers do: "prune", "cluster", "QAT", "PQAT", ... or "none"."""
     kinds = set()
-    for layer in model.layers:
+    for _, layer in walk(model):
         if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
             kinds.add("prune")
         elif isinstance(layer, cluster_wrapper.ClusterWeights):
@@ -145,7 +147,7 @@ def wrapper_kind(model) -> str:
 
 
 def is_qat(model) -> bool:
-    return any(isinstance(l, quantize_wrapper.QuantizeWrapper) for l in model.layers)
+    return any(isinstance(l, quantize_wrapper.QuantizeWrapper) for _, l in walk(model))
 
 
 def quantized_per_channel(layer) -> bool:

@@ -8,7 +8,6 @@ import os
 import warnings
 
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
-from keras_colopt.engines.tfmot.layers import base_name
 
 def _is_callback(cb) -> bool:
     from keras_colopt.engines.base import Callback
@@ -64,15 +63,6 @@ def progbar_callback():
 
 def is_progbar(callback) -> bool:
     return isinstance(callback, tf_keras.callbacks.ProgbarLogger)
-
-
-def walk(model):
-    """`[(name, layer)]` of the model's layers, by the user's (unwrapped) names."""
-    return [(base_name(layer), layer) for layer in model.layers]
-
-
-def flatten_nested(model):
-    return model
 
 
 # --------------------------------------------------------------------------- training state

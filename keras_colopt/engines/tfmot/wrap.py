@@ -7,6 +7,7 @@ import numpy as np
 from typing import List
 
 from keras_colopt.engines.tfmot._deps import cluster_wrapper, pruning_wrapper, quantize_wrapper, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot.flatten import walk
 from keras_colopt.engines.tfmot.layers import _INITS, _find, _has_kernel, base_layer, base_name, select_layers
 from keras_colopt.engines.tfmot.quantize import _quantize
 
@@ -37,9 +38,9 @@ def pruning_schedule(phase, steps_per_epoch: int):
 def strip(model):
     """Removes pruning and clustering wrappers (QAT wrappers stay: the converter reads them)."""
     stripped = model
-    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for l in model.layers):
+    if any(isinstance(l, pruning_wrapper.PruneLowMagnitude) for _, l in walk(model)):
         model = tfmot.sparsity.keras.strip_pruning(model)
-    if any(isinstance(l, cluster_wrapper.ClusterWeights) for l in model.layers):
+    if any(isinstance(l, cluster_wrapper.ClusterWeights) for _, l in walk(model)):
         model = tfmot.clustering.keras.strip_clustering(model)
     return model if stripped is model else keep_output_names(model, stripped)
 
