@@ -55,9 +55,23 @@ def test_phase_contract(digits, tmp_path, phase, label, holds):
 # on one epoch axis, and resume from a checkpoint. A new engine adds one row here.
 
 def _tfmot_settings():
-    import tf_keras
+    import tf_keras as keras
 
-    return {"tiny_model": tiny_sequential, "callback_base": tf_keras.callbacks.Callback}
+    def nested_model():
+        """A small 'backbone' Functional model inside a Sequential with a head."""
+        keras.utils.set_random_seed(0)
+        i = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(i)
+        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(h)
+        backbone = keras.Model(i, h, name="backbone")
+        model = keras.Sequential([backbone, keras.layers.Flatten(name="flat"),
+                                  keras.layers.Dense(10, name="logits")], name="outer")
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    return {"tiny_model": tiny_sequential, "nested_model": nested_model,
+            "callback_base": keras.callbacks.Callback}
 
 
 ENGINES = [("tfmot", _tfmot_settings)]
@@ -99,7 +113,10 @@ def test_engine_path_keeps_its_invariants_in_keras_and_tflite(digits, tmp_path, 
         if sparsity is not None:
             assert s.sparsity >= sparsity - 0.01, (name, s)
         if clusters is not None:
-            n = s.unique_per_channel_max if per_channel else s.unique
+            # Fake-quantized per output channel (QAT), a per-tensor codebook becomes one scaled
+            # copy per channel: the bound holds per channel.
+            by_channel = per_channel or label.endswith("QAT")
+            n = s.unique_per_channel_max if by_channel else s.unique
             assert n <= clusters, (name, s)
     for w in deployed:  # every weight tensor, read back from the file
         if sparsity is not None:
@@ -151,3 +168,24 @@ def test_engine_resumes_from_its_checkpoint(digits, tmp_path, flavour):
     assert resumed.resumed_at == 2 and resumed.history.epoch == [0, 1, 2, 3]
     for a, b in zip(whole.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_compresses_inside_nested_models(digits, tmp_path, flavour):
+    """A backbone nested in the model is compressed like any layer, named by its path, in
+    Keras and in the .tflite; the user's model is left as it was."""
+    (x, y), _ = digits
+    model = flavour["nested_model"]()
+    before = [w.copy() for w in model.get_weights()]
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Prune(sparsity=0.5, epochs=2),
+                                         colopt.Cluster(clusters=6, epochs=1),
+                                         colopt.Quantize(epochs=1)])
+    st = layer_stats(r.model)
+    assert {"backbone/conv", "backbone/conv2", "logits"} <= set(st)
+    for name in ("backbone/conv", "backbone/conv2", "logits"):
+        assert st[name].sparsity >= 0.49 and st[name].unique_per_channel_max <= 7, (name, st[name])
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    deployed = colopt.export.inspect_tflite(info.path)
+    assert len(deployed) == 3
+    assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 7 for w in deployed)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))

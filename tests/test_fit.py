@@ -753,3 +753,16 @@ def test_a_refusal_after_training_names_the_checkpoint_and_hands_back(digits, tm
     assert f"the last good checkpoint is in {tmp_path / 'ckpt'}" in "\n".join(e.__notes__)
     assert max(stats.unique_values(k) for _, k, _ in engine.kernels(
         e.result.model.get_layer("hidden"))) <= CLUSTERS
+
+
+def test_a_layer_the_user_froze_stays_frozen_through_qat(digits):
+    """tfmot's QuantizeWrapperV2 lists its inner kernel as trainable whatever the layer's
+    flag: a layer the user froze would train during QAT."""
+    model = tiny_sequential()
+    model.get_layer("hidden").trainable = False
+    compile_(model)
+    before = model.get_layer("hidden").get_weights()[0].copy()
+    r = _fit(model, digits, [Quantize(epochs=2)])
+    raw = [w for w in r.model.get_layer("quant_hidden").weights if w.name == "hidden/kernel:0"]
+    np.testing.assert_array_equal(raw[0].numpy(), before)
+    assert "hidden/kernel:0" not in {w.name for w in r.model.trainable_weights}

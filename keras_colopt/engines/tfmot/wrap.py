@@ -90,8 +90,10 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     Returns:
         (new_model, companion_callbacks, touched_layer_names)
     """
+    # Layers the user froze stay frozen: tfmot's QuantizeWrapperV2 would train their kernels.
+    frozen = {base_name(l) for l in model.layers if not base_layer(l).trainable}
     new, companions, touched = _wrap_for_phase(model, planned, steps_per_epoch)
-    hold = set(hold) - set(touched)
+    hold = (set(hold) - set(touched)) | frozen
     if hold:
         for layer in new.layers:
             if base_name(layer) in hold:
@@ -108,7 +110,10 @@ def _freeze(layer) -> None:
         # when built, so they would still train: move them to its non-trainable list.
         # In place: assigning a list of variables to a layer attribute makes tf_keras track
         # each trainable variable as a trainable weight again.
-        inner = {id(w) for w in base_layer(layer).weights}
+        # The kernel a QAT wrapper fake-quantizes is in its `_weight_vars`, no longer among
+        # its inner layer's weights.
+        inner = {id(w) for w in base_layer(layer).weights} | {
+            id(w) for w, _, _ in getattr(layer, "_weight_vars", [])}
         moved = [w for w in layer._trainable_weights if id(w) in inner]
         layer._trainable_weights[:] = [w for w in layer._trainable_weights
                                        if id(w) not in inner]
