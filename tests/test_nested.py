@@ -354,3 +354,26 @@ def test_engine_reads_wrappers_inside_nested_models(digits):
     with pytest.raises(ValueError, match=r"names layer\(s\) \['hidden'\]"):
         model.fit(x[:8], y[:8], verbose=0, callbacks=[
             tfmot.sparsity.keras.UpdatePruningStep(), InvariantGuard(sparsity={"hidden": 0.5})])
+
+
+class _Opaque(keras.Model):
+    """A subclassed model: tfmot cannot open it, and flatten_nested does not."""
+
+    def __init__(self):
+        super().__init__(name="opaque")
+        self.d = keras.layers.Dense(16)
+
+    def call(self, x):
+        return self.d(x)
+
+
+def test_a_nested_subclassed_model_is_listed_as_skipped_not_lost(digits, caplog):
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([keras.layers.Flatten(input_shape=(8, 8, 1), name="flat"),
+                                       _Opaque(), keras.layers.Dense(10, name="logits")]))
+    (x, y), _ = digits
+    with caplog.at_level(logging.WARNING, logger="keras_colopt"):
+        r = colopt.collaborative_fit(model, x, y, phases=[Prune(sparsity=0.5, epochs=1)],
+                                     batch_size=64, verbose=0)
+    assert r.skipped["Prune"] == ["opaque"]
+    assert any("cannot touch 1 layer(s)" in m and "opaque" in m for m in caplog.messages)

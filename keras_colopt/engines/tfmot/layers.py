@@ -97,6 +97,11 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
 
     touched = [l.name for l in chosen if ok(l)]
     skipped = [l.name for l in chosen if not ok(l) and l.weights]
+    if sel is None:
+        # A nested subclassed model is one opaque layer to tfmot (flatten_nested opens
+        # Sequential and Functional models only): its weights stay as they are; say so.
+        skipped += [l.name for l in layers if isinstance(l, tf_keras.Model) and l.weights
+                    and l not in chosen]
     refused = [l.name for l in chosen if not ok(l)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(
