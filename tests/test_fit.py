@@ -18,6 +18,7 @@ from keras_colopt.engines.tfmot import checks as engine_checks
 from keras_colopt.engines.tfmot import quantize as engine_quantize
 
 from conftest import Recorder, compile_, tiny_functional_relu, tiny_sequential
+from test_checkpoint import Poison
 
 TOL = 0.01
 SPARSITY, CLUSTERS = 0.5, 4
@@ -681,13 +682,6 @@ def _kernels(model):
     return {name: ks[0][1] for name, ks in effective_kernels(model).items()}
 
 
-class _Poison(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == 2:
-            for v in self.model.trainable_variables:
-                v.assign(v * np.nan)
-
-
 class _Boom(keras.callbacks.Callback):
     def __init__(self, at):
         super().__init__()
@@ -714,7 +708,7 @@ def test_an_error_after_training_hands_back_the_last_good_model(
     phases = [Train(epochs=1), Prune(sparsity=SPARSITY, epochs=1),
               Cluster(clusters=CLUSTERS, epochs=2, layers=["logits"])]
     weights = _Weights()
-    extra = {"diverged": [_Poison()], "user callback": [_Boom(2)], "violation": [],
+    extra = {"diverged": [Poison(2)], "user callback": [_Boom(2)], "violation": [],
              "user callback, second epoch of the phase": [_Boom(3)]}[case]
     if case == "violation":
         _ignore_hold(monkeypatch)  # the held layers lose their zeros in epoch 2

@@ -27,16 +27,9 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
+from keras_colopt.engines.tfmot.layers import base_layer
 
 SEP = "/"
-
-
-def _unwrapped(layer):
-    """The user's layer inside any tfmot wrapper."""
-    while isinstance(layer, tf_keras.layers.Wrapper) and \
-            type(layer).__module__.startswith("tensorflow_model_optimization"):
-        layer = layer.layer
-    return layer
 
 
 def _is_nested(layer) -> bool:
@@ -69,7 +62,7 @@ def walk(model, prefix: str = "") -> List[Tuple[str, object]]:
         elif prefix and isinstance(layer, tf_keras.layers.InputLayer):
             continue  # a nested model's input is the tensor it is called on
         else:
-            out.append((prefix + _unwrapped(layer).name, layer))
+            out.append((prefix + base_layer(layer).name, layer))
     return out
 
 
@@ -188,7 +181,7 @@ def restore_training_args(model, reference):
     have = _training_args(model)
     lost = {}
     for layer in model.layers:
-        name = _unwrapped(layer).name
+        name = base_layer(layer).name
         if name in wanted and have.get(name) != wanted[name]:
             lost[layer.name] = wanted[name]
     if not lost:
@@ -208,7 +201,7 @@ def _training_args(model) -> Dict[str, object]:
     for depth_nodes in getattr(model, "_nodes_by_depth", {}).values():
         for node in depth_nodes:
             if not node.is_input and "training" in node.call_kwargs:
-                out[_unwrapped(node.layer).name] = node.call_kwargs["training"]
+                out[base_layer(node.layer).name] = node.call_kwargs["training"]
     return out
 
 
