@@ -493,13 +493,16 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
     with run.scope():
         if resuming:
             run.model.set_weights(ckpt.load_entry(planned.index))
+        # The previous phase's wrappers come off once (strip clones the model): the phase
+        # entry, the snapshot and the wrapping all start from this.
+        stripped = engine.strip(run.model) if planned.phase.kind != "train" else run.model
         if run.epochs:  # an error from here on hands back the model as the last phase left it
             run.last_good = _LastGood(run.history, run.epochs, run.labels,
-                                      snapshot=engine.snapshot(engine.strip(run.model)))
+                                      snapshot=engine.snapshot(stripped))
         if ckpt is not None and not resuming:
-            ckpt.save_entry(planned.index, engine.strip(run.model).get_weights())
+            ckpt.save_entry(planned.index, stripped.get_weights())
         held = _held_layers(planned, run.pruned, run.clustered)
-        model, companions, touched = engine.apply_phase(run.model, planned, run.steps,
+        model, companions, touched = engine.apply_phase(stripped, planned, run.steps,
                                                         hold=held)
         held = sorted(set(held) - set(touched))
         engine.compile_like(model, run.compile_cfg, rate,
