@@ -6,7 +6,7 @@ import logging
 import numpy as np
 from typing import List
 
-from keras_colopt.engines.tfmot._deps import cluster_wrapper, pruning_wrapper, quantize_wrapper, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot._deps import cluster_wrapper, clustering_registry, pruning_wrapper, quantize_wrapper, tf, tf_keras, tfmot
 from keras_colopt.engines.tfmot.flatten import walk
 from keras_colopt.engines.tfmot.layers import _INITS, _find, _has_kernel, base_layer, base_name, select_layers
 from keras_colopt.engines.tfmot.quantize import _quantize
@@ -152,6 +152,15 @@ def _wrap_for_phase(model, planned, steps_per_epoch: int):
 
         def wrap(layer):
             if layer.name not in wanted:
+                if _normalizes_by_batch(layer):
+                    # As tfmot's cluster_weights(model) does: it wraps every layer, and its
+                    # wrapper calls the layer without `training`, so a BatchNormalization
+                    # normalizes with its moving statistics (gamma and beta still train) and
+                    # the phase trains what the model computes at inference. Left in training
+                    # mode, BN learnt on batch statistics that its moving ones (MobileNetV2:
+                    # momentum 0.999) did not follow: right in training mode, wrong in
+                    # inference (benchmarks/results/mobilenetv2_cluster_phase.md).
+                    return cluster_wrapper.ClusterWeights(layer, **kwargs)
                 return layer
             layer_kwargs = dict(kwargs)
             short = _kmeans_short_channels(layer, phase, planned.preserve_sparsity)
@@ -177,6 +186,12 @@ def _wrap_for_phase(model, planned, steps_per_epoch: int):
         new = keep_output_names(_quantize(model, planned, wanted), model)
         return new, [], [n for n in touched if _has_kernel(_find(model, n))]
     raise AssertionError(kind)
+
+
+def _normalizes_by_batch(layer) -> bool:
+    """A BatchNormalization that tfmot's clustering wrapper accepts (no clusterable weights)."""
+    return (isinstance(layer, tf_keras.layers.BatchNormalization)
+            and clustering_registry.ClusteringRegistry.supports(layer))
 
 
 def _kmeans_short_channels(layer, phase, preserve_sparsity) -> List[int]:
