@@ -588,12 +588,11 @@ def _train_phase(run: _Run, planned: PlannedPhase, phase_cbs, x, y, batch_size,
                     "phases were not run.", planned.label, run.epoch - 1)
 
 
-def _history(model, run: _Run, upto=None):
-    """A History over the run's epochs (the first `upto` of them when given)."""
-    n = len(run.epochs) if upto is None else upto
-    values = {k: list(v[:n]) for k, v in run.history.items()}
-    values["phase"] = list(run.labels[:n])
-    return run.engine.history(model, run.epochs[:n], values)
+def _history(model, run: _Run):
+    """A History over the run's epochs."""
+    values = {k: list(v) for k, v in run.history.items()}
+    values["phase"] = list(run.labels)
+    return run.engine.history(model, run.epochs, values)
 
 
 class _EpochEnd(Callback):

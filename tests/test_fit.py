@@ -651,9 +651,7 @@ def test_a_later_phase_restricted_with_layers_keeps_the_others_compression(
 def test_held_layers_are_checked_by_the_guard(digits, monkeypatch):
     """If holding a layer fixed failed, the guard would say so: here the engine is made to
     ignore `hold`, and the zeros of the held layers are lost during the Cluster phase."""
-    real = engine.apply_phase
-    monkeypatch.setattr(engine, "apply_phase",
-                        lambda m, p, s, hold=(): real(m, p, s, hold=()))
+    _ignore_hold(monkeypatch)
     with pytest.raises(colopt.InvariantViolation) as info:
         _fit(tiny_sequential(), digits, [Prune(sparsity=SPARSITY, epochs=2),
                                          Cluster(clusters=CLUSTERS, epochs=2,
