@@ -148,8 +148,9 @@ def compiled(model, lr):
 
 # --------------------------------------------------------------------------- hand-written
 
-def tfmot_pcqat(baseline, x, y, cfg, steps):
-    """Prune -> sparsity-preserving cluster -> PCQAT, as tfmot's tutorials write it."""
+def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=()):
+    """Prune -> sparsity-preserving cluster -> PCQAT, as tfmot's tutorials write it.
+    `callbacks` are added to every phase's fit (pipeline_timing.py times the epochs)."""
     model = keras.models.clone_model(baseline)
     model.set_weights(baseline.get_weights())
     ramp = max(1, cfg["prune_epochs"] - 1) * steps
@@ -165,7 +166,7 @@ def tfmot_pcqat(baseline, x, y, cfg, steps):
         return layer
     pruned = compiled(keras.models.clone_model(model, clone_function=prune), cfg["lr"])
     pruned.fit(x, y, batch_size=cfg["batch"], epochs=cfg["prune_epochs"], verbose=0,
-               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), *callbacks])
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
 
     def cluster(layer):
@@ -177,25 +178,26 @@ def tfmot_pcqat(baseline, x, y, cfg, steps):
     # The rates collaborative_fit uses by default: clustering and QAT fine-tune at a tenth.
     fine_lr = cfg["lr"] / colopt.phases.FINE_TUNE_DIVISOR
     clustered = compiled(keras.models.clone_model(stripped, clone_function=cluster), fine_lr)
-    clustered.fit(x, y, batch_size=cfg["batch"], epochs=cfg["cluster_epochs"], verbose=0)
+    clustered.fit(x, y, batch_size=cfg["batch"], epochs=cfg["cluster_epochs"], verbose=0,
+                  callbacks=list(callbacks))
     stripped = tfmot.clustering.keras.strip_clustering(clustered)
     qat = tfmot.quantization.keras.quantize_apply(
         tfmot.quantization.keras.quantize_annotate_model(stripped),
         tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
             preserve_sparsity=True))
     compiled(qat, fine_lr).fit(x, y, batch_size=cfg["batch"], epochs=cfg["qat_epochs"],
-                                 verbose=0)
+                                 verbose=0, callbacks=list(callbacks))
     return qat
 
 
-def ours_pcqat(baseline, x, y, cfg, callbacks_on):
+def ours_pcqat(baseline, x, y, cfg, callbacks_on, callbacks=()):
     return colopt.collaborative_fit(
         baseline, x, y, phases=[colopt.Prune(sparsity=0.5, epochs=cfg["prune_epochs"]),
                                 colopt.Cluster(clusters=cfg["clusters"],
                                                epochs=cfg["cluster_epochs"]),
                                 colopt.Quantize(epochs=cfg["qat_epochs"])],
         batch_size=cfg["batch"], verbose=0, compression_metrics=callbacks_on,
-        invariant_guard=callbacks_on).model
+        invariant_guard=callbacks_on, callbacks=list(callbacks)).model
 
 
 # --------------------------------------------------------------------------- main

@@ -55,12 +55,40 @@ def fingerprint(plan, model, steps_per_epoch: int, initial_phase: int) -> dict:
     """What must match for a checkpoint to continue this run."""
     phases = [{"kind": type(p.phase).__name__, "config": _plain(p.phase.get_config())}
               for p in plan]
-    arch = json.dumps(_plain(model.get_config()), sort_keys=True, default=str)
+    arch = json.dumps(_anonymous(_plain(model.get_config())), sort_keys=True, default=str)
     shapes = [list(map(int, w.shape)) for w in model.weights]
     return {"phases": phases,
             "model": hashlib.sha256((arch + json.dumps(shapes)).encode()).hexdigest()[:16],
             "model_name": model.name, "steps_per_epoch": int(steps_per_epoch),
             "initial_phase": int(initial_phase)}
+
+
+def _anonymous(config):
+    """`config` with every name replaced by its order of first appearance: the same
+    architecture built again in one process gets new automatic names (`dense_3`,
+    `input_layer_2`), and it must still resume its checkpoint; what the names connect
+    (a Functional model's inbound nodes) still counts."""
+    names: Dict[str, str] = {}
+
+    def collect(obj):
+        if isinstance(obj, dict):
+            if isinstance(obj.get("name"), str):
+                names.setdefault(obj["name"], f"<{len(names)}>")
+            for v in obj.values():
+                collect(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                collect(v)
+
+    def rename(obj):
+        if isinstance(obj, dict):
+            return {k: rename(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [rename(v) for v in obj]
+        return names.get(obj, obj) if isinstance(obj, str) else obj
+
+    collect(config)
+    return rename(config)
 
 
 def _plain(obj):

@@ -221,6 +221,17 @@ class Prune(Phase):
         self.initial_sparsity = float(initial_sparsity)
         self.m_by_n = m_by_n
 
+    def ramp(self, steps_per_epoch: int):
+        """`(end_step, frequency)` of the schedule at `steps_per_epoch` steps per epoch.
+
+        The ramp covers the first `max(1, epochs - 1)` epochs; the mask is updated every
+        `frequency` steps (about ten times over the ramp), and the ramp ends on an update
+        step, so that the target is reached exactly.
+        """
+        ramp_steps = max(1, max(1, self.epochs - 1) * steps_per_epoch)
+        frequency = max(1, ramp_steps // 10)
+        return (ramp_steps // frequency) * frequency, frequency
+
     def get_config(self):
         return {"sparsity": self.sparsity, "epochs": self.epochs, "schedule": self.schedule,
                 "initial_sparsity": self.initial_sparsity, "m_by_n": self.m_by_n,

@@ -71,10 +71,65 @@ def _tfmot_settings():
         return model
 
     return {"tiny_model": tiny_sequential, "nested_model": nested_model,
-            "callback_base": keras.callbacks.Callback}
+            "callback_base": keras.callbacks.Callback, "qat": True}
 
 
-ENGINES = [("tfmot", _tfmot_settings)]
+def _keras3_settings():
+    import keras
+
+    def compiled(model):
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def tiny_model():
+        keras.utils.set_random_seed(0)
+        return compiled(keras.Sequential([
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(10, name="logits")], name="tiny"))
+
+    def nested_model():
+        keras.utils.set_random_seed(0)
+        i = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(i)
+        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(h)
+        backbone = keras.Model(i, h, name="backbone")
+        return compiled(keras.Sequential([keras.Input((8, 8, 1)), backbone,
+                                          keras.layers.Flatten(name="flat"),
+                                          keras.layers.Dense(10, name="logits")], name="outer"))
+
+    return {"tiny_model": tiny_model, "nested_model": nested_model,
+            "callback_base": keras.callbacks.Callback, "qat": False}
+
+
+ENGINES = [("tfmot", _tfmot_settings), ("keras3", _keras3_settings)]
+
+
+def _last(flavour):
+    """The phase that ends the callback, resume and nested tests, and its label after Prune:
+    QAT where the engine has it, else sparsity-preserving clustering."""
+    if flavour["qat"]:
+        return colopt.Quantize(epochs=1), "PQAT"
+    return colopt.Cluster(clusters=6, epochs=1), "Cluster (sparsity-preserving)"
+
+
+def _refuses_qat(flavour, phases, **kwargs):
+    """An engine without QAT refuses a plan with a Quantize phase before any training."""
+    (x, y) = kwargs.pop("data")
+    seen = []
+
+    class Epochs(flavour["callback_base"]):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    with pytest.raises(ValueError, match="quantization-aware training of Keras 3 models is "
+                                         "not in keras_colopt yet"):
+        colopt.collaborative_fit(flavour["tiny_model"](), x, y, phases=phases, verbose=0,
+                                 callbacks=[Epochs()], **kwargs)
+    assert seen == []
 
 PATHS = [  # phases after Train(1), what the last phase is called, (sparsity, clusters) kept
     ([colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=6, epochs=1)],
@@ -98,6 +153,9 @@ def flavour(request):
 def test_engine_path_keeps_its_invariants_in_keras_and_tflite(digits, tmp_path, flavour,
                                                               phases, label, kept):
     (x, y), (xt, yt) = digits
+    if not flavour["qat"] and any(p.kind == "quantize" for p in phases):
+        return _refuses_qat(flavour, [colopt.Train(epochs=1)] + phases, data=(x, y),
+                            batch_size=64)
     r = colopt.collaborative_fit(flavour["tiny_model"](), x, y,
                                  phases=[colopt.Train(epochs=1)] + phases,
                                  validation_data=(xt, yt), batch_size=64, verbose=0)
@@ -133,13 +191,13 @@ def test_engine_drives_the_users_callbacks_on_one_epoch_axis(digits, flavour):
         def on_epoch_begin(self, epoch, logs=None):
             seen.append(epoch)
 
+    last, label = _last(flavour)
     r = colopt.collaborative_fit(flavour["tiny_model"](), x, y, batch_size=64, verbose=0,
                                  phases=[colopt.Train(epochs=1),
-                                         colopt.Prune(sparsity=0.5, epochs=2),
-                                         colopt.Quantize(epochs=1)],
+                                         colopt.Prune(sparsity=0.5, epochs=2), last],
                                  callbacks=[Epochs()])
     assert seen == [0, 1, 2, 3]
-    assert r.history.history["phase"] == ["Train", "Prune", "Prune", "PQAT"]
+    assert r.history.history["phase"] == ["Train", "Prune", "Prune", label]
     assert r.history.history["compression/sparsity"][-1] >= 0.49
 
 
@@ -147,8 +205,7 @@ def test_engine_resumes_from_its_checkpoint(digits, tmp_path, flavour):
     """A run whose later phases a callback stopped resumes where its checkpoint left it, and
     ends as an uninterrupted run does (same data order)."""
     (x, y), _ = digits
-    phases = [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
-              colopt.Quantize(epochs=1)]
+    phases = [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2), _last(flavour)[0]]
 
     def fit(ckpt, callbacks=()):
         return colopt.collaborative_fit(flavour["tiny_model"](), x[:128], y[:128],
@@ -178,13 +235,14 @@ def test_engine_compresses_inside_nested_models(digits, tmp_path, flavour):
     before = [w.copy() for w in model.get_weights()]
     r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
                                  phases=[colopt.Prune(sparsity=0.5, epochs=2),
-                                         colopt.Cluster(clusters=6, epochs=1),
-                                         colopt.Quantize(epochs=1)])
+                                         colopt.Cluster(clusters=6, epochs=1)]
+                                 + ([colopt.Quantize(epochs=1)] if flavour["qat"] else []))
     st = layer_stats(r.model)
     assert {"backbone/conv", "backbone/conv2", "logits"} <= set(st)
     for name in ("backbone/conv", "backbone/conv2", "logits"):
         assert st[name].sparsity >= 0.49 and st[name].unique_per_channel_max <= 7, (name, st[name])
-    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                   representative_data=x[:64])
     deployed = colopt.export.inspect_tflite(info.path)
     assert len(deployed) == 3
     assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 7 for w in deployed)

@@ -15,9 +15,10 @@ def engines() -> List[object]:
     import costs seconds)."""
     global _ENGINES
     if _ENGINES is None:
-        from keras_colopt.engines.tfmot import TfmotEngine
+        from keras_colopt.engines.tfmot import TfmotEngine  # first: it resolves tf.keras
+        from keras_colopt.engines.keras3 import Keras3Engine
 
-        _ENGINES = [TfmotEngine()]
+        _ENGINES = [TfmotEngine(), Keras3Engine()]
     return _ENGINES
 
 

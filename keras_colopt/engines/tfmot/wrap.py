@@ -16,17 +16,14 @@ log = logging.getLogger("keras_colopt")
 def pruning_schedule(phase, steps_per_epoch: int):
     """The tfmot schedule of a Prune phase for `steps_per_epoch` steps per epoch.
 
-    The ramp covers the first `max(1, epochs - 1)` epochs and ends on a step
-    where the mask is updated, so the target is reached exactly.
+    The ramp is `phase.ramp(steps_per_epoch)`: it ends on a step where the mask is
+    updated, so the target is reached exactly.
 
     Returns:
         (schedule, end_step): `end_step` is the pruning step after which the
         layer holds its target sparsity.
     """
-    ramp_epochs = max(1, phase.epochs - 1)
-    ramp_steps = max(1, ramp_epochs * steps_per_epoch)
-    frequency = max(1, ramp_steps // 10)
-    end_step = (ramp_steps // frequency) * frequency
+    end_step, frequency = phase.ramp(steps_per_epoch)
     if phase.schedule == "constant" or phase.m_by_n is not None:
         return (tfmot.sparsity.keras.ConstantSparsity(
             phase.sparsity, begin_step=0, end_step=-1, frequency=frequency), frequency)

@@ -1,0 +1,57 @@
+"""The Keras 3 engine: models built with `import keras`, compressed natively.
+
+`compress` (the in-place math: masks, centroids, written with keras.ops), `models` (checks,
+the recursive walk, copies, compiling), `apply` (selection, preflight, one phase, reading),
+`runtime` (fit, callbacks, state, files). `Keras3Engine` is the `Engine` over them.
+
+This first version prunes and clusters (every path up to sparsity-preserving clustering) and
+exports through TF's converter; quantization-aware training is refused before training.
+"""
+
+from keras_colopt.engines.keras3 import compress  # noqa: F401  (registers the layer classes)
+from keras_colopt.engines.keras3.apply import (  # noqa: F401
+    base_name, can_touch, expectations, fold_activations, fold_plan, is_qat, kernels,
+    preflight, quantized_per_channel, quiet_expected_warnings, select_layers, strip,
+    apply_phase, unpreserved_clusters, wrapper_kind)
+from keras_colopt.engines.keras3.models import (  # noqa: F401
+    ContinuedSchedule, check_model, clone_model, compile_config, compile_like,
+    flatten_nested, is_model, nested_models, rebuild, snapshot, walk)
+from keras_colopt.engines.keras3.runtime import (  # noqa: F401
+    check_callbacks, custom_object_scope, demo_model, fit_arguments, history, is_progbar,
+    is_sequence, load_model, progbar_callback, restore_state, save_state,
+    tensorboard_callback, to_tflite_bytes)
+
+import sys as _sys  # noqa: E402
+
+from keras_colopt.engines.base import INTERFACE as _INTERFACE  # noqa: E402
+from keras_colopt.engines.base import Engine as _Engine  # noqa: E402
+
+
+class Keras3Engine(_Engine):
+    """Keras 3 Sequential/Functional models (TensorFlow backend), compressed in place.
+
+    Every interface method calls this package's function of the same name, looked up when
+    called (a test can replace one with `monkeypatch.setattr(package, name, ...)`).
+    """
+
+    name = "keras3"
+    supports_strategy = False
+    supports_checkpoints = True
+    supports_quantize_configs = False
+
+    def accepts(self, model) -> bool:
+        return is_model(model)
+
+
+def _delegate(name):
+    def method(self, *args, **kwargs):
+        return getattr(_sys.modules[__name__], name)(*args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = getattr(_Engine, name).__doc__
+    return method
+
+
+for _name in _INTERFACE:
+    if _name != "accepts":
+        setattr(Keras3Engine, _name, _delegate(_name))
+del _name

@@ -1,0 +1,250 @@
+"""One phase on a Keras 3 model: which layers it selects, the checks before training,
+applying it (in place, `compress`), stripping it, and reading what the layers compute."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from keras_colopt.engines.keras3 import compress
+from keras_colopt.engines.keras3._deps import keras
+from keras_colopt.engines.keras3.models import clone_model, walk
+
+log = logging.getLogger("keras_colopt")
+
+
+def base_name(layer) -> str:
+    return layer.name
+
+
+def _has_kernel(layer) -> bool:
+    return compress.supports(layer) or any(
+        getattr(layer, a, None) is not None for a in ("kernel", "depthwise_kernel",
+                                                      "pointwise_kernel", "embeddings"))
+
+
+def can_touch(layer, kind: str) -> bool:
+    if kind in ("prune", "cluster"):
+        return compress.supports(layer) and getattr(layer, "quantization_mode", None) is None
+    return False  # quantization-aware training: not in this engine yet (see preflight)
+
+
+def _too_small(layer, phase) -> bool:
+    size = int(np.prod(compress.raw_kernel(layer).shape))
+    if phase.per_channel and not isinstance(layer, keras.layers.Dense):
+        size //= compress.view_channels(layer)
+    return size <= phase.clusters
+
+
+def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
+    """(touched, skipped) path names; raises for a `layers=` name that is missing or that
+    the phase cannot touch."""
+    layers = walk(model)
+    by_name = dict(layers)
+    sel = phase.layers
+    if sel is None:
+        chosen = [n for n, l in layers if _has_kernel(l)]
+    elif callable(sel):
+        chosen = [n for n, l in layers if sel(l)]
+        if not chosen:
+            raise ValueError(
+                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
+                f"'{model.name}'. Expected it to return True for at least one of: "
+                f"{sorted(by_name)}. Received: layers={sel!r}")
+    else:
+        missing = [n for n in sel if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"{type(phase).__name__}: no layer named {missing} in model '{model.name}'. "
+                f"Expected names from: {[n for n, _ in layers]} (a nested model's layers "
+                f"by path, 'backbone/conv1'). Fix the names in `layers=`. Received: "
+                f"layers={sel!r}")
+        chosen = list(sel)
+
+    def ok(name):
+        layer = by_name[name]
+        return can_touch(layer, kind) and not (kind == "cluster" and _too_small(layer, phase))
+
+    touched = [n for n in chosen if ok(n)]
+    skipped = [n for n in chosen if not ok(n) and by_name[n].weights]
+    if sel is None:  # a nested subclassed model is one opaque layer: say so
+        skipped += [n for n, l in layers if isinstance(l, keras.Model) and l.weights
+                    and n not in chosen]
+    refused = [n for n in chosen if not ok(n)]
+    if sel is not None and not callable(sel) and refused:
+        raise ValueError(
+            f"{type(phase).__name__}: the Keras 3 engine cannot {kind} the layer(s) {refused} "
+            f"you named (type {[type(by_name[n]).__name__ for n in refused]}). Expected "
+            "Dense, Conv1D, Conv2D or DepthwiseConv2D layers with more weights than clusters. "
+            f"Remove them from `layers=`. Received: layers={sel!r}")
+    return touched, skipped
+
+
+def fold_plan(model):
+    return {}, {}
+
+
+def fold_activations(model, pairs):
+    return model
+
+
+def preflight(model, plan) -> Dict[str, List[str]]:
+    """Every phase checked before any training: selections, and what this engine cannot do
+    yet (quantization-aware training), refused with what to do instead."""
+    skipped = {}
+    for planned in plan:
+        kind = planned.phase.kind
+        if kind == "train":
+            continue
+        if kind == "quantize":
+            raise ValueError(
+                f"{planned.label}: quantization-aware training of Keras 3 models is not in "
+                "keras_colopt yet (pruning and clustering are). Expected Train, Prune and "
+                "Cluster phases for a Keras 3 model. Drop the Quantize phase and export with "
+                "post-training int8, which keeps the zeros and the per-channel clusters: "
+                "colopt.export.to_tflite(result.model, path, quantization='int8', "
+                "representative_data=x[:256]); or build the model with tf_keras for QAT.")
+        touched, skip = select_layers(model, planned.phase, kind)
+        skipped[planned.label] = skip
+        if not touched:
+            raise ValueError(
+                f"{planned.label}: no layer of model '{model.name}' can be {kind}d. Expected "
+                "at least one Dense, Conv1D, Conv2D or DepthwiseConv2D layer. Received: "
+                f"layers={planned.phase.layers!r}")
+        if kind == "prune" and planned.phase.m_by_n is not None:
+            n = planned.phase.m_by_n[1]
+            bad = [t for t in touched if int(compress.raw_kernel(
+                dict(walk(model))[t]).shape[-2]) % n]
+            if bad:
+                raise ValueError(
+                    f"{planned.label}: m_by_n={planned.phase.m_by_n} groups {n} consecutive "
+                    f"input weights, but layer(s) {bad} have an input size that {n} does not "
+                    "divide. Expected input sizes that are multiples of n. Leave them out "
+                    "with layers=[...].")
+    return skipped
+
+
+# --------------------------------------------------------------------------- phases
+
+def strip(model):
+    """A copy of `model` whose layers compute with their effective kernels baked in."""
+    if not any(compress.is_compressed(l) for _, l in walk(model)):
+        return model
+    copy = clone_model(model)
+    for _, layer in walk(copy):
+        compress.bake(layer)
+    return copy
+
+
+def apply_phase(model, planned, steps_per_epoch: int, hold=()):
+    """Makes the selected layers of `model` (stripped) prunable or clusterable, in place;
+    the `hold` layers and the layers the user froze stay frozen.
+
+    Returns:
+        (model, companion callbacks (none: the schedule runs in the graph), touched)
+    """
+    phase = planned.phase
+    if phase.kind == "train":
+        return model, [], []
+    touched, _ = select_layers(model, phase, phase.kind)
+    layers = dict(walk(model))
+    if phase.kind == "prune":
+        end_step, frequency = phase.ramp(steps_per_epoch)
+        spec = compress.PruneSpec(sparsity=phase.sparsity,
+                                  initial_sparsity=phase.initial_sparsity,
+                                  schedule=phase.schedule, end_step=end_step,
+                                  frequency=frequency, m_by_n=phase.m_by_n)
+        for name in touched:
+            compress.make_prunable(layers[name], spec)
+    elif phase.kind == "cluster":
+        rng = np.random.default_rng(0)
+        # Preserving sparsity, zero is one of the `clusters` values (as in tfmot).
+        k = phase.clusters - 1 if planned.preserve_sparsity else phase.clusters
+        for name in touched:
+            layer = layers[name]
+            # Per output channel for convolutions; a Dense kernel per tensor (as in tfmot).
+            per_channel = phase.per_channel and not isinstance(layer, keras.layers.Dense)
+            spec = compress.ClusterSpec(clusters=k, per_channel=per_channel,
+                                        preserve_sparsity=planned.preserve_sparsity)
+            view = np.asarray(compress.raw_kernel(layer).numpy()).reshape(
+                -1, compress.view_channels(layer))
+
+            def centroids(values):
+                kept = values[values != 0] if planned.preserve_sparsity else values
+                return compress.init_centroids(kept, k, phase.init, rng)
+            c = (np.stack([centroids(view[:, j]) for j in range(view.shape[1])])
+                 if per_channel else centroids(view))
+            compress.make_clusterable(layer, spec, c)
+    else:
+        raise AssertionError(phase.kind)
+    for name in set(hold) - set(touched):
+        layers[name].trainable = False
+    return model, [], touched
+
+
+def is_qat(model) -> bool:
+    return False
+
+
+def unpreserved_clusters(model, names) -> Dict[str, str]:
+    return {}
+
+
+def quiet_expected_warnings(model):
+    return contextlib.nullcontext()
+
+
+def quantized_per_channel(layer) -> bool:
+    return False
+
+
+# --------------------------------------------------------------------------- reading
+
+def kernels(layer):
+    """`[(name, array, channel axis)]`: the kernel the layer computes with (masked, clustered),
+    a DepthwiseConv2D's as `(kh, kw, channels)` so that its channels are the converted ones."""
+    if not compress.supports(layer):
+        return []
+    w = compress.effective_numpy(layer)
+    if compress._stock(type(layer)) is keras.layers.DepthwiseConv2D:
+        w = w.reshape(w.shape[:-2] + (-1,))
+    return [("kernel", w, -1)]
+
+
+def expectations(model) -> Dict[str, dict]:
+    """What each compressed layer promises now (see the tfmot engine's `expectations`)."""
+    out = {}
+    for name, layer in walk(model):
+        if not compress.is_compressed(layer):
+            continue
+        spec = layer._colopt_spec
+        mask = layer._colopt_mask
+        if spec.prune is not None:
+            p = spec.prune
+            target = 1.0 - p.m_by_n[0] / p.m_by_n[1] if p.m_by_n else p.sparsity
+            step = int(layer._colopt_step.numpy())
+            ready = step >= (p.end_step if p.schedule == "polynomial" and not p.m_by_n else 1)
+            out[name] = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
+                         "per_channel": False, "wrapper": "prune"}
+        elif spec.cluster is not None:
+            sp = None
+            if mask is not None:
+                m = np.asarray(mask.numpy())
+                sp = float(np.count_nonzero(m == 0) / m.size)
+            c = spec.cluster
+            out[name] = {"sparsity": sp, "sparsity_ready": True,
+                         "clusters": c.clusters + (1 if c.preserve_sparsity else 0),
+                         "per_channel": spec.cluster.per_channel, "wrapper": "cluster"}
+    return out
+
+
+def wrapper_kind(model) -> str:
+    kinds = set()
+    for _, layer in walk(model):
+        if compress.is_compressed(layer):
+            spec = layer._colopt_spec
+            kinds.add("cluster" if spec.cluster is not None else "prune")
+    return "+".join(sorted(kinds)) or "none"

@@ -1,0 +1,397 @@
+"""Pruning and weight clustering of Keras 3 layers, in place, written with `keras.ops`.
+
+A supported layer (Dense, Conv1D, Conv2D, DepthwiseConv2D, exactly those classes) is made
+compressible by swapping its class for a subclass whose kernel property returns the kernel
+the layer computes with, the *effective* kernel, instead of the raw variable:
+
+    prune:    raw * mask                       (mask recomputed in-graph on the schedule)
+    cluster:  centroids[nearest(raw)] (* mask)  (raw trains through a straight-through
+              gradient, the centroids through the gather; indices re-associated each call)
+
+The mask, the centroids and the pruning step are variables of the layer itself, so they
+train, save (`save_own_variables`, which the stock method would drop) and checkpoint with
+it; no wrapper layer changes the model's graph, its layer names or its output names.
+`bake` writes the effective kernel back into the raw variable and restores the stock class.
+
+Every kernel is read through one 2-D view `(-1, channels)`: the last axis for Dense and
+Conv (`(kh, kw, in, out)`), `in * multiplier` for a DepthwiseConv2D (`(kh, kw, C, M)`),
+which is the output-channel order of the converted `.tflite` kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import numpy as np
+
+from keras_colopt.engines.keras3._deps import keras, ops
+
+# class -> (kernel property read by call(), raw attribute or None when the property *is* the
+# raw attribute, stored in the instance dict)
+_KERNEL = {
+    keras.layers.Dense: ("kernel", "_kernel"),
+    keras.layers.Conv1D: ("kernel", "_kernel"),
+    keras.layers.Conv2D: ("kernel", "_kernel"),
+    keras.layers.DepthwiseConv2D: ("kernel", None),
+}
+SUPPORTED = tuple(_KERNEL)
+_COMPRESSED = {}  # stock class -> its compressible subclass
+
+
+@dataclasses.dataclass
+class PruneSpec:
+    sparsity: float
+    initial_sparsity: float = 0.0
+    schedule: str = "polynomial"  # or "constant"
+    end_step: int = 1             # polynomial: the step the target is reached at
+    frequency: int = 1
+    m_by_n: Optional[Tuple[int, int]] = None
+
+
+@dataclasses.dataclass
+class ClusterSpec:
+    clusters: int
+    per_channel: bool = False
+    preserve_sparsity: bool = False
+
+
+@dataclasses.dataclass
+class Spec:
+    """What one compressible layer does now (a plain object: not tracked by Keras)."""
+
+    prune: Optional[PruneSpec] = None
+    cluster: Optional[ClusterSpec] = None
+
+
+def kernel_names(layer) -> Tuple[str, Optional[str]]:
+    return _KERNEL[_stock(type(layer))]
+
+
+def _stock(cls):
+    for stock, sub in _COMPRESSED.items():
+        if sub is cls:
+            return stock
+    return cls
+
+
+def supports(layer) -> bool:
+    """Exactly a supported class (a user subclass may not read its kernel property)."""
+    return _stock(type(layer)) in _KERNEL and layer.built
+
+
+def is_compressed(layer) -> bool:
+    return type(layer) in _COMPRESSED.values()
+
+
+def raw_kernel(layer):
+    prop, raw = kernel_names(layer)
+    return getattr(layer, raw) if raw else layer.__dict__[prop]
+
+
+def view_channels(layer) -> int:
+    shape = tuple(raw_kernel(layer).shape)
+    if _stock(type(layer)) is keras.layers.DepthwiseConv2D:
+        return int(shape[-2] * shape[-1])
+    return int(shape[-1])
+
+
+# --------------------------------------------------------------------------- the math
+
+def effective(layer, raw):
+    """The kernel `layer` computes with, from its raw kernel (a tensor; graph-safe)."""
+    spec = getattr(layer, "_colopt_spec", None)
+    if spec is None:
+        return raw
+    w = raw
+    if spec.cluster is not None:
+        w = _clustered(layer, raw, spec.cluster)
+    mask = getattr(layer, "_colopt_mask", None)
+    if mask is not None:
+        w = w * ops.cast(mask, w.dtype)
+    return w
+
+
+def _clustered(layer, raw, spec: ClusterSpec):
+    shape = ops.shape(raw)
+    c = view_channels(layer)
+    v = ops.reshape(raw, (-1, c))
+    centroids = layer._colopt_centroids
+    if spec.per_channel:  # centroids (channels, k)
+        dist = ops.abs(ops.expand_dims(v, -1) - ops.expand_dims(centroids, 0))
+        idx = ops.argmin(dist, axis=-1)
+        onehot = ops.one_hot(idx, spec.clusters, dtype=v.dtype)
+        clustered = ops.sum(onehot * ops.expand_dims(centroids, 0), axis=-1)
+    else:  # centroids (k,)
+        dist = ops.abs(ops.expand_dims(v, -1) - centroids)
+        idx = ops.argmin(dist, axis=-1)
+        clustered = ops.take(centroids, idx)
+    clustered = ops.reshape(clustered, shape)
+    # Straight-through: the raw kernel trains as if it were the clustered one (tfmot's
+    # ClusterWeights does the same), so the association can move as training goes.
+    return clustered + (raw - ops.stop_gradient(raw))  # exactly `clustered` in value
+
+
+def target_sparsity(spec: PruneSpec, step):
+    """The sparsity at pruning step `step` (a tensor): tfmot's PolynomialDecay (cubic) or
+    the constant target."""
+    if spec.schedule == "constant" or spec.m_by_n is not None:
+        return ops.convert_to_tensor(spec.sparsity, "float32")
+    progress = ops.minimum(ops.cast(step, "float32") / float(max(1, spec.end_step)), 1.0)
+    return spec.sparsity + (spec.initial_sparsity - spec.sparsity) * (1.0 - progress) ** 3
+
+
+def magnitude_mask(w, sparsity):
+    """1 where |w| is among the largest (1 - sparsity) of the tensor, else 0 (ties kept)."""
+    flat = ops.reshape(ops.abs(w), (-1,))
+    n = int(np.prod(w.shape))
+    drop = ops.cast(ops.floor(ops.cast(sparsity, "float32") * n + 1e-6), "int32")
+    drop = ops.minimum(drop, n - 1)
+    ordered = ops.sort(flat)
+    # Keep everything strictly above the largest dropped magnitude.
+    threshold = ops.take(ordered, ops.maximum(drop - 1, 0))
+    above = ops.cast(ops.abs(w) > threshold, w.dtype)
+    return ops.where(drop > 0, above, ops.ones_like(w))
+
+
+def m_by_n_mask(w, m: int, n: int):
+    """Keeps the `m` largest of every `n` consecutive weights along the input axis."""
+    rank = len(w.shape)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]  # input axis last
+    t = ops.transpose(ops.abs(w), perm)
+    tshape = ops.shape(t)
+    groups = ops.reshape(t, (-1, n))
+    order = ops.argsort(-groups, axis=-1)
+    ranks = ops.argsort(order, axis=-1)
+    keep = ops.cast(ranks < m, w.dtype)
+    return ops.transpose(ops.reshape(keep, tshape), perm)
+
+
+def _update_mask(layer, spec: PruneSpec):
+    """One training step of pruning. Steps count from 1 (the step being taken): the mask is
+    computed on the first step and on every `frequency`-th; a polynomial ramp stops at
+    `end_step`, where the target is reached (an update step by construction)."""
+    step = layer._colopt_step
+    mask = layer._colopt_mask
+    raw = raw_kernel(layer)
+    t = ops.convert_to_tensor(step) + 1
+    due = ops.logical_or(ops.equal(t, 1), ops.equal(t % spec.frequency, 0))
+    if spec.schedule != "constant" and spec.m_by_n is None:
+        due = ops.logical_and(due, t <= spec.end_step)
+
+    def new_mask():
+        if spec.m_by_n is not None:
+            return m_by_n_mask(raw, *spec.m_by_n)
+        return magnitude_mask(raw, target_sparsity(spec, t))
+    mask.assign(ops.cond(due, new_mask, lambda: ops.convert_to_tensor(mask)))
+    step.assign(t)
+
+
+# --------------------------------------------------------------------------- the class swap
+
+def _compressible_class(stock):
+    if stock in _COMPRESSED:
+        return _COMPRESSED[stock]
+    prop, raw_attr = _KERNEL[stock]
+
+    def getter(self):
+        raw = getattr(self, raw_attr, None) if raw_attr else self.__dict__.get(prop)
+        return None if raw is None else effective(self, raw)  # None: not built yet
+
+    def setter(self, value):
+        self.__dict__[prop] = value
+
+    def call(self, inputs, *args, **kwargs):
+        spec = self._colopt_spec
+        ctx = self._get_call_context()
+        if spec.prune is not None and ctx is not None and ctx.training:
+            _update_mask(self, spec.prune)
+        return stock.call(self, inputs, *args, **kwargs)
+
+    def save_own_variables(self, store):
+        # The stock method saves kernel and bias only: masks and centroids would be lost.
+        for i, v in enumerate(self.variables):
+            store[str(i)] = v.numpy()
+
+    def load_own_variables(self, store):
+        for i, v in enumerate(self.variables):
+            v.assign(store[str(i)])
+
+    def get_config(self):
+        config = stock.get_config(self)
+        spec = self._colopt_spec
+        config["colopt"] = {
+            "prune": None if spec.prune is None else dataclasses.asdict(spec.prune),
+            "cluster": None if spec.cluster is None else dataclasses.asdict(spec.cluster),
+            "masked": self._colopt_mask is not None}
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        saved = config.pop("colopt", None) or {}
+        layer = stock.from_config(config)
+        object.__setattr__(layer, "__class__", cls)
+        _init_state(layer)
+        object.__setattr__(layer, "_colopt_pending", saved)
+        # Keras sets `build` on each instance (its build wrapper), so a class attribute
+        # would not run: the compression variables are made right after the stock build,
+        # before load_own_variables or set_weights fills them (a loaded or cloned model).
+        stock_build = layer.build
+
+        @functools.wraps(stock_build)  # Keras reads build's signature to call it
+        def build(*args, **kwargs):
+            stock_build(*args, **kwargs)
+            _materialize(layer)
+        object.__setattr__(layer, "build", build)
+        return layer
+
+    ns = {prop: property(getter, None if raw_attr else setter), "call": call,
+          "save_own_variables": save_own_variables, "load_own_variables": load_own_variables,
+          "get_config": get_config, "from_config": from_config,
+          "__module__": __name__, "__doc__": f"A compressible {stock.__name__} (keras_colopt)."}
+    sub = type(stock.__name__, (stock,), ns)
+    sub.__qualname__ = f"compressible.{stock.__name__}"
+    keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
+    _COMPRESSED[stock] = sub
+    return sub
+
+
+def _materialize(layer) -> None:
+    """Creates the compression variables a saved config describes (values to be loaded)."""
+    saved = layer._colopt_pending
+    if not saved:
+        return
+    shape = tuple(raw_kernel(layer).shape)
+    if saved.get("prune"):
+        p = dict(saved["prune"])
+        p["m_by_n"] = tuple(p["m_by_n"]) if p.get("m_by_n") else None
+        make_prunable(layer, PruneSpec(**p))
+    elif saved.get("masked"):
+        _set(layer, "_colopt_mask", _add(layer, "colopt_mask", np.ones(shape)))
+    if saved.get("cluster"):
+        c = ClusterSpec(**saved["cluster"])
+        layer._colopt_spec.cluster = c
+        k = (view_channels(layer), c.clusters) if c.per_channel else (c.clusters,)
+        _set(layer, "_colopt_centroids",
+             _add(layer, "colopt_centroids", np.zeros(k), trainable=True))
+    object.__setattr__(layer, "_colopt_pending", None)
+
+
+def _set(layer, attr, var) -> None:
+    """Sets a variable attribute the way `self.x = self.add_weight(...)` does, so that TF
+    checkpoints (`tf.train.Checkpoint`, which follows attributes) save and restore it."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        setattr(layer, attr, var)
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
+def _add(layer, name, value, dtype="float32", trainable=False):
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        var = layer.add_weight(name=name, shape=tuple(np.shape(value)), dtype=dtype,
+                               initializer="zeros", trainable=trainable)
+    finally:
+        if locked:
+            layer._tracker.lock()
+    var.assign(np.asarray(value, dtype=dtype))
+    return var
+
+
+def _drop(layer, attr):
+    var = getattr(layer, attr, None)
+    if var is not None:
+        layer._untrack_variable(var)
+        _set(layer, attr, None)
+
+
+def make_prunable(layer, spec: PruneSpec) -> None:
+    _swap(layer)
+    layer._colopt_spec.prune = spec
+    _set(layer, "_colopt_mask", _add(layer, "colopt_mask", np.ones(tuple(raw_kernel(layer).shape))))
+    _set(layer, "_colopt_step", _add(layer, "colopt_step", 0, "int32"))
+
+
+def make_clusterable(layer, spec: ClusterSpec, centroids) -> None:
+    """`centroids`: (k,) or (channels, k), from `init_centroids`."""
+    _swap(layer)
+    raw = np.asarray(raw_kernel(layer).numpy())
+    layer._colopt_spec.cluster = spec
+    if spec.preserve_sparsity:
+        _set(layer, "_colopt_mask", _add(layer, "colopt_mask", (raw != 0).astype(np.float32)))
+    _set(layer, "_colopt_centroids", _add(layer, "colopt_centroids", centroids, trainable=True))
+
+
+def _init_state(layer) -> None:
+    object.__setattr__(layer, "_colopt_spec", Spec())
+    object.__setattr__(layer, "_colopt_pending", None)
+    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+        _set(layer, attr, None)
+
+
+def _swap(layer) -> None:
+    if not is_compressed(layer):
+        object.__setattr__(layer, "__class__", _compressible_class(type(layer)))
+        _init_state(layer)
+
+
+def bake(layer) -> None:
+    """Writes the effective kernel into the raw variable, drops the compression variables
+    and gives the layer its stock class back."""
+    if not is_compressed(layer):
+        return
+    w = np.asarray(ops.convert_to_numpy(effective(layer, raw_kernel(layer))))
+    raw_kernel(layer).assign(w)
+    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+        _drop(layer, attr)
+    object.__setattr__(layer, "_colopt_spec", None)
+    object.__setattr__(layer, "__class__", _stock(type(layer)))
+
+
+def effective_numpy(layer) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(effective(layer, raw_kernel(layer))))
+
+
+# --------------------------------------------------------------------------- centroids
+
+def init_centroids(values: np.ndarray, k: int, method: str, rng: np.random.Generator):
+    """`k` initial centroids of a 1-D array (tfmot's four initializations)."""
+    values = np.asarray(values, np.float64).ravel()
+    if values.size == 0:
+        return np.zeros(k, np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    if method == "linear" or values.size < k:
+        return np.linspace(lo, hi, k).astype(np.float32)
+    if method == "random":
+        return np.sort(rng.uniform(lo, hi, k)).astype(np.float32)
+    if method == "density":
+        # Equally spaced in the cumulative distribution of the weights.
+        return np.quantile(values, np.linspace(0, 1, k)).astype(np.float32)
+    # kmeans++ seeding, then Lloyd iterations (as sklearn would, without the dependency on
+    # its random state): deterministic under `rng`.
+    centers = [values[rng.integers(values.size)]]
+    for _ in range(1, k):
+        d = np.min(np.abs(values[:, None] - np.asarray(centers)[None]), axis=1) ** 2
+        total = d.sum()
+        centers.append(values[rng.integers(values.size)] if total == 0 else
+                       values[rng.choice(values.size, p=d / total)])
+    c = np.sort(np.asarray(centers))
+    for _ in range(30):
+        idx = np.argmin(np.abs(values[:, None] - c[None]), axis=1)
+        new = np.array([values[idx == j].mean() if np.any(idx == j) else c[j]
+                        for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return np.sort(c).astype(np.float32)
+
+
+for _stock_class in SUPPORTED:  # registered at import: a saved model loads in a new process
+    _compressible_class(_stock_class)
+del _stock_class

@@ -1,0 +1,155 @@
+"""Keras 3 models: checks, the recursive walk, copies, snapshots, compiling each phase."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from keras_colopt.engines.keras3._deps import keras
+
+
+def is_model(obj) -> bool:
+    return isinstance(obj, keras.Model)
+
+
+def _is_graph(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def check_model(model, compiled: bool = True) -> None:
+    """Raises a clear error unless `model` is a built (compiled) Keras 3 Sequential or
+    Functional model in float32."""
+    if not is_model(model):
+        raise TypeError("Expected a compiled Keras 3 (`import keras`) Sequential or Functional "
+                        f"model. Received: model={model!r} of type {type(model).__name__}")
+    if not _is_graph(model):
+        raise TypeError(
+            f"Model '{model.name}' is a subclassed keras.Model ({type(model).__name__}): its "
+            "call() is Python code whose layers cannot be listed in order. Expected a "
+            "Sequential or Functional model. Rebuild it with the Functional API "
+            "(keras.Model(inputs, outputs)).")
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Expected a model with known input shapes. "
+            "Start it with keras.Input(shape) (or call build()) first.")
+    mixed = [n for n, l in walk(model)
+             if getattr(getattr(l, "dtype_policy", None), "compute_dtype", "float32")
+             not in ("float32", None)]
+    if mixed:
+        raise ValueError(
+            f"Model '{model.name}' computes in half precision ({len(mixed)} layer(s), e.g. "
+            f"{mixed[:3]}). Expected a float32 model: masks, centroids and the int8 export "
+            "are float32. keras.config.set_dtype_policy('float32'), rebuild the model and "
+            "copy its weights (model32.set_weights(model.get_weights())).")
+    if compiled and (getattr(model, "optimizer", None) is None
+                     or getattr(model, "loss", None) is None):
+        raise ValueError(
+            f"Model '{model.name}' is not compiled. Expected a model compiled with an "
+            "optimizer and a loss: every phase re-compiles with the same loss and metrics "
+            "and a fresh copy of your optimizer. Call model.compile(optimizer=..., loss=..., "
+            "metrics=[...]) first.")
+
+
+def walk(model, prefix: str = "") -> List[Tuple[str, object]]:
+    """`[(path name, layer)]` of every layer, inside nested models at any depth."""
+    out = []
+    for layer in model.layers:
+        name = prefix + layer.name
+        if isinstance(layer, keras.Model) and _is_graph(layer):
+            out += walk(layer, name + "/")
+        else:
+            out.append((name, layer))
+    return out
+
+
+def nested_models(model) -> List[str]:
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and _is_graph(layer):
+            out.append(layer.name)
+            out += [layer.name + "/" + n for n in nested_models(layer)]
+    return out
+
+
+def flatten_nested(model):
+    """A copy of `model`: this engine compresses layers in place at any depth, so nested
+    models need not be inlined (`walk` names their layers by path)."""
+    return clone_model(model)
+
+
+def clone_model(model):
+    """A deep copy (new layers, same weights: masks and centroids too)."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def snapshot(model):
+    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+
+
+def rebuild(snap):
+    cls, config, weights = snap
+    model = (keras.Sequential if issubclass(cls, keras.Sequential)
+             else keras.Model).from_config(config)
+    model.set_weights(weights)
+    return model
+
+
+@keras.saving.register_keras_serializable(package="keras_colopt")
+class ContinuedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The user's compiled schedule read at the run's global step (`offset + step`): each
+    phase's fresh optimizer counts from 0, the schedule runs on across phases."""
+
+    def __init__(self, schedule, offset):
+        if isinstance(schedule, dict):
+            schedule = keras.optimizers.schedules.deserialize(schedule)
+        self.schedule = schedule
+        self.offset = int(offset)
+
+    def __call__(self, step):
+        return self.schedule(step + self.offset)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "offset": self.offset}
+
+
+def compile_config(model) -> dict:
+    opt = model.optimizer
+    lr = getattr(opt, "_learning_rate", None)
+    if isinstance(lr, ContinuedSchedule):
+        lr = lr.schedule
+    schedule = lr if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) else None
+    ocfg = opt.get_config()
+    compile_cfg = dict(model._compile_config.config) if getattr(
+        model, "_compile_config", None) is not None else {}
+    return {"optimizer_class": type(opt), "optimizer_config": {
+                **ocfg, "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate))
+                if schedule is None else ocfg["learning_rate"]},
+            "schedule": schedule, "compile": compile_cfg}
+
+
+def _fresh(obj):
+    """A new copy of each Metric/Loss object in a compile argument (no shared state)."""
+    if isinstance(obj, (keras.metrics.Metric, keras.losses.Loss)):
+        return type(obj).from_config(obj.get_config())
+    if isinstance(obj, dict):
+        return {k: _fresh(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fresh(v) for v in obj)
+    return obj
+
+
+def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
+                 step_offset: int = 0) -> None:
+    ocfg = dict(cfg["optimizer_config"])
+    if learning_rate is not None:
+        ocfg["learning_rate"] = float(learning_rate)
+    elif cfg.get("schedule") is not None:
+        ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)
+    args = {k: _fresh(v) for k, v in cfg["compile"].items() if k != "optimizer"}
+    model.compile(optimizer=cfg["optimizer_class"].from_config(ocfg), **args)

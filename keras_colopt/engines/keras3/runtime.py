@@ -1,0 +1,120 @@
+"""What `fit`, the callbacks, checkpoints, export and the command line need from Keras 3."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import warnings
+
+from keras_colopt.engines.keras3._deps import keras, tf
+
+
+def _is_callback(cb) -> bool:
+    from keras_colopt.engines.base import Callback
+
+    return isinstance(cb, (keras.callbacks.Callback, Callback))
+
+
+def check_callbacks(callbacks) -> list:
+    if callbacks is None:
+        return []
+    if _is_callback(callbacks):
+        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
+                         f"callbacks=[{type(callbacks).__name__}(...)]")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not _is_callback(cb):
+            raise TypeError(
+                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a Keras 3 "
+                "callback. Expected instances of keras.callbacks.Callback (a tf_keras "
+                "callback cannot drive a Keras 3 model). Use the same callback from "
+                "`keras.callbacks`.")
+    return callbacks
+
+
+def fit_arguments() -> set:
+    return set(inspect.signature(keras.Model.fit).parameters) - {"self"}
+
+
+def is_sequence(x) -> bool:
+    return isinstance(x, keras.utils.PyDataset)
+
+
+def custom_object_scope(custom_objects):
+    return keras.saving.custom_object_scope(dict(custom_objects))
+
+
+def history(model, epochs, values):
+    h = keras.callbacks.History()
+    h.set_model(model)
+    h.epoch = list(epochs)
+    h.history = dict(values)
+    return h
+
+
+def tensorboard_callback(log_dir):
+    return keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+
+
+def progbar_callback():
+    return keras.callbacks.ProgbarLogger()
+
+
+def is_progbar(callback) -> bool:
+    return isinstance(callback, keras.callbacks.ProgbarLogger)
+
+
+def save_state(model, path: str) -> None:
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(path)
+
+
+def restore_state(model, path: str) -> None:
+    model.optimizer.build(model.trainable_variables)
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
+        path).assert_existing_objects_matched()
+
+
+def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool = False,
+                    qat: bool = False) -> bytes:
+    """Converts a stripped Keras 3 model: exported as a SavedModel (its serving function),
+    converted with TF's converter, builtin ops only (no silent Flex ops)."""
+    with tempfile.TemporaryDirectory() as folder:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.export(folder, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) \
+            + ([tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantization == "int8" and representative is not None:
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return converter.convert()
+
+
+def load_model(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Expected a Keras 3 model saved with "
+                                "model.save('model.keras').")
+    return keras.models.load_model(path, compile=True)
+
+
+def demo_model(seed: int = 0):
+    """The demo's small CNN for 8x8x1 digits (compiled, Keras 3)."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1"),
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(2, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(64, activation="relu", name="dense1"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="digits_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model

@@ -1,0 +1,162 @@
+"""The Keras 3 engine's own math: pruning masks on their schedule at every step, m:n
+structure, clustering per tensor and per channel with its zeros, and saving a compressed
+model with its masks and centroids."""
+
+import numpy as np
+import pytest
+
+import keras_colopt as colopt
+from keras_colopt.engines import get_engine
+from keras_colopt.engines.keras3 import compress
+
+keras = pytest.importorskip("keras")
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    m = keras.Sequential([keras.Input((8, 8, 1)),
+                          keras.layers.Conv2D(8, 3, name="conv"),
+                          keras.layers.DepthwiseConv2D(3, name="dw"),
+                          keras.layers.Flatten(name="flat"),
+                          keras.layers.Dense(16, name="hidden")])
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return m
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 8, 8, 1), "float32"), rng.random((n, 16), "float32")
+
+
+class _EveryStep(keras.callbacks.Callback):
+    """The fraction of zeros of each layer's effective kernel after every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.zeros = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.zeros.append({l.name: float(np.mean(compress.effective_numpy(l) == 0))
+                           for l in self.model.layers if compress.is_compressed(l)})
+
+
+def test_keras3_model_is_taken_by_the_keras3_engine():
+    assert get_engine(_model()).name == "keras3"
+
+
+def test_prune_follows_the_polynomial_schedule_at_every_step():
+    m = _model()
+    spec = compress.PruneSpec(0.75, initial_sparsity=0.0, end_step=6, frequency=2)
+    for l in m.layers:
+        if compress.supports(l):
+            compress.make_prunable(l, spec)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    rec = _EveryStep()
+    x, y = _data()
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[rec])  # 8 steps
+    for batch, zeros in enumerate(rec.zeros):
+        # Steps count from 1; the mask of step t is the one computed at the last update step
+        # <= t (the first step, then every 2nd, up to 6), on tfmot's cubic ramp
+        # 0.75 * (1 - (1 - t/6)^3).
+        t = batch + 1
+        last = max(u for u in range(1, min(t, 6) + 1) if u == 1 or u % 2 == 0)
+        target = 0.75 * (1 - (1 - last / 6) ** 3)
+        assert zeros, batch
+        for name, z in zeros.items():
+            size = compress.raw_kernel(m.get_layer(name)).shape
+            n = int(np.prod(size))
+            assert z == pytest.approx(np.floor(target * n + 1e-6) / n, abs=1e-9), (step, name)
+    assert all(z == pytest.approx(0.75, abs=0.01) for z in rec.zeros[-1].values())
+
+
+def test_m_by_n_keeps_two_of_every_four_input_weights():
+    m = _model()
+    dense = m.get_layer("hidden")
+    compress.make_prunable(dense, compress.PruneSpec(0.5, m_by_n=(2, 4), frequency=1))
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    m.fit(*_data(), batch_size=16, epochs=1, verbose=0)
+    w = compress.effective_numpy(dense)  # (in, out): groups of 4 along `in`
+    groups = (w.T.reshape(w.shape[1], -1, 4) != 0).sum(-1)
+    assert groups.max() == 2 and groups.min() == 2
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+def test_cluster_keeps_its_values_and_its_zeros_while_training(per_channel):
+    m = _model()
+    layers = [l for l in m.layers if compress.supports(l)]
+    # Zero a third of each kernel first, as a Prune phase would have.
+    zero = {}
+    for l in layers:
+        k = np.asarray(compress.raw_kernel(l).numpy())
+        k[np.abs(k) < np.quantile(np.abs(k), 1 / 3)] = 0
+        compress.raw_kernel(l).assign(k)
+        zero[l.name] = k == 0
+        v = k.reshape(-1, compress.view_channels(l))
+        rng = np.random.default_rng(0)
+        c = (np.stack([compress.init_centroids(v[:, j][v[:, j] != 0], 4, "kmeans++", rng)
+                       for j in range(v.shape[1])]) if per_channel else
+             compress.init_centroids(v[v != 0], 4, "kmeans++", rng))
+        compress.make_clusterable(l, compress.ClusterSpec(4, per_channel=per_channel,
+                                                          preserve_sparsity=True), c)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    before = {l.name: compress.effective_numpy(l) for l in layers}
+    m.fit(*_data(), batch_size=16, epochs=2, verbose=0)
+    for l in layers:
+        w = compress.effective_numpy(l)
+        assert not np.array_equal(w, before[l.name]), l.name  # the centroids trained
+        np.testing.assert_array_equal(w == 0, zero[l.name])
+        v = w.reshape(-1, compress.view_channels(l))
+        counts = ([len(np.unique(v[:, j][v[:, j] != 0])) for j in range(v.shape[1])]
+                  if per_channel else [len(np.unique(v[v != 0]))])
+        assert max(counts) <= 4, (l.name, counts)
+
+
+def test_compressed_model_saves_and_loads_with_its_masks_and_centroids(tmp_path):
+    m = _model()
+    compress.make_prunable(m.get_layer("conv"), compress.PruneSpec(0.5, schedule="constant"))
+    hidden = m.get_layer("hidden")
+    compress.make_clusterable(hidden, compress.ClusterSpec(4), np.linspace(-0.3, 0.3, 4))
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    x, y = _data()
+    m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    m.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(back.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
+    for name in ("conv", "hidden"):
+        np.testing.assert_array_equal(compress.effective_numpy(back.get_layer(name)),
+                                      compress.effective_numpy(m.get_layer(name)))
+    assert len(np.unique(compress.effective_numpy(back.get_layer("hidden")))) <= 4
+    # Training the loaded model goes on keeping the zeros of the saved mask.
+    back.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.mean(compress.effective_numpy(back.get_layer("conv")) == 0) >= 0.5
+
+
+def test_collaborative_fit_on_keras3_leaves_the_model_and_exports(digits, tmp_path):
+    (x, y), (xt, yt) = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)),
+                              keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+                              keras.layers.DepthwiseConv2D(3, activation="relu", name="dw"),
+                              keras.layers.Flatten(name="flat"),
+                              keras.layers.Dense(10, name="logits")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [w.copy() for w in model.get_weights()]
+    r = colopt.collaborative_fit(model, x, y, validation_data=(xt, yt), batch_size=64,
+                                 verbose=0, phases=[colopt.Train(epochs=1),
+                                                    colopt.Prune(sparsity=0.5, epochs=2),
+                                                    colopt.Cluster(clusters=8, epochs=1)])
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert r.history.history["phase"] == ["Train", "Prune", "Prune",
+                                          "Cluster (sparsity-preserving)"]
+    st = colopt.callbacks.layer_stats(r.model)
+    assert set(st) == {"conv", "dw", "logits"}  # the depthwise kernel too
+    # Zero is one of the 8 values of a sparsity-preserving clustering.
+    assert all(s.sparsity >= 0.49 and s.unique <= 8 for s in st.values()), st
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                   representative_data=x[:64])
+    deployed = colopt.export.inspect_tflite(info.path)
+    assert len(deployed) == 3 and all(w.dtype == "int8" for w in deployed)
+    assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 8 for w in deployed)
+    acc = colopt.export.evaluate_tflite(info.path, xt, yt)
+    assert acc > 0.5
