@@ -319,3 +319,113 @@ class InvariantGuard(Callback):
         if self.mode == "raise":
             raise err
         warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+
+
+class CollaborativeOptimization(Callback):
+    """The whole plan inside one plain `model.fit`: phases switched at epoch boundaries.
+
+    On a Keras 3 model (whose engine compresses layers in place), each phase starts at its
+    epoch: the previous phase's compression is baked into the kernels, the phase is applied
+    to the same model object, and training goes on with a fresh optimizer like the compiled
+    one (at the phase's `learning_rate`, or a tenth of the compiled rate for Cluster, as in
+    `collaborative_fit`; a compiled schedule runs on the global step). One History, the
+    user's other callbacks untouched; after `fit` the model is ready for
+    `export.to_tflite`. At every epoch end the plan's invariants are checked (an
+    `InvariantGuard` with the plan's expectations), unless `guard=False`.
+
+    The phases' epochs must add up to the `epochs` given to `fit` (a leading `Train` phase
+    counts too): a mismatch is an error at `on_train_begin`, before the first step, as is a
+    model of an engine that cannot switch in place (tf_keras: use `collaborative_fit`).
+
+    Args:
+        phases: list of `Train`, `Prune`, `Cluster` (as for `collaborative_fit`).
+        guard: check the plan's invariants at every epoch end (`True`), only warn
+            (`"warn"`), or not (`False`). Defaults to `True`.
+        tolerance: the guard's sparsity tolerance. Defaults to `0.005`.
+
+    Example:
+        >>> model.fit(x, y, epochs=5, callbacks=[colopt.callbacks.CollaborativeOptimization(
+        ...     [colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=8, epochs=3)])])
+    """
+
+    def __init__(self, phases, guard=True, tolerance=0.005):
+        super().__init__()
+        from keras_colopt.plan import resolve
+
+        self.plan = resolve(phases)  # a bad order is refused here, before fit
+        if guard not in (True, False, "warn"):
+            raise ValueError("CollaborativeOptimization: `guard` must be True, False or "
+                             f"'warn'. Received: guard={guard!r}")
+        self.guard_mode = guard
+        self.tolerance = tolerance
+        self.phase_label = None
+        self._engine = None
+        self._guard = None
+
+    def on_train_begin(self, logs=None):
+        eng = get_engine(self.model, compiled=True)
+        if not eng.supports_drop_in:
+            eng.switch_phase(self.model, self.plan.phases[0], 1, (), {})  # says why, raises
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if epochs != self.plan.total_epochs:
+            raise ValueError(
+                f"CollaborativeOptimization: the phases add up to {self.plan.total_epochs} "
+                f"epoch(s) ({', '.join(f'{p.label} {p.epochs}' for p in self.plan)}), but fit "
+                f"runs epochs={epochs}. Expected them to match, so that every phase runs "
+                f"whole. Call model.fit(..., epochs={self.plan.total_epochs}) or change the "
+                "phases' epochs.")
+        if not steps:
+            raise ValueError(
+                "CollaborativeOptimization: fit does not know its steps per epoch, which the "
+                "pruning schedule is laid out on. Expected a finite dataset or arrays; give "
+                "fit(steps_per_epoch=...) for a repeated dataset.")
+        self._engine, self._steps = eng, int(steps)
+        self.skipped = eng.preflight(self.model, self.plan)
+        for label, names in self.skipped.items():
+            if names:
+                log.warning("%s cannot touch %d layer(s) with weights; they stay as they "
+                            "are: %s", label, len(names), ", ".join(names))
+        self._cfg = eng.compile_config(self.model)
+        self._pruned, self._clustered = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        planned = next((p for p in self.plan.phases if p.start_epoch == epoch), None)
+        if planned is None:
+            return
+        from keras_colopt import fit as _fit
+
+        self.phase_label = planned.label
+        if planned.phase.kind == "train":
+            return
+        compiled = self._cfg["optimizer_config"].get("learning_rate")
+        rate = planned.phase.rate_for(compiled)
+        held = _fit._held_layers(planned, self._pruned, self._clustered)
+        touched = self._engine.switch_phase(self.model, planned, self._steps, held, self._cfg,
+                                            rate, step_offset=planned.start_epoch * self._steps)
+        log.info("CollaborativeOptimization: epoch %d, %s on %d layer(s), learning rate %s",
+                 epoch, planned.label, len(touched), _fit._rate_text(planned.phase, rate,
+                                                                     compiled))
+        held = sorted(set(held) - set(touched))
+        if planned.phase.kind == "prune":
+            self._pruned = list(touched)
+        elif planned.phase.kind == "cluster":
+            self._clustered = list(touched)
+        self._guard = None
+        if self.guard_mode:
+            sp, cl = _fit._phase_expectations(planned, touched, self._pruned, self._clustered)
+            hsp, hcl = _fit._held_expectations(self.plan, planned, held, self._pruned,
+                                               self._clustered)
+            sp, cl = {**hsp, **sp}, {**hcl, **cl}
+            if sp or cl:
+                self._guard = InvariantGuard(
+                    sparsity=sp or None, clusters=cl or None, tolerance=self.tolerance,
+                    mode="warn" if self.guard_mode == "warn" else "raise",
+                    phase=planned.label,
+                    per_channel=planned.per_channel or _fit._held_per_channel(
+                        self.plan, planned, hcl))
+                self._guard.set_model(self.model)
+                self._guard.on_train_begin()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._guard is not None:
+            self._guard.on_epoch_end(epoch, logs)

@@ -366,6 +366,11 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                          f"Received: compression_metrics={compression_metrics!r}")
     steps = steps_per_epoch_of(x, batch_size, fit_kwargs.get("steps_per_epoch"),
                                fit_kwargs.get("validation_split", 0.0), engine=engine)
+    if strategy is not None and not engine.supports_strategy:
+        raise ValueError(
+            f"`strategy=` is not supported for this model by the {engine.name} engine yet "
+            f"(model '{model.name}'). Expected strategy=None. Train on one device, or build "
+            "the model with tf_keras, whose engine runs under tf.distribute strategies.")
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
                scope=_scope_of(strategy), start=start)
     chief, worker = _role(strategy)

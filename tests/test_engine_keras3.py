@@ -160,3 +160,106 @@ def test_collaborative_fit_on_keras3_leaves_the_model_and_exports(digits, tmp_pa
     assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 8 for w in deployed)
     acc = colopt.export.evaluate_tflite(info.path, xt, yt)
     assert acc > 0.5
+
+
+def test_keras3_run_under_a_strategy_is_refused_before_training(digits):
+    import tensorflow as tf
+
+    (x, y), _ = digits
+    m = _model()
+    with pytest.raises(ValueError, match="`strategy=` is not supported for this model by the "
+                                         "keras3 engine"):
+        colopt.collaborative_fit(m, x, y, phases=[colopt.Prune(sparsity=0.5, epochs=1)],
+                                 strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), verbose=0)
+    assert not any(compress.is_compressed(l) for l in m.layers)
+
+
+# ------------------------------------------------------------------ one plain model.fit
+
+def _digits_model():
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((8, 8, 1)),
+                          keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+                          keras.layers.Flatten(name="flat"),
+                          keras.layers.Dense(10, name="logits")])
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+
+
+class _Seen(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.steps, self.optimizers = [], 0, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.steps += 1
+        if batch == 0:
+            self.optimizers.append(id(self.model.optimizer))
+
+
+def test_one_plain_fit_switches_phases_and_leaves_the_model_ready_to_export(digits, tmp_path):
+    (x, y), (xt, yt) = digits
+    model = _digits_model()
+    seen = _Seen()
+    co = colopt.callbacks.CollaborativeOptimization(
+        [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
+         colopt.Cluster(clusters=8, epochs=1)])
+    h = model.fit(x, y, epochs=4, batch_size=64, validation_data=(xt, yt), verbose=0,
+                  callbacks=[co, colopt.callbacks.CompressionMetrics(log_dir=tmp_path / "logs"),
+                             seen])
+    assert seen.epochs == [0, 1, 2, 3] and h.epoch == [0, 1, 2, 3]
+    assert h.history["compression/sparsity"][0] == 0.0
+    assert h.history["compression/sparsity"][-1] >= 0.49
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    # A fresh optimizer at each compressing phase (Prune at epoch 1, Cluster at epoch 3).
+    assert seen.optimizers[0] != seen.optimizers[1] == seen.optimizers[2] != seen.optimizers[3]
+    assert co.phase_label == "Cluster (sparsity-preserving)"
+    st = colopt.callbacks.layer_stats(model)  # the user's own model object
+    assert all(s.sparsity >= 0.49 and s.unique <= 8 for s in st.values()), st
+    assert h.history["val_accuracy"][-1] > 0.5
+    info = colopt.export.to_tflite(model, tmp_path / "m.tflite", quantization="int8",
+                                   representative_data=x[:64])
+    deployed = colopt.export.inspect_tflite(info.path)
+    assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 8 for w in deployed)
+
+
+def test_plain_fit_with_mismatched_epochs_is_refused_before_the_first_step(digits):
+    (x, y), _ = digits
+    model = _digits_model()
+    before = [w.copy() for w in model.get_weights()]
+    seen = _Seen()
+    co = colopt.callbacks.CollaborativeOptimization([colopt.Prune(sparsity=0.5, epochs=2),
+                                                     colopt.Cluster(clusters=8, epochs=1)])
+    with pytest.raises(ValueError, match=r"add up to 3 epoch\(s\).*runs epochs=5"):
+        model.fit(x, y, epochs=5, batch_size=64, verbose=0, callbacks=[co, seen])
+    assert seen.steps == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_plain_fit_of_a_tf_keras_model_is_refused_with_what_to_use(digits):
+    from conftest import tiny_sequential
+
+    (x, y), _ = digits
+    co = colopt.callbacks.CollaborativeOptimization([colopt.Prune(sparsity=0.5, epochs=1)])
+    with pytest.raises(TypeError, match="Use colopt.collaborative_fit"):
+        tiny_sequential().fit(x, y, epochs=1, verbose=0, callbacks=[co])
+
+
+def test_plain_fit_guard_catches_a_lost_mask(digits):
+    (x, y), _ = digits
+    model = _digits_model()
+
+    class Tamper(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:  # the Cluster phase: its mask holds the pruned zeros
+                layer = self.model.get_layer("logits")
+                layer._colopt_mask.assign(np.ones(layer._colopt_mask.shape, "float32"))
+
+    co = colopt.callbacks.CollaborativeOptimization([colopt.Prune(sparsity=0.5, epochs=2),
+                                                     colopt.Cluster(clusters=8, epochs=1)])
+    with pytest.raises(colopt.InvariantViolation, match="logits"):
+        model.fit(x, y, epochs=3, batch_size=64, verbose=0, callbacks=[Tamper(), co])

@@ -19,6 +19,8 @@ callers ask instead of switching on Keras flavours:
     supports_strategy     tf.distribute strategies (`collaborative_fit(strategy=...)`)
     supports_checkpoints  per-epoch checkpoints and resume
     supports_quantize_configs  `Quantize(quantize_configs=...)` for custom layers
+    supports_drop_in      phases switched in place inside one plain `model.fit`
+                          (`callbacks.CollaborativeOptimization`, `switch_phase`)
 
 A new engine is a subclass registered in `keras_colopt.engines.ENGINES` that passes the
 conformance suite (`tests/test_contract.py`, parametrized over engines).
@@ -40,6 +42,7 @@ class Engine:
     supports_strategy = False
     supports_checkpoints = False
     supports_quantize_configs = False
+    supports_drop_in = False
 
     # ------------------------------------------------------------------ models
     def accepts(self, model) -> bool:
@@ -108,6 +111,13 @@ class Engine:
     def apply_phase(self, model, planned, steps_per_epoch: int, hold: Sequence[str] = ()):
         """Wraps `model` for one planned phase; the `hold` layers (earlier work this phase
         does not touch) are frozen. Returns `(model, companion callbacks, touched)`."""
+        raise NotImplementedError
+
+    def switch_phase(self, model, planned, steps_per_epoch: int, hold, cfg: dict,
+                     learning_rate=None, step_offset: int = 0):
+        """Switches `model` to `planned` in place at the beginning of an epoch of a running
+        `fit()` (a fresh optimizer like `cfg`'s, the step functions traced again); returns
+        the layers it touches. Engines with `supports_drop_in` only."""
         raise NotImplementedError
 
     def strip(self, model):

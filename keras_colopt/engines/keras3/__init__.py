@@ -12,7 +12,7 @@ from keras_colopt.engines.keras3 import compress  # noqa: F401  (registers the l
 from keras_colopt.engines.keras3.apply import (  # noqa: F401
     base_name, can_touch, expectations, fold_activations, fold_plan, is_qat, kernels,
     preflight, quantized_per_channel, quiet_expected_warnings, select_layers, strip,
-    apply_phase, unpreserved_clusters, wrapper_kind)
+    apply_phase, switch_phase, unpreserved_clusters, wrapper_kind)
 from keras_colopt.engines.keras3.models import (  # noqa: F401
     ContinuedSchedule, check_model, clone_model, compile_config, compile_like,
     flatten_nested, is_model, nested_models, rebuild, snapshot, walk)
@@ -38,6 +38,7 @@ class Keras3Engine(_Engine):
     supports_strategy = False
     supports_checkpoints = True
     supports_quantize_configs = False
+    supports_drop_in = True
 
     def accepts(self, model) -> bool:
         return is_model(model)

@@ -11,7 +11,7 @@ import numpy as np
 
 from keras_colopt.engines.keras3 import compress
 from keras_colopt.engines.keras3._deps import keras
-from keras_colopt.engines.keras3.models import clone_model, walk
+from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, walk
 
 log = logging.getLogger("keras_colopt")
 
@@ -183,6 +183,34 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     for name in set(hold) - set(touched):
         layers[name].trainable = False
     return model, [], touched
+
+
+def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning_rate=None,
+                 step_offset: int = 0):
+    """Switches the model to a phase in place, inside a running `fit()` (at an epoch's
+    beginning): the previous phase's compression is baked into the kernels, the phase is
+    applied, the model gets a fresh optimizer like the compiled one (the new variables, e.g.
+    centroids, train from the next step), and its train/test/predict functions are traced
+    again on the next call.
+
+    Returns:
+        The layers the phase touches.
+    """
+    for _, layer in walk(model):
+        compress.bake(layer)
+    _, _, touched = apply_phase(model, planned, steps_per_epoch, hold)
+    optimizer = fresh_optimizer(cfg, learning_rate, step_offset)
+    locked = model._tracker.locked
+    model._tracker.unlock()
+    try:
+        model.optimizer = optimizer
+    finally:
+        if locked:
+            model._tracker.lock()
+    model.make_train_function(force=True)
+    model.make_test_function(force=True)
+    model.predict_function = None
+    return touched
 
 
 def is_qat(model) -> bool:

@@ -144,12 +144,18 @@ def _fresh(obj):
     return obj
 
 
-def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
-                 step_offset: int = 0) -> None:
+def fresh_optimizer(cfg: dict, learning_rate: Optional[float] = None, step_offset: int = 0):
+    """A new optimizer like the compiled one: `learning_rate` if given, else the compiled
+    rate, or the compiled schedule read from the run's global step `step_offset`."""
     ocfg = dict(cfg["optimizer_config"])
     if learning_rate is not None:
         ocfg["learning_rate"] = float(learning_rate)
     elif cfg.get("schedule") is not None:
         ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)
+    return cfg["optimizer_class"].from_config(ocfg)
+
+
+def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
+                 step_offset: int = 0) -> None:
     args = {k: _fresh(v) for k, v in cfg["compile"].items() if k != "optimizer"}
-    model.compile(optimizer=cfg["optimizer_class"].from_config(ocfg), **args)
+    model.compile(optimizer=fresh_optimizer(cfg, learning_rate, step_offset), **args)

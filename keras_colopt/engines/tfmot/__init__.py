@@ -23,7 +23,8 @@ from keras_colopt.engines.tfmot.quantize import (  # noqa: F401
 from keras_colopt.engines.tfmot.read import (  # noqa: F401
     expectations, is_qat, kernels, quantized_per_channel, wrapper_kind)
 from keras_colopt.engines.tfmot.wrap import (  # noqa: F401
-    _kmeans_short_channels, apply_phase, keep_output_names, pruning_schedule, strip)
+    _kmeans_short_channels, apply_phase, keep_output_names, pruning_schedule, strip,
+    switch_phase)
 from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
     check_callbacks, custom_object_scope, demo_model, fit_arguments, history, is_model,
     is_progbar, is_sequence, load_model, progbar_callback, restore_state, save_state,

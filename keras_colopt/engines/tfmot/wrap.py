@@ -98,6 +98,18 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     return new, companions, touched
 
 
+def switch_phase(model, planned, steps_per_epoch: int, hold, cfg, learning_rate=None,
+                 step_offset: int = 0):
+    """Not possible with tfmot: its wrappers replace layers, so every phase needs a new model
+    object (and a new fit()); `collaborative_fit` does that."""
+    raise TypeError(
+        f"Model '{model.name}' is a tf_keras model: tfmot compresses through wrapper layers "
+        "that replace the model's layers, so phases cannot switch inside one model.fit. "
+        "Expected a Keras 3 model for CollaborativeOptimization. Use "
+        "colopt.collaborative_fit(model, x, y, phases=[...]) (one fit() per phase, one epoch "
+        "axis), or build the model with Keras 3 (`import keras`).")
+
+
 def _freeze(layer) -> None:
     """Makes a (possibly wrapped) layer's own weights non-trainable."""
     layer.trainable = False
