@@ -30,8 +30,12 @@ def report(name, model, baseline=None):
     return info
 
 
-def baseline(epochs=10):
-    """A trained baseline and its int8 (post-training quantized) export."""
-    model = colopt.collaborative_fit(data.demo_model(), x, y, phases=[colopt.Train(epochs)],
+def baseline(epochs=10, keras3=False):
+    """A trained baseline (tf_keras; a Keras 3 model when `keras3`) and its int8
+    (post-training quantized) export."""
+    from keras_colopt.engines.keras3 import Keras3Engine
+
+    made = Keras3Engine().demo_model() if keras3 else data.demo_model()
+    model = colopt.collaborative_fit(made, x, y, phases=[colopt.Train(epochs)],
                                      batch_size=32, verbose=0).model
     return model, report("baseline", model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import tempfile
 import warnings
@@ -80,9 +81,15 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
     """Converts a stripped Keras 3 model: exported as a SavedModel (its serving function),
     converted with TF's converter, builtin ops only (no silent Flex ops)."""
     with tempfile.TemporaryDirectory() as folder:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.export(folder, format="tf_saved_model", verbose=False)
+        tf_log = logging.getLogger("tensorflow")
+        level = tf_log.level
+        tf_log.setLevel(logging.WARNING)  # "Assets written to <a temporary folder>": noise
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.export(folder, format="tf_saved_model", verbose=False)
+        finally:
+            tf_log.setLevel(level)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) \
             + ([tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
