@@ -54,54 +54,45 @@ def test_phase_contract(digits, tmp_path, phase, label, holds):
 # deployment tree with its invariants in Keras and in the int8 .tflite, the user's callbacks
 # on one epoch axis, and resume from a checkpoint. A new engine adds one row here.
 
+def _compiled(keras, model):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _nested(keras):
+    """A small 'backbone' Functional model inside a Sequential with a head."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(i)
+    h = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(h)
+    backbone = keras.Model(i, h, name="backbone")
+    return _compiled(keras, keras.Sequential([keras.Input((8, 8, 1)), backbone,
+                                              keras.layers.Flatten(name="flat"),
+                                              keras.layers.Dense(10, name="logits")],
+                                             name="outer"))
+
+
 def _tfmot_settings():
     import tf_keras as keras
 
-    def nested_model():
-        """A small 'backbone' Functional model inside a Sequential with a head."""
-        keras.utils.set_random_seed(0)
-        i = keras.Input((8, 8, 1))
-        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(i)
-        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(h)
-        backbone = keras.Model(i, h, name="backbone")
-        model = keras.Sequential([backbone, keras.layers.Flatten(name="flat"),
-                                  keras.layers.Dense(10, name="logits")], name="outer")
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return model
-
-    return {"tiny_model": tiny_sequential, "nested_model": nested_model,
+    return {"tiny_model": tiny_sequential, "nested_model": lambda: _nested(keras),
             "callback_base": keras.callbacks.Callback, "qat": True}
 
 
 def _keras3_settings():
     import keras
 
-    def compiled(model):
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return model
-
     def tiny_model():
         keras.utils.set_random_seed(0)
-        return compiled(keras.Sequential([
+        return _compiled(keras, keras.Sequential([
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
             keras.layers.Flatten(name="flat"),
             keras.layers.Dense(16, activation="relu", name="hidden"),
             keras.layers.Dense(10, name="logits")], name="tiny"))
 
-    def nested_model():
-        keras.utils.set_random_seed(0)
-        i = keras.Input((8, 8, 1))
-        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(i)
-        h = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(h)
-        backbone = keras.Model(i, h, name="backbone")
-        return compiled(keras.Sequential([keras.Input((8, 8, 1)), backbone,
-                                          keras.layers.Flatten(name="flat"),
-                                          keras.layers.Dense(10, name="logits")], name="outer"))
-
-    return {"tiny_model": tiny_model, "nested_model": nested_model,
+    return {"tiny_model": tiny_model, "nested_model": lambda: _nested(keras),
             "callback_base": keras.callbacks.Callback, "qat": False}
 
 

@@ -21,9 +21,7 @@ from keras_colopt.engines.keras3.runtime import (  # noqa: F401
     is_sequence, load_model, progbar_callback, restore_state, save_state,
     tensorboard_callback, to_tflite_bytes)
 
-import sys as _sys  # noqa: E402
-
-from keras_colopt.engines.base import INTERFACE as _INTERFACE  # noqa: E402
+from keras_colopt.engines import _flavour  # noqa: E402
 from keras_colopt.engines.base import Engine as _Engine  # noqa: E402
 
 
@@ -44,15 +42,4 @@ class Keras3Engine(_Engine):
         return is_model(model)
 
 
-def _delegate(name):
-    def method(self, *args, **kwargs):
-        return getattr(_sys.modules[__name__], name)(*args, **kwargs)
-    method.__name__ = name
-    method.__doc__ = getattr(_Engine, name).__doc__
-    return method
-
-
-for _name in _INTERFACE:
-    if _name != "accepts":
-        setattr(Keras3Engine, _name, _delegate(_name))
-del _name
+_flavour.delegate(Keras3Engine, __name__)

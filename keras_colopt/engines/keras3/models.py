@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3._deps import keras
 
 
@@ -87,16 +88,11 @@ def clone_model(model):
     return clone
 
 
-def snapshot(model):
-    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+snapshot = _flavour.snapshot
 
 
 def rebuild(snap):
-    cls, config, weights = snap
-    model = (keras.Sequential if issubclass(cls, keras.Sequential)
-             else keras.Model).from_config(config)
-    model.set_weights(weights)
-    return model
+    return _flavour.rebuild(keras, snap)
 
 
 @keras.saving.register_keras_serializable(package="keras_colopt")
@@ -134,14 +130,7 @@ def compile_config(model) -> dict:
 
 
 def _fresh(obj):
-    """A new copy of each Metric/Loss object in a compile argument (no shared state)."""
-    if isinstance(obj, (keras.metrics.Metric, keras.losses.Loss)):
-        return type(obj).from_config(obj.get_config())
-    if isinstance(obj, dict):
-        return {k: _fresh(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fresh(v) for v in obj)
-    return obj
+    return _flavour.fresh(keras, obj)
 
 
 def fresh_optimizer(cfg: dict, learning_rate: Optional[float] = None, step_offset: int = 0):

@@ -8,30 +8,12 @@ import os
 import tempfile
 import warnings
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3._deps import keras, tf
 
 
-def _is_callback(cb) -> bool:
-    from keras_colopt.engines.base import Callback
-
-    return isinstance(cb, (keras.callbacks.Callback, Callback))
-
-
 def check_callbacks(callbacks) -> list:
-    if callbacks is None:
-        return []
-    if _is_callback(callbacks):
-        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
-                         f"callbacks=[{type(callbacks).__name__}(...)]")
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        if not _is_callback(cb):
-            raise TypeError(
-                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a Keras 3 "
-                "callback. Expected instances of keras.callbacks.Callback (a tf_keras "
-                "callback cannot drive a Keras 3 model). Use the same callback from "
-                "`keras.callbacks`.")
-    return callbacks
+    return _flavour.check_callbacks(keras, callbacks, "Keras 3", "tf_keras")
 
 
 def fit_arguments() -> set:
@@ -47,15 +29,11 @@ def custom_object_scope(custom_objects):
 
 
 def history(model, epochs, values):
-    h = keras.callbacks.History()
-    h.set_model(model)
-    h.epoch = list(epochs)
-    h.history = dict(values)
-    return h
+    return _flavour.history(keras, model, epochs, values)
 
 
 def tensorboard_callback(log_dir):
-    return keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+    return _flavour.tensorboard_callback(keras, log_dir)
 
 
 def progbar_callback():

@@ -32,9 +32,7 @@ from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
 from keras_colopt.engines.tfmot.flatten import (  # noqa: F401,E402
     flatten_nested, nested_models, restore_training_args, walk)
 
-import sys as _sys  # noqa: E402
-
-from keras_colopt.engines.base import INTERFACE as _INTERFACE  # noqa: E402
+from keras_colopt.engines import _flavour  # noqa: E402
 from keras_colopt.engines.base import Engine as _Engine  # noqa: E402
 
 
@@ -54,15 +52,4 @@ class TfmotEngine(_Engine):
         return is_model(model)
 
 
-def _delegate(name):
-    def method(self, *args, **kwargs):
-        return getattr(_sys.modules[__name__], name)(*args, **kwargs)
-    method.__name__ = name
-    method.__doc__ = getattr(_Engine, name).__doc__
-    return method
-
-
-for _name in _INTERFACE:
-    if _name != "accepts":
-        setattr(TfmotEngine, _name, _delegate(_name))
-del _name
+_flavour.delegate(TfmotEngine, __name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from typing import Optional
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
 
 def check_model(model, compiled: bool = True) -> None:
@@ -64,34 +65,16 @@ def clone_model(model):
     return clone
 
 
-def snapshot(model):
-    """What `rebuild(snapshot(model))` needs to make a copy of `model` as it is now, however
-    its layer objects change later (a later phase's wrappers share and modify them).
-
-    For an unwrapped model (between phases): its class, config and weights (copies).
-    """
-    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+snapshot = _flavour.snapshot
 
 
 def rebuild(snap):
     """A new model from a `snapshot`, with its weights."""
-    cls, config, weights = snap
-    model = (tf_keras.Sequential if issubclass(cls, tf_keras.Sequential)
-             else tf_keras.Model).from_config(config)
-    model.set_weights(weights)
-    return model
+    return _flavour.rebuild(tf_keras, snap)
 
 
 def _fresh(obj):
-    """A new copy of each Metric/Loss object in a (nested) compile argument: metric state
-    must not be shared between the models of two phases."""
-    if isinstance(obj, (tf_keras.metrics.Metric, tf_keras.losses.Loss)):
-        return type(obj).from_config(obj.get_config())
-    if isinstance(obj, dict):
-        return {k: _fresh(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fresh(v) for v in obj)
-    return obj
+    return _flavour.fresh(tf_keras, obj)
 
 
 @tf_keras.utils.register_keras_serializable(package="keras_colopt")

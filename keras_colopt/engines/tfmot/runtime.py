@@ -7,30 +7,12 @@ import inspect
 import os
 import warnings
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
-
-def _is_callback(cb) -> bool:
-    from keras_colopt.engines.base import Callback
-
-    return isinstance(cb, (tf_keras.callbacks.Callback, Callback))
-
 
 def check_callbacks(callbacks) -> list:
     """The user's callbacks as a list; refuses a single callback and foreign objects."""
-    if callbacks is None:
-        return []
-    if _is_callback(callbacks):
-        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
-                         f"callbacks=[{type(callbacks).__name__}(...)]")
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        if not _is_callback(cb):
-            raise TypeError(
-                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a tf_keras "
-                "callback. Expected instances of tf_keras.callbacks.Callback (a Keras 3 "
-                "`keras.callbacks` object cannot drive a tf_keras model). Use the "
-                "same callback from `tf_keras.callbacks`.")
-    return callbacks
+    return _flavour.check_callbacks(tf_keras, callbacks, "tf_keras", "Keras 3")
 
 
 def fit_arguments() -> set:
@@ -46,15 +28,11 @@ def custom_object_scope(custom_objects):
 
 
 def history(model, epochs, values):
-    h = tf_keras.callbacks.History()
-    h.set_model(model)
-    h.epoch = list(epochs)
-    h.history = dict(values)
-    return h
+    return _flavour.history(tf_keras, model, epochs, values)
 
 
 def tensorboard_callback(log_dir):
-    return tf_keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+    return _flavour.tensorboard_callback(tf_keras, log_dir)
 
 
 def progbar_callback():

@@ -1,0 +1,92 @@
+"""What tf_keras and Keras 3 do alike, given the flavour's `keras` module: the engines'
+shared services (callbacks, History, copies, compile arguments) and the delegation of an
+engine class to its package's functions. Imports no Keras itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from keras_colopt.engines.base import INTERFACE, Callback, Engine
+
+
+def delegate(engine_class, module_name: str):
+    """Makes every interface method of `engine_class` (except `accepts`) call the function of
+    the same name in module `module_name`, looked up when called (so that a test can replace
+    one with `monkeypatch.setattr(package, name, ...)`)."""
+    def method_for(name):
+        def method(self, *args, **kwargs):
+            return getattr(sys.modules[module_name], name)(*args, **kwargs)
+        method.__name__ = name
+        method.__doc__ = getattr(Engine, name).__doc__
+        return method
+
+    for name in INTERFACE:
+        if name != "accepts":
+            setattr(engine_class, name, method_for(name))
+    return engine_class
+
+
+def check_callbacks(keras, callbacks, flavour: str, other: str) -> list:
+    """The user's callbacks as a list; refuses a single callback and foreign objects
+    (`flavour`: "tf_keras" or "Keras 3"; `other`: the flavour whose callbacks cannot
+    drive this one's fit)."""
+    def ok(cb):
+        return isinstance(cb, (keras.callbacks.Callback, Callback))
+
+    if callbacks is None:
+        return []
+    if ok(callbacks):
+        raise ValueError("`callbacks` must be a list of callbacks, not a single one. Wrap it: "
+                         f"callbacks=[{type(callbacks).__name__}(...)]")
+    callbacks = list(callbacks)
+    module = "tf_keras" if flavour == "tf_keras" else "keras"
+    for i, cb in enumerate(callbacks):
+        if not ok(cb):
+            raise TypeError(
+                f"callbacks[{i}] is a {type(cb).__module__}.{type(cb).__name__}, not a "
+                f"{flavour} callback. Expected instances of {module}.callbacks.Callback (a "
+                f"{other} callback object cannot drive a {flavour} model). Use the same "
+                f"callback from `{module}.callbacks`.")
+    return callbacks
+
+
+def history(keras, model, epochs, values):
+    h = keras.callbacks.History()
+    h.set_model(model)
+    h.epoch = list(epochs)
+    h.history = dict(values)
+    return h
+
+
+def tensorboard_callback(keras, log_dir):
+    return keras.callbacks.TensorBoard(log_dir=os.fspath(log_dir))
+
+
+def snapshot(model):
+    """What `rebuild` needs to copy an unwrapped model as it is now, however its layer
+    objects change later: its class, config and weights (copies)."""
+    return type(model), model.get_config(), [np.array(w) for w in model.get_weights()]
+
+
+def rebuild(keras, snap):
+    """A new model from a `snapshot`, with its weights."""
+    cls, config, weights = snap
+    model = (keras.Sequential if issubclass(cls, keras.Sequential)
+             else keras.Model).from_config(config)
+    model.set_weights(weights)
+    return model
+
+
+def fresh(keras, obj):
+    """A new copy of each Metric/Loss object in a (nested) compile argument: metric state
+    must not be shared between the models of two phases."""
+    if isinstance(obj, (keras.metrics.Metric, keras.losses.Loss)):
+        return type(obj).from_config(obj.get_config())
+    if isinstance(obj, dict):
+        return {k: fresh(keras, v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(fresh(keras, v) for v in obj)
+    return obj
