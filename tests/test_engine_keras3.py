@@ -263,3 +263,34 @@ def test_plain_fit_guard_catches_a_lost_mask(digits):
                                                      colopt.Cluster(clusters=8, epochs=1)])
     with pytest.raises(colopt.InvariantViolation, match="logits"):
         model.fit(x, y, epochs=3, batch_size=64, verbose=0, callbacks=[Tamper(), co])
+
+
+def test_cluster_phase_trains_batchnorm_on_its_moving_statistics(digits):
+    """As the tfmot engine (and tfmot's cluster_weights(model)) do: during Cluster, a
+    BatchNormalization normalizes with its moving statistics, so the phase trains what the
+    model computes at inference (the MobileNetV2 defect of issue 13)."""
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(i)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.999, name="bn")(h))
+    o = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(h))
+    model = keras.Model(i, o)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Prune(sparsity=0.5, epochs=1),
+                                         colopt.Cluster(clusters=4, epochs=1)])
+    bn = r.model.get_layer("bn")
+    assert type(bn) is compress.MovingStatsBatchNormalization
+    batch = x[:64]
+    np.testing.assert_allclose(r.model(batch, training=True).numpy(),
+                               r.model(batch, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    stats = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    r.model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), stats[0])
+    # Stripped for export, it is a stock BatchNormalization computing the same.
+    stripped = get_engine(r.model).strip(r.model)
+    assert type(stripped.get_layer("bn")) is keras.layers.BatchNormalization
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), r.model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)

@@ -130,8 +130,10 @@ def preflight(model, plan) -> Dict[str, List[str]]:
 # --------------------------------------------------------------------------- phases
 
 def strip(model):
-    """A copy of `model` whose layers compute with their effective kernels baked in."""
-    if not any(compress.is_compressed(l) for _, l in walk(model)):
+    """A copy of `model` whose layers compute with their effective kernels baked in (and
+    whose BatchNormalization layers normalize by batch again in training)."""
+    if not any(compress.is_compressed(l) or isinstance(l, compress.MovingStatsBatchNormalization)
+               for _, l in walk(model)):
         return model
     copy = clone_model(model)
     for _, layer in walk(copy):
@@ -178,6 +180,8 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
             c = (np.stack([centroids(view[:, j]) for j in range(view.shape[1])])
                  if per_channel else centroids(view))
             compress.make_clusterable(layer, spec, c)
+        for _, layer in walk(model):
+            compress.freeze_statistics(layer)
     else:
         raise AssertionError(phase.kind)
     for name in set(hold) - set(touched):

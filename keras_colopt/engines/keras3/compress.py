@@ -343,7 +343,8 @@ def _swap(layer) -> None:
 
 def bake(layer) -> None:
     """Writes the effective kernel into the raw variable, drops the compression variables
-    and gives the layer its stock class back."""
+    and gives the layer its stock class back (a BatchNormalization its batch statistics)."""
+    unfreeze_statistics(layer)
     if not is_compressed(layer):
         return
     w = np.asarray(ops.convert_to_numpy(effective(layer, raw_kernel(layer))))
@@ -352,6 +353,31 @@ def bake(layer) -> None:
         _drop(layer, attr)
     object.__setattr__(layer, "_colopt_spec", None)
     object.__setattr__(layer, "__class__", _stock(type(layer)))
+
+
+# --------------------------------------------------------------------------- batch norm
+
+@keras.saving.register_keras_serializable(package="keras_colopt", name="BatchNormalization")
+class MovingStatsBatchNormalization(keras.layers.BatchNormalization):
+    """A BatchNormalization that normalizes with its moving statistics in training too (gamma
+    and beta still train). During a Cluster phase, as tfmot's `cluster_weights(model)` does
+    (its wrapper calls every layer without `training`): the phase trains what the model
+    computes at inference. Left on batch statistics, that its moving ones (momentum 0.999 in
+    MobileNetV2) do not follow, a clustered MobileNetV2 was right in training mode and wrong
+    at inference (benchmarks/results/mobilenetv2_cluster_phase.md)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+def freeze_statistics(layer) -> None:
+    if type(layer) is keras.layers.BatchNormalization:
+        object.__setattr__(layer, "__class__", MovingStatsBatchNormalization)
+
+
+def unfreeze_statistics(layer) -> None:
+    if type(layer) is MovingStatsBatchNormalization:
+        object.__setattr__(layer, "__class__", keras.layers.BatchNormalization)
 
 
 def effective_numpy(layer) -> np.ndarray:
