@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -21,10 +22,14 @@ def _setup_logging(verbose: int) -> None:
 
 
 def layer_of(tensor_name: str, layer_names) -> str:
-    """The Keras layer a `.tflite` tensor name belongs to ('' when none matches)."""
+    """The Keras layer a `.tflite` tensor name belongs to ('' when none matches): a part of
+    the name is the layer's (last path component of a nested layer's) name, tfmot's
+    `quant_<name>`, or Keras 3's export scope `<name>_<n>`."""
     parts = [p for chunk in tensor_name.split(";") for p in chunk.split("/")]
     for name in sorted(layer_names, key=len, reverse=True):
-        if name in parts or f"quant_{name}" in parts:
+        own = name.split("/")[-1]
+        if any(p in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", p)
+               for p in parts):
             return name
     return ""
 
@@ -172,10 +177,10 @@ def format_summary(s: dict) -> str:
 
 def load_model(path):
     """A compiled model from a `.keras` / `.h5` file (or SavedModel folder), loaded by the
-    default engine (tf_keras)."""
-    from keras_colopt.engines import default_engine
+    engine of its Keras flavour (a Keras 3 `.keras` file by the Keras 3 engine)."""
+    from keras_colopt.engines import load_model as by_flavour
 
-    return default_engine().load_model(path)
+    return by_flavour(path)
 
 
 def run_report(out: str, model_path=None, data_path=None, leaves=None, baseline_epochs=None,

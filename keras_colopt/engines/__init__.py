@@ -49,3 +49,21 @@ def get_engine(model, compiled: bool = True):
 
 def default_engine():
     return engines()[0]
+
+
+def load_model(path):
+    """A compiled model from a file, loaded by the engine of its Keras flavour: a `.keras` file
+    whose metadata says Keras 3 by the Keras 3 engine, anything else (tf_keras `.keras`,
+    `.h5`, a SavedModel folder) by the default engine."""
+    import json
+    import os
+    import zipfile
+
+    name = None
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "metadata.json" in z.namelist():
+                version = str(json.loads(z.read("metadata.json")).get("keras_version", ""))
+                name = "keras3" if version.startswith("3.") else None
+    engine = next((e for e in engines() if e.name == name), None) or default_engine()
+    return engine.load_model(path)
