@@ -335,14 +335,6 @@ def test_unsupported_layers_are_listed_not_skipped_silently(digits, caplog):
 
 # ------------------------------------------------------------------ refusals before training
 
-def _keras3_model():
-    import keras as k3
-
-    m = k3.Sequential([k3.Input((8, 8, 1)), k3.layers.Flatten(), k3.layers.Dense(10)])
-    m.compile("adam", "sparse_categorical_crossentropy")
-    return m
-
-
 class _Sub(keras.Model):
     def __init__(self):
         super().__init__()
@@ -392,8 +384,6 @@ REFUSALS = [
      "comes after phases[0] Quantize"),
     ("few clusters", None, [Prune(sparsity=0.5, epochs=1), Cluster(clusters=2, epochs=1)], {},
      colopt.PlanError, "clusters >= 3"),
-    ("keras 3 QAT", _keras3_model, [Train(epochs=1), Quantize(epochs=1)], {}, ValueError,
-     "quantization-aware training of Keras 3 models is not in keras_colopt yet"),
     ("subclassed", _subclassed, [Train(epochs=1)], {}, TypeError, "subclassed"),
     ("uncompiled", _uncompiled, [Train(epochs=1)], {}, ValueError, "not compiled"),
     ("unknown layer", None, [Prune(sparsity=0.5, epochs=1, layers=["nope"])], {}, ValueError,

@@ -90,3 +90,28 @@ def fresh(keras, obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(fresh(keras, v) for v in obj)
     return obj
+
+
+def chosen_layers(named, phase, model_name: str, default) -> list:
+    """The names of the layers a phase's `layers=` selects among `named` (`[(name, layer)]`,
+    in model order): `default(layer)` decides when it is None; a predicate that selects
+    nothing, or a name the model lacks, is an error naming what exists."""
+    sel = phase.layers
+    if sel is None:
+        return [n for n, l in named if default(l)]
+    if callable(sel):
+        chosen = [n for n, l in named if sel(l)]
+        if not chosen:
+            raise ValueError(
+                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
+                f"'{model_name}'. Expected it to return True for at least one of: "
+                f"{sorted(n for n, _ in named)}. Received: layers={sel!r}")
+        return chosen
+    names = [n for n, _ in named]
+    missing = [n for n in sel if n not in names]
+    if missing:
+        raise ValueError(
+            f"{type(phase).__name__}: no layer named {missing} in model '{model_name}'. "
+            f"Expected names from: {names} (a nested model's layers by path, "
+            f"'backbone/conv1'). Fix the names in `layers=`. Received: layers={sel!r}")
+    return list(sel)

@@ -9,6 +9,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3 import compress
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, walk
@@ -45,24 +46,7 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     layers = walk(model)
     by_name = dict(layers)
     sel = phase.layers
-    if sel is None:
-        chosen = [n for n, l in layers if _has_kernel(l)]
-    elif callable(sel):
-        chosen = [n for n, l in layers if sel(l)]
-        if not chosen:
-            raise ValueError(
-                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
-                f"'{model.name}'. Expected it to return True for at least one of: "
-                f"{sorted(by_name)}. Received: layers={sel!r}")
-    else:
-        missing = [n for n in sel if n not in by_name]
-        if missing:
-            raise ValueError(
-                f"{type(phase).__name__}: no layer named {missing} in model '{model.name}'. "
-                f"Expected names from: {[n for n, _ in layers]} (a nested model's layers "
-                f"by path, 'backbone/conv1'). Fix the names in `layers=`. Received: "
-                f"layers={sel!r}")
-        chosen = list(sel)
+    chosen = _flavour.chosen_layers(layers, phase, model.name, _has_kernel)
 
     def ok(name):
         layer = by_name[name]

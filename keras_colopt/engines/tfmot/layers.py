@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from typing import Dict, List, Tuple
 
+from keras_colopt.engines import _flavour
 from keras_colopt.engines.tfmot._deps import clustering_registry, prune_registry, tf_keras, tfmot
 
 _INITS = {
@@ -75,23 +76,10 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     layers = [base_layer(l) for l in model.layers]
     by_name = {l.name: l for l in layers}
     sel = phase.layers
-    if sel is None:
-        chosen = [l for l in layers if _has_kernel(l) or kind == "quantize"]
-    elif callable(sel):
-        chosen = [l for l in layers if sel(l)]
-        if not chosen:
-            raise ValueError(
-                f"{type(phase).__name__}: the `layers` predicate selected no layer of model "
-                f"'{model.name}'. Expected it to return True for at least one of: "
-                f"{sorted(by_name)}. Received: layers={sel!r}")
-    else:
-        missing = [n for n in sel if n not in by_name]
-        if missing:
-            raise ValueError(
-                f"{type(phase).__name__}: no layer named {missing} in model '{model.name}'. "
-                f"Expected names from: {[l.name for l in layers]}. Fix the names in `layers=`. "
-                f"Received: layers={sel!r}")
-        chosen = [by_name[n] for n in sel]
+    chosen = [by_name[n] for n in _flavour.chosen_layers(
+        [(l.name, l) for l in layers], phase, model.name,
+        lambda l: _has_kernel(l) or kind == "quantize")]
+
     def ok(layer):
         return can_touch(layer, kind) and not (kind == "cluster" and _too_small(layer, phase))
 
