@@ -107,9 +107,8 @@ def _last(flavour):
     return colopt.Cluster(clusters=6, epochs=1), "Cluster (sparsity-preserving)"
 
 
-def _refuses_qat(flavour, phases, **kwargs):
+def _refuses_qat(flavour, phases, x, y, **kwargs):
     """An engine without QAT refuses a plan with a Quantize phase before any training."""
-    (x, y) = kwargs.pop("data")
     seen = []
 
     class Epochs(flavour["callback_base"]):
@@ -145,8 +144,7 @@ def test_engine_path_keeps_its_invariants_in_keras_and_tflite(digits, tmp_path, 
                                                               phases, label, kept):
     (x, y), (xt, yt) = digits
     if not flavour["qat"] and any(p.kind == "quantize" for p in phases):
-        return _refuses_qat(flavour, [colopt.Train(epochs=1)] + phases, data=(x, y),
-                            batch_size=64)
+        return _refuses_qat(flavour, [colopt.Train(epochs=1)] + phases, x, y, batch_size=64)
     r = colopt.collaborative_fit(flavour["tiny_model"](), x, y,
                                  phases=[colopt.Train(epochs=1)] + phases,
                                  validation_data=(xt, yt), batch_size=64, verbose=0)

@@ -100,8 +100,8 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                 f"layers={planned.phase.layers!r}")
         if kind == "prune" and planned.phase.m_by_n is not None:
             n = planned.phase.m_by_n[1]
-            bad = [t for t in touched if int(compress.raw_kernel(
-                dict(walk(model))[t]).shape[-2]) % n]
+            layers = dict(walk(model))
+            bad = [t for t in touched if int(compress.raw_kernel(layers[t]).shape[-2]) % n]
             if bad:
                 raise ValueError(
                     f"{planned.label}: m_by_n={planned.phase.m_by_n} groups {n} consecutive "
@@ -188,13 +188,8 @@ def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning
         compress.bake(layer)
     _, _, touched = apply_phase(model, planned, steps_per_epoch, hold)
     optimizer = fresh_optimizer(cfg, learning_rate, step_offset)
-    locked = model._tracker.locked
-    model._tracker.unlock()
-    try:
+    with compress.unlocked(model):
         model.optimizer = optimizer
-    finally:
-        if locked:
-            model._tracker.lock()
     model.make_train_function(force=True)
     model.make_test_function(force=True)
     model.predict_function = None

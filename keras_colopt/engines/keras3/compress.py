@@ -20,6 +20,7 @@ which is the output-channel order of the converted `.tflite` kernel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional, Tuple
@@ -279,27 +280,29 @@ def _materialize(layer) -> None:
     object.__setattr__(layer, "_colopt_pending", None)
 
 
+@contextlib.contextmanager
+def unlocked(obj):
+    """Lets a built layer or model take new state (Keras locks its tracker after build)."""
+    locked = obj._tracker.locked
+    obj._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            obj._tracker.lock()
+
+
 def _set(layer, attr, var) -> None:
     """Sets a variable attribute the way `self.x = self.add_weight(...)` does, so that TF
     checkpoints (`tf.train.Checkpoint`, which follows attributes) save and restore it."""
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with unlocked(layer):
         setattr(layer, attr, var)
-    finally:
-        if locked:
-            layer._tracker.lock()
 
 
 def _add(layer, name, value, dtype="float32", trainable=False):
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with unlocked(layer):
         var = layer.add_weight(name=name, shape=tuple(np.shape(value)), dtype=dtype,
                                initializer="zeros", trainable=trainable)
-    finally:
-        if locked:
-            layer._tracker.lock()
     var.assign(np.asarray(value, dtype=dtype))
     return var
 
