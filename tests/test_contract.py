@@ -93,7 +93,7 @@ def _keras3_settings():
             keras.layers.Dense(10, name="logits")], name="tiny"))
 
     return {"tiny_model": tiny_model, "nested_model": lambda: _nested(keras),
-            "callback_base": keras.callbacks.Callback, "qat": False}
+            "callback_base": keras.callbacks.Callback, "qat": True}
 
 
 ENGINES = [("tfmot", _tfmot_settings), ("keras3", _keras3_settings)]
@@ -106,20 +106,6 @@ def _last(flavour):
         return colopt.Quantize(epochs=1), "PQAT"
     return colopt.Cluster(clusters=6, epochs=1), "Cluster (sparsity-preserving)"
 
-
-def _refuses_qat(flavour, phases, x, y, **kwargs):
-    """An engine without QAT refuses a plan with a Quantize phase before any training."""
-    seen = []
-
-    class Epochs(flavour["callback_base"]):
-        def on_epoch_begin(self, epoch, logs=None):
-            seen.append(epoch)
-
-    with pytest.raises(ValueError, match="quantization-aware training of Keras 3 models is "
-                                         "not in keras_colopt yet"):
-        colopt.collaborative_fit(flavour["tiny_model"](), x, y, phases=phases, verbose=0,
-                                 callbacks=[Epochs()], **kwargs)
-    assert seen == []
 
 PATHS = [  # phases after Train(1), what the last phase is called, (sparsity, clusters) kept
     ([colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=6, epochs=1)],
@@ -143,8 +129,6 @@ def flavour(request):
 def test_engine_path_keeps_its_invariants_in_keras_and_tflite(digits, tmp_path, flavour,
                                                               phases, label, kept):
     (x, y), (xt, yt) = digits
-    if not flavour["qat"] and any(p.kind == "quantize" for p in phases):
-        return _refuses_qat(flavour, [colopt.Train(epochs=1)] + phases, x, y, batch_size=64)
     r = colopt.collaborative_fit(flavour["tiny_model"](), x, y,
                                  phases=[colopt.Train(epochs=1)] + phases,
                                  validation_data=(xt, yt), batch_size=64, verbose=0)

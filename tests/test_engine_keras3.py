@@ -207,22 +207,23 @@ def test_one_plain_fit_switches_phases_and_leaves_the_model_ready_to_export(digi
     seen = _Seen()
     co = colopt.callbacks.CollaborativeOptimization(
         [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
-         colopt.Cluster(clusters=8, epochs=1)])
-    h = model.fit(x, y, epochs=4, batch_size=64, validation_data=(xt, yt), verbose=0,
+         colopt.Cluster(clusters=8, epochs=1), colopt.Quantize(epochs=1)])
+    h = model.fit(x, y, epochs=5, batch_size=64, validation_data=(xt, yt), verbose=0,
                   callbacks=[co, colopt.callbacks.CompressionMetrics(log_dir=tmp_path / "logs"),
                              seen])
-    assert seen.epochs == [0, 1, 2, 3] and h.epoch == [0, 1, 2, 3]
+    assert seen.epochs == [0, 1, 2, 3, 4] and h.epoch == [0, 1, 2, 3, 4]
     assert h.history["compression/sparsity"][0] == 0.0
     assert h.history["compression/sparsity"][-1] >= 0.49
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
-    # A fresh optimizer at each compressing phase (Prune at epoch 1, Cluster at epoch 3).
-    assert seen.optimizers[0] != seen.optimizers[1] == seen.optimizers[2] != seen.optimizers[3]
-    assert co.phase_label == "Cluster (sparsity-preserving)"
+    # A fresh optimizer at each compressing phase (Prune at epoch 1, Cluster at 3, PCQAT at 4).
+    o = seen.optimizers
+    assert o[0] != o[1] == o[2] != o[3] != o[4]
+    assert co.phase_label == "PCQAT"
     st = colopt.callbacks.layer_stats(model)  # the user's own model object
-    assert all(s.sparsity >= 0.49 and s.unique <= 8 for s in st.values()), st
+    assert all(s.sparsity >= 0.49 and s.unique_per_channel_max <= 8 for s in st.values()), st
     assert h.history["val_accuracy"][-1] > 0.5
-    info = colopt.export.to_tflite(model, tmp_path / "m.tflite", quantization="int8",
-                                   representative_data=x[:64])
+    # Quantization-aware: int8 without calibration data.
+    info = colopt.export.to_tflite(model, tmp_path / "m.tflite", quantization="int8")
     deployed = colopt.export.inspect_tflite(info.path)
     assert all(w.sparsity >= 0.49 and w.unique_per_channel_max <= 8 for w in deployed)
 
@@ -294,3 +295,116 @@ def test_cluster_phase_trains_batchnorm_on_its_moving_statistics(digits):
     assert type(stripped.get_layer("bn")) is keras.layers.BatchNormalization
     np.testing.assert_allclose(stripped.predict(x, verbose=0), r.model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ quantization-aware training
+
+def _bn_model():
+    """Every kind of tensor QAT must range: a model input, convolutions with folded
+    BatchNormalization and fused ReLU/ReLU6, a depthwise kernel, same-scale layers, a Dense
+    with its own activation and logits."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv")(i)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="bn")(h)  # settles in few steps
+    h = keras.layers.ReLU(name="relu")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.BatchNormalization(momentum=0.9, name="bn2")(h)
+    h = keras.layers.ReLU(6.0, name="relu6")(h)
+    h = keras.layers.Conv2D(32, 1, activation="relu", name="pw")(h)
+    h = keras.layers.Flatten(name="flat")(keras.layers.MaxPooling2D(name="pool")(h))
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(h)
+    model = keras.Model(i, keras.layers.Dense(10, name="logits")(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _file_tensors(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(str(path))
+    it.allocate_tensors()
+    out = []
+    for t in it.get_tensor_details():
+        try:
+            out.append((t, it.get_tensor(t["index"])))
+        except ValueError:  # an activation tensor: no data before a run
+            out.append((t, None))
+    return out
+
+
+def test_pcqat_file_holds_exactly_the_trained_int8_weights(digits, tmp_path):
+    (x, y), (xt, yt) = digits
+    r = colopt.collaborative_fit(_bn_model(), x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Train(epochs=2),
+                                         colopt.Prune(sparsity=0.5, epochs=2),
+                                         colopt.Cluster(clusters=8, epochs=1),
+                                         colopt.Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PCQAT"
+    assert get_engine(r.model).is_qat(r.model)
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    tensors = _file_tensors(info.path)
+    # Fully int8: the float input and output only, no float op in between.
+    floats = [t["name"] for t, _ in tensors if t["dtype"] == np.float32]
+    assert len(floats) == 2, floats
+    by_shape = {tuple(v.shape): v for t, v in tensors if v is not None and t["dtype"] == np.int8
+                and len(t["quantization_parameters"]["scales"]) > 1}
+    for name in ("conv", "dw", "pw", "hidden", "logits"):
+        layer = r.model.get_layer(name)
+        w = compress.effective_numpy(layer)  # on the fake-quant grid
+        view = w.reshape(-1, compress.view_channels(layer))
+        scale = np.abs(view).max(0) / 127
+        trained = np.round(view / np.where(scale > 0, scale, 1)).astype(np.int64)
+        stored = [v for v in by_shape.values() if v.size == view.size
+                  and v.shape[-1 if name == "dw" else 0] == view.shape[1]]
+        assert len(stored) == 1, (name, list(by_shape))
+        q = stored[0]
+        q = (q.reshape(-1, view.shape[1]) if name == "dw"
+             else np.moveaxis(q, 0, -1).reshape(-1, view.shape[1])).astype(np.int64)
+        # The converter folds each BN into its convolution: per channel, a scale (whose sign
+        # may flip a channel), which symmetric per-channel int8 does not change.
+        flips = np.all(q == -trained, axis=0) & np.any(trained != 0, axis=0)
+        np.testing.assert_array_equal(np.where(flips, -q, q), trained, err_msg=name)
+        assert np.mean(q == 0) >= 0.49, name
+        assert max(len(np.unique(q[:, j])) for j in range(q.shape[1])) <= 8, name
+    # The file computes what the Keras model computes.
+    keras_pred = r.model.predict(xt, verbose=0).argmax(1)
+    file_pred = colopt.export.predict_tflite(info.path, xt).argmax(1)
+    assert np.mean(keras_pred == file_pred) >= 0.99
+    assert colopt.export.evaluate_tflite(info.path, xt, yt) > 0.5
+
+
+def test_qat_model_saves_and_loads_with_its_ranges(digits, tmp_path):
+    (x, y), (xt, _) = digits
+    r = colopt.collaborative_fit(_bn_model(), x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Prune(sparsity=0.5, epochs=1),
+                                         colopt.Quantize(epochs=1)])
+    r.model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(back.predict(xt, verbose=0), r.model.predict(xt, verbose=0),
+                               atol=1e-5)
+    ranges = {l.name: l._colopt_out.numpy() for l in r.model.layers
+              if getattr(l, "_colopt_out", None) is not None}
+    assert {"relu", "relu6", "pw", "hidden", "logits"} <= set(ranges)
+    for name, value in ranges.items():
+        np.testing.assert_array_equal(back.get_layer(name)._colopt_out.numpy(), value)
+    # Training the loaded model keeps the pruned zeros.
+    back.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert np.mean(compress.effective_numpy(back.get_layer("hidden")) == 0) >= 0.49
+
+
+def test_quantize_refuses_a_layer_it_cannot_range_before_training(digits):
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.LayerNormalization(name="norm")(keras.layers.Conv2D(8, 3, name="conv")(i))
+    model = keras.Model(i, keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(h)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    seen = _Seen()
+    with pytest.raises(ValueError, match=r"does not know how LiteRT quantizes the layer\(s\) "
+                                         r"\['norm'\].*LayerNormalization.*post-training"):
+        colopt.collaborative_fit(model, x, y, verbose=0, callbacks=[seen],
+                                 phases=[colopt.Prune(sparsity=0.5, epochs=1),
+                                         colopt.Quantize(epochs=1)])
+    assert seen.steps == 0

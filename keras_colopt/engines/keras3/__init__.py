@@ -1,14 +1,16 @@
 """The Keras 3 engine: models built with `import keras`, compressed natively.
 
-`compress` (the in-place math: masks, centroids, written with keras.ops), `models` (checks,
-the recursive walk, copies, compiling), `apply` (selection, preflight, one phase, reading),
-`runtime` (fit, callbacks, state, files). `Keras3Engine` is the `Engine` over them.
+`compress` (the in-place math: masks, centroids, weight fake-quant, written with keras.ops),
+`quantize` (which tensors quantization-aware training ranges, and the layers without a kernel
+that carry a range), `models` (checks, the recursive walk, copies, compiling), `apply`
+(selection, preflight, one phase, reading), `runtime` (fit, callbacks, state, files).
+`Keras3Engine` is the `Engine` over them.
 
-This first version prunes and clusters (every path up to sparsity-preserving clustering) and
-exports through TF's converter; quantization-aware training is refused before training.
+Every path of the deployment tree (sparsity-preserving clustering, PQAT, CQAT, PCQAT, QAT);
+export through TF's converter from the trained graph.
 """
 
-from keras_colopt.engines.keras3 import compress  # noqa: F401  (registers the layer classes)
+from keras_colopt.engines.keras3 import compress, quantize  # noqa: F401  (registers the layer classes)
 from keras_colopt.engines.keras3.apply import (  # noqa: F401
     base_name, can_touch, expectations, fold_activations, fold_plan, is_qat, kernels,
     preflight, quantized_per_channel, quiet_expected_warnings, select_layers, strip,

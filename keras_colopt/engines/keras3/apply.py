@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from keras_colopt.engines import _flavour
-from keras_colopt.engines.keras3 import compress
+from keras_colopt.engines.keras3 import compress, quantize
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, walk
 
@@ -28,9 +28,7 @@ def _has_kernel(layer) -> bool:
 
 
 def can_touch(layer, kind: str) -> bool:
-    if kind in ("prune", "cluster"):
-        return compress.supports(layer) and getattr(layer, "quantization_mode", None) is None
-    return False  # quantization-aware training: not in this engine yet (see preflight)
+    return compress.supports(layer) and getattr(layer, "quantization_mode", None) is None
 
 
 def _too_small(layer, phase) -> bool:
@@ -84,13 +82,20 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         if kind == "train":
             continue
         if kind == "quantize":
-            raise ValueError(
-                f"{planned.label}: quantization-aware training of Keras 3 models is not in "
-                "keras_colopt yet (pruning and clustering are). Expected Train, Prune and "
-                "Cluster phases for a Keras 3 model. Drop the Quantize phase and export with "
-                "post-training int8, which keeps the zeros and the per-channel clusters: "
-                "colopt.export.to_tflite(result.model, path, quantization='int8', "
-                "representative_data=x[:256]); or build the model with tf_keras for QAT.")
+            _, unknown = quantize.plan_ranges(model)
+            if unknown:
+                layers = dict(walk(model))
+                raise ValueError(
+                    f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "
+                    f"the layer(s) {unknown} (type "
+                    f"{sorted({type(layers[n]).__name__ for n in unknown})}), so it cannot "
+                    "train the model as the int8 file will run it. Expected Dense, Conv1D, "
+                    "Conv2D, DepthwiseConv2D and the layers "
+                    f"{sorted({c.__name__ for c in quantize.KNOWN} - {'InputLayer'})}. Drop "
+                    "the Quantize phase and export with post-training int8 (it calibrates "
+                    "every layer and keeps the zeros and per-channel clusters): "
+                    "colopt.export.to_tflite(result.model, path, quantization='int8', "
+                    "representative_data=x[:256]).")
         touched, skip = select_layers(model, planned.phase, kind)
         skipped[planned.label] = skip
         if not touched:
@@ -116,6 +121,11 @@ def preflight(model, plan) -> Dict[str, List[str]]:
 def strip(model):
     """A copy of `model` whose layers compute with their effective kernels baked in (and
     whose BatchNormalization layers normalize by batch again in training)."""
+    if is_qat(model):  # its ranges and fake-quant are what the converter reads: kept
+        copy = clone_model(model)
+        for _, layer in walk(copy):
+            compress.bake_for_export(layer)
+        return copy
     if not any(compress.is_compressed(l) or isinstance(l, compress.MovingStatsBatchNormalization)
                for _, l in walk(model)):
         return model
@@ -166,11 +176,66 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
             compress.make_clusterable(layer, spec, c)
         for _, layer in walk(model):
             compress.freeze_statistics(layer)
+    elif phase.kind == "quantize":
+        _apply_quantize(model, planned, touched, set(hold))
     else:
         raise AssertionError(phase.kind)
     for name in set(hold) - set(touched):
         layers[name].trainable = False
     return model, [], touched
+
+
+def _apply_quantize(model, planned, touched, held) -> None:
+    """Quantization-aware training: the touched layers' kernels fake-quantized per output
+    channel, keeping (with `preserve`) the zeros as a fixed mask and the clusters as trained
+    centroids (the distinct values the Cluster phase left), so that at most N values per
+    channel reach the int8 grid; every tensor LiteRT quantizes gets its range."""
+    flags, _ = quantize.plan_ranges(model)
+    layers = dict(walk(model))
+    for name in touched:
+        layer = layers[name]
+        raw = np.asarray(compress.raw_kernel(layer).numpy())
+        zeros = planned.preserve_sparsity and not np.all(raw)
+        if zeros:
+            compress._swap(layer)
+            compress._set(layer, "_colopt_mask", compress._add(
+                layer, "colopt_mask", (raw != 0).astype(np.float32)))
+        if planned.preserve_clusters and name in held:
+            per_channel = planned.per_channel and not isinstance(layer, keras.layers.Dense)
+            c = _codebook(raw.reshape(-1, compress.view_channels(layer)), per_channel, zeros,
+                          planned.clusters)
+            if c is not None:
+                compress._swap(layer)
+                layer._colopt_spec.cluster = compress.ClusterSpec(
+                    clusters=c.shape[-1], per_channel=per_channel, preserve_sparsity=zeros)
+                compress._set(layer, "_colopt_centroids", compress._add(
+                    layer, "colopt_centroids", c, trainable=True))
+    for name, (inputs, outputs) in flags.items():
+        layer = layers[name]
+        if compress.supports(layer):
+            compress.make_quantized(layer, compress.QuantizeSpec(
+                weights=name in touched, per_channel=True, inputs=inputs, outputs=outputs))
+        elif inputs or outputs or isinstance(layer, keras.layers.BatchNormalization):
+            quantize.observe(layer, inputs, outputs)
+    for _, layer in walk(model):
+        compress.freeze_statistics(layer)
+
+
+def _codebook(view: np.ndarray, per_channel: bool, skip_zero: bool, limit):
+    """The distinct values of a clustered kernel as centroids, `(k,)` or `(channels, k)`
+    (a channel with fewer repeats its last); None for a kernel with more than `limit` (the
+    Cluster phase's count, zero included): not clustered, e.g. only pruned."""
+    def values(v):
+        u = np.unique(v)
+        return u[u != 0] if skip_zero else u
+    groups = [values(view[:, j]) for j in range(view.shape[1])] if per_channel \
+        else [values(view)]
+    k = max(len(g) for g in groups)
+    if k == 0 or limit is None or k > limit:
+        return None
+    padded = np.stack([np.pad(g, (0, k - len(g)), mode="edge") if len(g) else np.zeros(k)
+                       for g in groups]).astype(np.float32)
+    return padded if per_channel else padded[0]
 
 
 def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning_rate=None,
@@ -197,7 +262,12 @@ def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning
 
 
 def is_qat(model) -> bool:
-    return False
+    return any(_quantized(l) or quantize.is_observed(l) for _, l in walk(model))
+
+
+def _quantized(layer):
+    spec = getattr(layer, "_colopt_spec", None)
+    return spec is not None and spec.quantize is not None
 
 
 def unpreserved_clusters(model, names) -> Dict[str, str]:
@@ -209,7 +279,8 @@ def quiet_expected_warnings(model):
 
 
 def quantized_per_channel(layer) -> bool:
-    return False
+    return _quantized(layer) and layer._colopt_spec.quantize.weights \
+        and layer._colopt_spec.quantize.per_channel
 
 
 # --------------------------------------------------------------------------- reading
@@ -233,6 +304,12 @@ def expectations(model) -> Dict[str, dict]:
             continue
         spec = layer._colopt_spec
         mask = layer._colopt_mask
+        sp = None
+        if mask is not None:
+            m = np.asarray(mask.numpy())
+            sp = float(np.count_nonzero(m == 0) / m.size)
+        c = spec.cluster
+        clusters = None if c is None else c.clusters + (1 if c.preserve_sparsity else 0)
         if spec.prune is not None:
             p = spec.prune
             target = 1.0 - p.m_by_n[0] / p.m_by_n[1] if p.m_by_n else p.sparsity
@@ -240,19 +317,25 @@ def expectations(model) -> Dict[str, dict]:
             ready = step >= (p.end_step if p.schedule == "polynomial" and not p.m_by_n else 1)
             out[name] = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
                          "per_channel": False, "wrapper": "prune"}
-        elif spec.cluster is not None:
-            sp = None
-            if mask is not None:
-                m = np.asarray(mask.numpy())
-                sp = float(np.count_nonzero(m == 0) / m.size)
-            c = spec.cluster
-            out[name] = {"sparsity": sp, "sparsity_ready": True,
-                         "clusters": c.clusters + (1 if c.preserve_sparsity else 0),
-                         "per_channel": spec.cluster.per_channel, "wrapper": "cluster"}
+        elif spec.quantize is not None:
+            if sp is not None or clusters is not None:
+                out[name] = {"sparsity": sp, "sparsity_ready": True, "clusters": clusters,
+                             "per_channel": c is not None and c.per_channel,
+                             "wrapper": "quantize"}
+        elif c is not None:
+            out[name] = {"sparsity": sp, "sparsity_ready": True, "clusters": clusters,
+                         "per_channel": c.per_channel, "wrapper": "cluster"}
     return out
 
 
 def wrapper_kind(model) -> str:
+    """"prune", "cluster", "QAT", "PQAT", "CQAT", "PCQAT" or "none" (as the tfmot engine)."""
+    if is_qat(model):
+        e = expectations(model).values()
+        sp = any(v["sparsity"] is not None for v in e)
+        cl = any(v["clusters"] is not None for v in e)
+        return {(False, False): "QAT", (True, False): "PQAT", (False, True): "CQAT",
+                (True, True): "PCQAT"}[(sp, cl)]
     kinds = set()
     for _, layer in walk(model):
         if compress.is_compressed(layer):

@@ -7,6 +7,12 @@ the layer computes with, the *effective* kernel, instead of the raw variable:
     prune:    raw * mask                       (mask recomputed in-graph on the schedule)
     cluster:  centroids[nearest(raw)] (* mask)  (raw trains through a straight-through
               gradient, the centroids through the gather; indices re-associated each call)
+    quantize: int8 fake-quant of the above      (symmetric per output channel, scale
+              max|w|/127, as the converter quantizes a constant kernel; straight-through)
+
+Quantization-aware layers also fake-quantize their output (and their input where it is a
+model input) per tensor over a moving range, as LiteRT will (`quantize.plan_ranges` says
+which tensors: not the ones the converter fuses into the next op).
 
 The mask, the centroids and the pruning step are variables of the layer itself, so they
 train, save (`save_own_variables`, which the stock method would drop) and checkpoint with
@@ -59,11 +65,24 @@ class ClusterSpec:
 
 
 @dataclasses.dataclass
+class QuantizeSpec:
+    weights: bool = True       # fake-quantize the kernel (False: the converter will)
+    per_channel: bool = True   # one scale per output channel (else one per tensor)
+    inputs: bool = False       # fake-quantize the input (it is a model input)
+    outputs: bool = True       # fake-quantize the output (not fused into the next op)
+
+
+@dataclasses.dataclass
 class Spec:
     """What one compressible layer does now (a plain object: not tracked by Keras)."""
 
     prune: Optional[PruneSpec] = None
     cluster: Optional[ClusterSpec] = None
+    quantize: Optional[QuantizeSpec] = None
+
+
+_STATE = ("_colopt_mask", "_colopt_step", "_colopt_centroids", "_colopt_in", "_colopt_out")
+_OBSERVED = {}  # stock class -> its range-observing subclass (`quantize`)
 
 
 def kernel_names(layer) -> Tuple[str, Optional[str]]:
@@ -71,9 +90,10 @@ def kernel_names(layer) -> Tuple[str, Optional[str]]:
 
 
 def _stock(cls):
-    for stock, sub in _COMPRESSED.items():
-        if sub is cls:
-            return stock
+    for family in (_COMPRESSED, _OBSERVED):
+        for stock, sub in family.items():
+            if sub is cls:
+                return stock
     return cls
 
 
@@ -111,7 +131,48 @@ def effective(layer, raw):
     mask = getattr(layer, "_colopt_mask", None)
     if mask is not None:
         w = w * ops.cast(mask, w.dtype)
+    if spec.quantize is not None and spec.quantize.weights:
+        w = fake_quant_weights(layer, w, spec.quantize.per_channel)
     return w
+
+
+def fake_quant_weights(layer, w, per_channel: bool):
+    """`w` on the symmetric int8 grid the converter will put it on: scale max|w|/127 per
+    output channel (the last axis of the 2-D view) or per tensor; zeros stay exactly zero
+    and N distinct values stay at most N. The gradient passes straight through."""
+    shape = ops.shape(w)
+    v = ops.reshape(w, (-1, view_channels(layer)) if per_channel else (-1,))
+    m = ops.max(ops.abs(v), axis=0)
+    scale = ops.where(m > 0, m / 127.0, ops.ones_like(m))
+    q = ops.clip(ops.round(v / scale), -127.0, 127.0) * scale
+    return ops.reshape(v + ops.stop_gradient(q - v), shape)
+
+
+RANGE_DECAY = 0.999  # tfmot's MovingAverageQuantizer
+INITIAL_RANGE = (-6.0, 6.0, 0.0)  # (min, max, seen): tfmot's initial range until a batch
+
+
+def fake_quant_range(x, var, training: bool):
+    """`x` fake-quantized per tensor (8 bits, asymmetric) over the range in `var`, which
+    training moves: the first batch's range, then an exponential moving average of the
+    batches' (min <= 0 <= max, as LiteRT requires). TensorFlow lowers it to the
+    FakeQuantWithMinMaxVars op, whose range the converter takes for the int8 tensor."""
+    r = ops.convert_to_tensor(var)
+    if training:
+        seen_x = ops.stop_gradient(x)
+        lo = ops.minimum(ops.min(seen_x), 0.0)
+        hi = ops.maximum(ops.max(seen_x), 0.0)
+        seen = r[2] > 0
+        lo = ops.where(seen, r[0] * RANGE_DECAY + lo * (1 - RANGE_DECAY), lo)
+        hi = ops.where(seen, r[1] * RANGE_DECAY + hi * (1 - RANGE_DECAY), hi)
+        r = ops.stack([lo, hi, ops.ones_like(lo)])
+        var.assign(r)
+    return keras.quantizers.fake_quant_with_min_max_vars(x, r[0], r[1], num_bits=8)
+
+
+def is_training(layer) -> bool:
+    ctx = layer._get_call_context()
+    return bool(ctx is not None and ctx.training)
 
 
 def _clustered(layer, raw, spec: ClusterSpec):
@@ -205,10 +266,16 @@ def _compressible_class(stock):
 
     def call(self, inputs, *args, **kwargs):
         spec = self._colopt_spec
-        ctx = self._get_call_context()
-        if spec.prune is not None and ctx is not None and ctx.training:
+        training = is_training(self)
+        if spec.prune is not None and training:
             _update_mask(self, spec.prune)
-        return stock.call(self, inputs, *args, **kwargs)
+        q = spec.quantize
+        if q is not None and q.inputs:
+            inputs = fake_quant_range(inputs, self._colopt_in, training)
+        out = stock.call(self, inputs, *args, **kwargs)
+        if q is not None and q.outputs:
+            out = fake_quant_range(out, self._colopt_out, training)
+        return out
 
     def save_own_variables(self, store):
         # The stock method saves kernel and bias only: masks and centroids would be lost.
@@ -225,6 +292,7 @@ def _compressible_class(stock):
         config["colopt"] = {
             "prune": None if spec.prune is None else dataclasses.asdict(spec.prune),
             "cluster": None if spec.cluster is None else dataclasses.asdict(spec.cluster),
+            "quantize": None if spec.quantize is None else dataclasses.asdict(spec.quantize),
             "masked": self._colopt_mask is not None}
         return config
 
@@ -277,6 +345,8 @@ def _materialize(layer) -> None:
         k = (view_channels(layer), c.clusters) if c.per_channel else (c.clusters,)
         _set(layer, "_colopt_centroids",
              _add(layer, "colopt_centroids", np.zeros(k), trainable=True))
+    if saved.get("quantize"):
+        make_quantized(layer, QuantizeSpec(**saved["quantize"]))
     object.__setattr__(layer, "_colopt_pending", None)
 
 
@@ -331,10 +401,24 @@ def make_clusterable(layer, spec: ClusterSpec, centroids) -> None:
     _set(layer, "_colopt_centroids", _add(layer, "colopt_centroids", centroids, trainable=True))
 
 
+def add_ranges(layer, inputs: bool, outputs: bool) -> None:
+    """The moving (min, max) ranges of the layer's fake-quantized input and output."""
+    for attr, wanted in (("_colopt_in", inputs), ("_colopt_out", outputs)):
+        if wanted:
+            _set(layer, attr, _add(layer, attr[1:] + "_range", INITIAL_RANGE))
+
+
+def make_quantized(layer, spec: QuantizeSpec) -> None:
+    """Quantization-aware training of the layer (on top of its mask and centroids, if any)."""
+    _swap(layer)
+    layer._colopt_spec.quantize = spec
+    add_ranges(layer, spec.inputs, spec.outputs)
+
+
 def _init_state(layer) -> None:
     object.__setattr__(layer, "_colopt_spec", Spec())
     object.__setattr__(layer, "_colopt_pending", None)
-    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+    for attr in _STATE:
         _set(layer, attr, None)
 
 
@@ -350,12 +434,24 @@ def bake(layer) -> None:
     unfreeze_statistics(layer)
     if not is_compressed(layer):
         return
-    w = np.asarray(ops.convert_to_numpy(effective(layer, raw_kernel(layer))))
-    raw_kernel(layer).assign(w)
-    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+    raw_kernel(layer).assign(effective_numpy(layer))
+    for attr in _STATE:
         _drop(layer, attr)
     object.__setattr__(layer, "_colopt_spec", None)
     object.__setattr__(layer, "__class__", _stock(type(layer)))
+
+
+def bake_for_export(layer) -> None:
+    """A quantization-aware layer with its effective kernel (already on the int8 grid) written
+    into the raw variable, without its mask and centroids: the converter folds the kernel into
+    one constant (the nearest-centroid search would not fold) and quantizes it to the same
+    ints; the ranges and the weight fake-quant (which leaves grid values as they are) stay."""
+    if not is_compressed(layer) or layer._colopt_spec.quantize is None:
+        return
+    raw_kernel(layer).assign(effective_numpy(layer))
+    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+        _drop(layer, attr)
+    layer._colopt_spec.prune = layer._colopt_spec.cluster = None
 
 
 # --------------------------------------------------------------------------- batch norm

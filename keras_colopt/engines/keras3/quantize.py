@@ -1,0 +1,209 @@
+"""Quantization-aware training of a Keras 3 model: which tensors get a fake-quant range,
+and the layers without a kernel that carry one.
+
+LiteRT runs an int8 model with one (scale, zero point) per activation tensor. The converter
+takes each tensor's range from the FakeQuantWithMinMaxVars op that produced it in the
+trained graph, so the graph fake-quantizes exactly the tensors the `.tflite` will hold:
+the model inputs and every layer's output, except
+
+  - a Conv2D/DepthwiseConv2D output that only a BatchNormalization reads (the converter
+    folds the BN into the convolution's kernel and bias), and a linear convolution's or
+    folded BN's output that only a ReLU/ReLU6 reads (fused into the op);
+  - the outputs of layers that keep their input's scale (max pooling, reshapes, dropout,
+    padding): LiteRT requires them to.
+
+A layer whose int8 form this engine does not know is refused before training, by name.
+Weights need no range: `compress.fake_quant_weights` puts them on the converter's grid.
+BatchNormalization normalizes with its moving statistics during the phase (it is folded
+with them), as during a Cluster phase.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Tuple
+
+from keras_colopt.engines.keras3 import compress
+from keras_colopt.engines.keras3._deps import keras
+from keras_colopt.engines.keras3.models import _is_graph
+
+L = keras.layers
+# Layers whose output keeps its input's quantization (no range of their own).
+SAME_SCALE = (L.InputLayer, L.MaxPooling1D, L.MaxPooling2D, L.GlobalMaxPooling1D,
+              L.GlobalMaxPooling2D, L.Flatten, L.Reshape, L.Dropout, L.SpatialDropout1D,
+              L.SpatialDropout2D, L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping2D, L.Identity)
+# Layers whose output gets its own range.
+RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtract,
+          L.Multiply, L.Average, L.Maximum, L.Concatenate, L.AveragePooling1D,
+          L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
+          L.Rescaling, L.UpSampling2D)
+KNOWN = SAME_SCALE + RANGED
+_FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D)
+
+
+def _observed_class(stock):
+    if stock in compress._OBSERVED:
+        return compress._OBSERVED[stock]
+    # A BatchNormalization normalizes with its moving statistics (it is folded with them).
+    base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
+
+    def call(self, inputs, *args, **kwargs):
+        training = compress.is_training(self)
+        if self._colopt_in is not None:
+            inputs = compress.fake_quant_range(inputs, self._colopt_in, training)
+        out = base.call(self, inputs, *args, **kwargs)
+        if self._colopt_out is not None:
+            out = compress.fake_quant_range(out, self._colopt_out, training)
+        return out
+
+    def get_config(self):
+        return {**stock.get_config(self), "colopt_ranges": [self._colopt_in is not None,
+                                                             self._colopt_out is not None]}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        ranges = config.pop("colopt_ranges", [False, True])
+        layer = stock.from_config(config)
+        observe(layer, *ranges)
+        return layer
+
+    def save_own_variables(self, store):
+        for i, v in enumerate(self.variables):
+            store[str(i)] = v.numpy()
+
+    def load_own_variables(self, store):
+        for i, v in enumerate(self.variables):
+            v.assign(store[str(i)])
+
+    ns = {"call": call, "get_config": get_config, "from_config": from_config,
+          "save_own_variables": save_own_variables, "load_own_variables": load_own_variables,
+          "__module__": __name__,
+          "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."}
+    sub = type(stock.__name__, (base,), ns)
+    sub.__qualname__ = f"quantized.{stock.__name__}"
+    keras.saving.register_keras_serializable(package="keras_colopt",
+                                             name="Quantized" + stock.__name__)(sub)
+    compress._OBSERVED[stock] = sub
+    return sub
+
+
+def observe(layer, inputs: bool, outputs: bool) -> None:
+    """Gives a layer without a kernel fake-quant ranges on its input and/or output (a layer
+    without weights is built from the start; a loaded or cloned BatchNormalization makes
+    them when Keras builds it, before its saved values are loaded)."""
+    stock = compress._stock(type(layer))
+    object.__setattr__(layer, "__class__", _observed_class(stock))
+    for attr in ("_colopt_in", "_colopt_out"):
+        compress._set(layer, attr, None)
+    if layer.built:
+        compress.add_ranges(layer, inputs, outputs)
+        object.__setattr__(layer, "_colopt_pending", None)
+    else:
+        object.__setattr__(layer, "_colopt_pending", (inputs, outputs))
+        stock_build = layer.build
+
+        @functools.wraps(stock_build)
+        def build(*args, **kwargs):
+            stock_build(*args, **kwargs)
+            if layer._colopt_pending:
+                compress.add_ranges(layer, *layer._colopt_pending)
+                object.__setattr__(layer, "_colopt_pending", None)
+        object.__setattr__(layer, "build", build)
+
+
+def is_observed(layer) -> bool:
+    return type(layer) in compress._OBSERVED.values()
+
+
+def unobserve(layer) -> None:
+    """The stock class back, without the ranges (a BatchNormalization: batch statistics)."""
+    if not is_observed(layer):
+        return
+    for attr in ("_colopt_in", "_colopt_out"):
+        compress._drop(layer, attr)
+    object.__setattr__(layer, "__class__", compress._stock(type(layer)))
+
+
+# --------------------------------------------------------------------------- the plan
+
+def _fuses_activation(layer) -> bool:
+    """A ReLU or ReLU6 the converter fuses into the op before it."""
+    stock = compress._stock(type(layer))
+    if stock is L.ReLU:
+        cfg = layer.get_config()
+        return (cfg.get("max_value") in (None, 6.0) and not cfg.get("negative_slope")
+                and not cfg.get("threshold"))
+    if stock is L.Activation:
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
+
+
+def _linear(layer) -> bool:
+    return getattr(getattr(layer, "activation", None), "__name__", "linear") == "linear"
+
+
+def _graph(model):
+    return getattr(model, "_functional", None) or model
+
+
+def plan_ranges(model) -> Tuple[Dict[str, Tuple[bool, bool]], List[str]]:
+    """`({path name: (fake-quant input, fake-quant output)}, [unknown layers])` over every
+    layer of `model`, nested models included (a nested model itself carries no range)."""
+    flags, unknown = {}, []
+    _plan(model, "", True, flags, unknown)
+    return flags, unknown
+
+
+def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
+    g = _graph(model)
+    consumers = {}
+    fed_by_input = set()
+    for nodes in g._nodes_by_depth.values():
+        for node in nodes:
+            for kt in node.arguments.keras_tensors:
+                producer = kt._keras_history.operation
+                consumers.setdefault(id(producer), []).append(node.operation)
+                if isinstance(producer, L.InputLayer):
+                    fed_by_input.add(id(node.operation))
+    outputs = {id(t._keras_history.operation) for t in g.outputs}
+    folded = set()  # BN layers folded into the convolution before them
+    for layer in model.layers:
+        readers = consumers.get(id(layer), [])
+        stock = compress._stock(type(layer))
+        only = readers[0] if len(readers) == 1 and id(layer) not in outputs else None
+        if stock in _FOLDS_BN and _linear(layer) and only is not None \
+                and compress._stock(type(only)) is L.BatchNormalization:
+            folded.add(id(only))
+    for layer in model.layers:
+        name = prefix + layer.name
+        stock = compress._stock(type(layer))
+        readers = consumers.get(id(layer), [])
+        only = readers[0] if len(readers) == 1 and id(layer) not in outputs else None
+        reads_input = id(layer) in fed_by_input and inputs_are_model_inputs
+        if isinstance(layer, keras.Model) and _is_graph(layer):
+            _plan(layer, name + "/", reads_input, flags, unknown)
+            continue
+        if stock is L.InputLayer:
+            continue
+        if not (stock in compress.SUPPORTED or stock in KNOWN):
+            unknown.append(name)
+            continue
+        if stock in SAME_SCALE:
+            out = False
+        elif id(layer) in folded or (stock in compress.SUPPORTED and only is not None and (
+                id(only) in folded)):
+            # A folded BN's output, or the convolution it folds into.
+            out = not (stock is L.BatchNormalization and only is not None
+                       and _fuses_activation(only)) if id(layer) in folded else False
+        elif stock in compress.SUPPORTED and _linear(layer) and only is not None \
+                and _fuses_activation(only):
+            out = False
+        else:
+            out = True
+        flags[name] = (reads_input, out)
+
+
+for _stock_class in KNOWN:  # registered at import: a saved model loads in a new process
+    _observed_class(_stock_class)
+del _stock_class
