@@ -3,6 +3,7 @@
 
 import logging
 import os
+import sys
 import tempfile
 
 import keras_colopt as colopt
@@ -30,12 +31,17 @@ def report(name, model, baseline=None):
     return info
 
 
-def baseline(epochs=10, keras3=False):
-    """A trained baseline (tf_keras; a Keras 3 model when `keras3`) and its int8
-    (post-training quantized) export."""
-    from keras_colopt.engines.keras3 import Keras3Engine
+# Every path runs on a Keras 3 model (the Keras 3 engine); `--tf-keras` runs it on a tf_keras
+# model (the tfmot engine), as the tfmot tutorials do.
+TF_KERAS = "--tf-keras" in sys.argv[1:]
 
-    made = Keras3Engine().demo_model() if keras3 else data.demo_model()
+
+def baseline(epochs=10, tf_keras=TF_KERAS):
+    """A trained baseline (Keras 3; tf_keras with `--tf-keras`) and its int8 (post-training
+    quantized) export."""
+    from keras_colopt.engines.tfmot import TfmotEngine
+
+    made = TfmotEngine().demo_model() if tf_keras else data.demo_model()
     model = colopt.collaborative_fit(made, x, y, phases=[colopt.Train(epochs)],
                                      batch_size=32, verbose=0).model
     return model, report("baseline", model)

@@ -6,7 +6,7 @@ import tf_keras as keras
 import keras_colopt as colopt
 from _common import OUT, baseline, report, x, y
 
-model, base = baseline()
+model, base = baseline(tf_keras=True)  # tfmot's own callbacks: a tf_keras model
 schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=2 * 45,
                                                 frequency=9)
 pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)

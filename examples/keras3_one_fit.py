@@ -1,6 +1,6 @@
 """Keras 3 (`import keras`), the way Keras users work: one plain model.fit whose
-CollaborativeOptimization callback switches Train -> Prune -> Cluster at the epoch
-boundaries, on the user's own model object, then PTQ int8."""
+CollaborativeOptimization callback switches Train -> Prune -> Cluster -> PCQAT at the epoch
+boundaries, on the user's own model object, then int8 from the QAT ranges."""
 import keras
 
 import keras_colopt as colopt
@@ -16,9 +16,9 @@ model = keras.Sequential([
     keras.layers.Dense(10, name="logits")])
 model.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"],
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-model.fit(x, y, epochs=30, batch_size=32, validation_data=(xt, yt), verbose=0,
+model.fit(x, y, epochs=32, batch_size=32, validation_data=(xt, yt), verbose=0,
           callbacks=[colopt.callbacks.CollaborativeOptimization(
                          [colopt.Train(epochs=20), colopt.Prune(sparsity=0.5, epochs=6),
-                          colopt.Cluster(clusters=8, epochs=4)]),
+                          colopt.Cluster(clusters=8, epochs=4), colopt.Quantize(epochs=2)]),
                      colopt.callbacks.CompressionMetrics()])
 report("keras3_one_fit", model)

@@ -28,7 +28,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0):
 
 
 def demo_model(seed: int = 0):
-    """The demo's small CNN for 8x8x1 digits (compiled; a tf_keras model, built by the
+    """The demo's small CNN for 8x8x1 digits (compiled; a Keras 3 model, built by the
     default engine)."""
     from keras_colopt.engines import default_engine
 

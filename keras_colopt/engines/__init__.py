@@ -48,13 +48,14 @@ def get_engine(model, compiled: bool = True):
 
 
 def default_engine():
-    return engines()[0]
+    """The Keras 3 engine: the Keras people build with today."""
+    return next(e for e in engines() if e.name == "keras3")
 
 
 def load_model(path):
     """A compiled model from a file, loaded by the engine of its Keras flavour: a `.keras` file
     whose metadata says Keras 3 by the Keras 3 engine, anything else (tf_keras `.keras`,
-    `.h5`, a SavedModel folder) by the default engine."""
+    `.h5`, a SavedModel folder) by the tf_keras engine."""
     import json
     import os
     import zipfile
@@ -65,5 +66,5 @@ def load_model(path):
             if "metadata.json" in z.namelist():
                 version = str(json.loads(z.read("metadata.json")).get("keras_version", ""))
                 name = "keras3" if version.startswith("3.") else None
-    engine = next((e for e in engines() if e.name == name), None) or default_engine()
+    engine = next(e for e in engines() if e.name == (name or "tfmot"))
     return engine.load_model(path)

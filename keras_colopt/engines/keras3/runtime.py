@@ -74,7 +74,8 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if quantization == "float16":
             converter.target_spec.supported_types = [tf.float16]
-        if quantization == "int8" and representative is not None:
+        # A quantization-aware model carries a range on every tensor: no calibration.
+        if quantization == "int8" and representative is not None and not qat:
             converter.representative_dataset = representative
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         return converter.convert()
