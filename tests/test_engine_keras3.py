@@ -65,7 +65,7 @@ def test_prune_follows_the_polynomial_schedule_at_every_step():
         for name, z in zeros.items():
             size = compress.raw_kernel(m.get_layer(name)).shape
             n = int(np.prod(size))
-            assert z == pytest.approx(np.floor(target * n + 1e-6) / n, abs=1e-9), (step, name)
+            assert z == pytest.approx(np.floor(target * n + 1e-6) / n, abs=1e-9), (batch, name)
     assert all(z == pytest.approx(0.75, abs=0.01) for z in rec.zeros[-1].values())
 
 
