@@ -408,3 +408,23 @@ def test_quantize_refuses_a_layer_it_cannot_range_before_training(digits):
                                  phases=[colopt.Prune(sparsity=0.5, epochs=1),
                                          colopt.Quantize(epochs=1)])
     assert seen.steps == 0
+
+
+def test_qat_ranges_the_input_of_an_activation_litert_runs_on_its_own(digits, tmp_path):
+    """Dense(activation="softmax"): LiteRT runs FULLY_CONNECTED then SOFTMAX, so the logits
+    between them need a range too, or the file would keep a float op."""
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)),
+                              keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+                              keras.layers.GlobalAveragePooling2D(name="gap"),
+                              keras.layers.Dense(10, activation="softmax", name="probs")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Train(epochs=1), colopt.Quantize(epochs=1)])
+    assert r.model.get_layer("probs")._colopt_pre is not None
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    floats = [t["name"] for t, _ in _file_tensors(info.path) if t["dtype"] == np.float32]
+    assert len(floats) == 2, floats
+    np.testing.assert_allclose(colopt.export.predict_tflite(info.path, xt[:32]),
+                               r.model.predict(xt[:32], verbose=0), atol=0.02)
