@@ -28,6 +28,7 @@ import keras_colopt as colopt  # noqa: E402
 from keras_colopt import data  # noqa: E402
 from keras_colopt.callbacks import CompressionMetrics, InvariantGuard  # noqa: E402
 from keras_colopt.engines import tfmot as engine  # noqa: E402
+from keras_colopt.engines.tfmot import TfmotEngine  # noqa: E402  (tf_keras demo CNN)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,7 +52,7 @@ def variants(x, y):
     """The demo model wrapped as in each phase, trained a little so the wrappers hold state."""
     plan = colopt.resolve([colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
                            colopt.Cluster(clusters=8, epochs=1), colopt.Quantize(epochs=1)])
-    base = data.demo_model()
+    base = TfmotEngine().demo_model()
     cfg = engine.compile_config(base)
     current = engine.clone_model(base)
     steps = -(-len(x) // 32)
@@ -113,7 +114,7 @@ def main():
             for cls, hook in hooks:
                 cls.on_epoch_end = timed(hook)
             t = time.perf_counter()
-            colopt.collaborative_fit(data.demo_model(), x, y, phases=phases, batch_size=32,
+            colopt.collaborative_fit(TfmotEngine().demo_model(), x, y, phases=phases, batch_size=32,
                                      verbose=0, compression_metrics=cond == "B",
                                      invariant_guard=cond == "B")
             whole[cond].append(time.perf_counter() - t)
