@@ -9,7 +9,13 @@ epoch time against a plain float epoch of the same model (median of the epochs a
 fit's first, which traces). The engines alternate A B B A so that a drift of the machine
 cancels. Writes benchmarks/results/engines_side_by_side.{md,json}.
 
-Run: python benchmarks/engines_side_by_side.py [--reps 1]
+`--model dscnn`: the same on DS-CNN (ARM ML-Zoo / MLPerf Tiny KWS: conv, four depthwise-
+separable blocks with BatchNormalization and ReLU, Dense softmax) on the synthesized keyword
+set (`python benchmarks/kws_data.py --out F` first; `--kws F`), the baseline capped at
+`--max-epochs`; its depthwise kernels are compressed in the Keras 3 engine only (tfmot never
+prunes or clusters them), which the "what survived" table shows.
+
+Run: python benchmarks/engines_side_by_side.py [--reps 1] [--model demo|dscnn --kws F]
 """
 
 import argparse
@@ -32,9 +38,31 @@ from keras_colopt.engines.keras3 import Keras3Engine  # noqa: E402
 from keras_colopt.engines.tfmot import TfmotEngine  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PHASES = lambda: [colopt.Prune(sparsity=0.5, epochs=4),  # noqa: E731
-                  colopt.Cluster(clusters=8, epochs=4),
-                  colopt.Quantize(epochs=2)]
+PHASES = {"demo": lambda: [colopt.Prune(sparsity=0.5, epochs=4),
+                           colopt.Cluster(clusters=8, epochs=4), colopt.Quantize(epochs=2)],
+          "dscnn": lambda: [colopt.Prune(sparsity=0.5, epochs=4),  # the origin tables' epochs
+                            colopt.Cluster(clusters=8, epochs=3), colopt.Quantize(epochs=2)]}
+
+
+def ds_cnn(keras, seed=0, classes=12, filters=64):
+    """DS-CNN (benchmarks/origin_tables.py's), in either Keras, compiled."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    i = keras.Input((49, 10, 1))
+    h = L.Conv2D(filters, (10, 4), strides=(2, 2), padding="same", use_bias=False)(i)
+    h = L.ReLU()(L.BatchNormalization()(h))
+    h = L.Dropout(0.2)(h)
+    for _ in range(4):
+        h = L.DepthwiseConv2D(3, padding="same", use_bias=False)(h)
+        h = L.ReLU()(L.BatchNormalization()(h))
+        h = L.Conv2D(filters, 1, use_bias=False)(h)
+        h = L.ReLU()(L.BatchNormalization()(h))
+    h = L.Dropout(0.4)(h)
+    h = L.GlobalAveragePooling2D()(h)
+    model = keras.Model(i, L.Dense(classes, activation="softmax")(h), name="ds_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy())
+    return model
 
 
 class EpochClock(Callback):
@@ -58,14 +86,18 @@ def _steady(times):
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def run(engine, seed, data_):
+def _not_depthwise(layer):
+    return "DepthwiseConv2D" not in type(layer).__name__
+
+
+def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False):
     (x, y), (xt, yt) = data_
     keras = __import__("tf_keras" if engine.name == "tfmot" else "keras")
-    model = engine.demo_model(seed)
+    model = engine.demo_model(seed) if which == "demo" else ds_cnn(keras, seed)
     clock = EpochClock()
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
                                          restore_best_weights=True)
-    model.fit(x, y, epochs=100, batch_size=32, validation_data=(xt, yt), verbose=0,
+    model.fit(x, y, epochs=max_epochs, batch_size=batch, validation_data=(xt, yt), verbose=0,
               callbacks=[stop, clock])
     float_epoch = _steady(clock.fits[-1])
     base_epochs = len(clock.fits[-1])
@@ -75,7 +107,11 @@ def run(engine, seed, data_):
         base_acc = colopt.export.evaluate_tflite(base.path, xt, yt)
         clock = EpochClock()
         t = time.perf_counter()
-        r = colopt.collaborative_fit(model, x, y, phases=PHASES(), batch_size=32,
+        phases = PHASES[which]()
+        if skip_depthwise:  # as tfmot does: Prune and Cluster leave depthwise kernels out
+            for p in phases[:2]:
+                p.layers = _not_depthwise
+        r = colopt.collaborative_fit(model, x, y, phases=phases, batch_size=batch,
                                      validation_data=(xt, yt), verbose=0, callbacks=[clock])
         total = time.perf_counter() - t
         info = colopt.export.to_tflite(r.model, os.path.join(d, "opt.tflite"),
@@ -99,29 +135,51 @@ def run(engine, seed, data_):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--model", choices=["demo", "dscnn"], default="demo")
+    ap.add_argument("--kws", help="the keyword set's .npz (benchmarks/kws_data.py --out)")
+    ap.add_argument("--max-epochs", type=int, default=None,
+                    help="cap of the baseline's epochs (default 100 demo, 15 dscnn)")
+    ap.add_argument("--keras3-skip-depthwise", action="store_true",
+                    help="the Keras 3 engine's Prune and Cluster leave depthwise kernels out")
     args = ap.parse_args()
-    data_ = data.load_digits()
+    if args.model == "demo":
+        data_, batch, what = data.load_digits(), 32, "the demo CNN on digits"
+    else:
+        sys.path.insert(0, HERE)
+        from kws_data import load_kws
+
+        (x, y), _, (xt, yt), _ = load_kws(args.kws)
+        data_, batch = ((x, y), (xt, yt)), 64
+        what = f"DS-CNN on the synthesized keywords ({len(x)} train / {len(xt)} test clips)"
+    max_epochs = args.max_epochs or (100 if args.model == "demo" else 15)
     results = {"tfmot": [], "keras3": []}
     for rep in range(args.reps):
         for engine in (TfmotEngine(), Keras3Engine(), Keras3Engine(), TfmotEngine()):
-            results[engine.name].append(run(engine, rep, data_))
+            results[engine.name].append(run(
+                engine, rep, data_, args.model, max_epochs, batch,
+                skip_depthwise=args.keras3_skip_depthwise and engine.name == "keras3"))
             print(engine.name, {k: v for k, v in results[engine.name][-1].items()
                                 if k != "survived"}, flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     out = {"results": results, "command": " ".join(["python"] + sys.argv),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "tensorflow": tf.__version__}}
-    with open(os.path.join(HERE, "results", "engines_side_by_side.json"), "w") as f:
+    stem = "engines_side_by_side" + ("" if args.model == "demo" else "_" + args.model) \
+        + ("_keras3_skip_depthwise" if args.keras3_skip_depthwise else "")
+    with open(os.path.join(HERE, "results", stem + ".json"), "w") as f:
         json.dump(out, f, indent=2)
 
     def mean(name, key):
         return statistics.mean(r[key] for r in results[name])
     labels = list(results["tfmot"][0]["phase_epoch_s"])
-    lines = ["# tfmot engine vs Keras 3 engine: the demo CNN on digits", "",
+    phases = " -> ".join(f"{p.label if hasattr(p, 'label') else type(p).__name__} "
+                         f"({p.epochs})" for p in PHASES[args.model]())
+    lines = [f"# tfmot engine vs Keras 3 engine: {what}", "",
              f"Command: `{out['command']}`; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}. "
-             "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best weights); "
-             "then Prune 50% (4 epochs) -> Cluster 8 sparsity-preserving (4 epochs) -> PCQAT "
-             "(2 epochs), exported as int8 from the QAT ranges (the float baseline: "
+             "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best weights; "
+             f"at most {max_epochs} epochs), batch {batch}; then {phases} (Prune 50%, "
+             "Cluster 8 sparsity-preserving, then PCQAT), exported as int8 from the QAT ranges "
+             "(the float baseline: "
              "post-training int8, 256 training images); order tfmot "
              "keras3 keras3 tfmot per rep, means over "
              f"{2 * args.reps} runs per engine (seeds 0..{args.reps - 1}).", "",
@@ -145,7 +203,7 @@ def main():
         for w in results[name][0]["survived"]:
             lines.append(f"| {name} | {w['name']} | {w['sparsity']:.3f} | "
                          f"{w['unique_per_channel_max']} |")
-    with open(os.path.join(HERE, "results", "engines_side_by_side.md"), "w") as f:
+    with open(os.path.join(HERE, "results", stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
