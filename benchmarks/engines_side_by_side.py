@@ -44,22 +44,12 @@ PHASES = {"demo": lambda: [colopt.Prune(sparsity=0.5, epochs=4),
                             colopt.Cluster(clusters=8, epochs=3), colopt.Quantize(epochs=2)]}
 
 
-def ds_cnn(keras, seed=0, classes=12, filters=64):
-    """DS-CNN (benchmarks/origin_tables.py's), in either Keras, compiled."""
-    keras.utils.set_random_seed(seed)
-    L = keras.layers
-    i = keras.Input((49, 10, 1))
-    h = L.Conv2D(filters, (10, 4), strides=(2, 2), padding="same", use_bias=False)(i)
-    h = L.ReLU()(L.BatchNormalization()(h))
-    h = L.Dropout(0.2)(h)
-    for _ in range(4):
-        h = L.DepthwiseConv2D(3, padding="same", use_bias=False)(h)
-        h = L.ReLU()(L.BatchNormalization()(h))
-        h = L.Conv2D(filters, 1, use_bias=False)(h)
-        h = L.ReLU()(L.BatchNormalization()(h))
-    h = L.Dropout(0.4)(h)
-    h = L.GlobalAveragePooling2D()(h)
-    model = keras.Model(i, L.Dense(classes, activation="softmax")(h), name="ds_cnn")
+def ds_cnn(keras, seed=0):
+    """benchmarks/origin_tables.py's DS-CNN, in either Keras, compiled."""
+    sys.path.insert(0, HERE)
+    import origin_tables
+
+    model = origin_tables.ds_cnn(seed, keras=keras)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                   loss=keras.losses.SparseCategoricalCrossentropy())
     return model

@@ -110,9 +110,9 @@ def mobilenet(seed=0):
     return model
 
 
-def ds_cnn(seed=0, classes=12, filters=64):
+def ds_cnn(seed=0, classes=12, filters=64, keras=keras):
     """DS-CNN as in ARM ML-Zoo / MLPerf Tiny KWS: conv 10x4/2, four depthwise-separable
-    blocks, average pool, dense."""
+    blocks, average pool, dense (in tf_keras, or the Keras module given)."""
     keras.utils.set_random_seed(seed)
     L = keras.layers
     i = keras.Input((49, 10, 1))

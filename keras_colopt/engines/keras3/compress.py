@@ -292,15 +292,6 @@ def _compressible_class(stock):
             out = fake_quant_range(out, self._colopt_out, training)
         return out
 
-    def save_own_variables(self, store):
-        # The stock method saves kernel and bias only: masks and centroids would be lost.
-        for i, v in enumerate(self.variables):
-            store[str(i)] = v.numpy()
-
-    def load_own_variables(self, store):
-        for i, v in enumerate(self.variables):
-            v.assign(store[str(i)])
-
     def get_config(self):
         config = stock.get_config(self)
         spec = self._colopt_spec
@@ -332,7 +323,7 @@ def _compressible_class(stock):
         return layer
 
     ns = {prop: property(getter, None if raw_attr else setter), "call": call,
-          "save_own_variables": save_own_variables, "load_own_variables": load_own_variables,
+          "save_own_variables": save_all_variables, "load_own_variables": load_all_variables,
           "get_config": get_config, "from_config": from_config,
           "__module__": __name__, "__doc__": f"A compressible {stock.__name__} (keras_colopt)."}
     sub = type(stock.__name__, (stock,), ns)
@@ -340,6 +331,18 @@ def _compressible_class(stock):
     keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
     _COMPRESSED[stock] = sub
     return sub
+
+
+def save_all_variables(layer, store) -> None:
+    """`save_own_variables` for every variable of the layer: the stock Dense/Conv method saves
+    kernel and bias only, so masks, centroids and ranges would be lost."""
+    for i, v in enumerate(layer.variables):
+        store[str(i)] = v.numpy()
+
+
+def load_all_variables(layer, store) -> None:
+    for i, v in enumerate(layer.variables):
+        v.assign(store[str(i)])
 
 
 def _materialize(layer) -> None:

@@ -68,16 +68,9 @@ def _observed_class(stock):
         observe(layer, *ranges)
         return layer
 
-    def save_own_variables(self, store):
-        for i, v in enumerate(self.variables):
-            store[str(i)] = v.numpy()
-
-    def load_own_variables(self, store):
-        for i, v in enumerate(self.variables):
-            v.assign(store[str(i)])
-
     ns = {"call": call, "get_config": get_config, "from_config": from_config,
-          "save_own_variables": save_own_variables, "load_own_variables": load_own_variables,
+          "save_own_variables": compress.save_all_variables,
+          "load_own_variables": compress.load_all_variables,
           "__module__": __name__,
           "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."}
     sub = type(stock.__name__, (base,), ns)
