@@ -38,6 +38,7 @@ from keras_colopt.engines.keras3 import Keras3Engine  # noqa: E402
 from keras_colopt.engines.tfmot import TfmotEngine  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # origin_tables (DS-CNN) and kws_data, for --model dscnn
 PHASES = {"demo": lambda: [colopt.Prune(sparsity=0.5, epochs=4),
                            colopt.Cluster(clusters=8, epochs=4), colopt.Quantize(epochs=2)],
           "dscnn": lambda: [colopt.Prune(sparsity=0.5, epochs=4),  # the origin tables' epochs
@@ -46,7 +47,6 @@ PHASES = {"demo": lambda: [colopt.Prune(sparsity=0.5, epochs=4),
 
 def ds_cnn(keras, seed=0):
     """benchmarks/origin_tables.py's DS-CNN, in either Keras, compiled."""
-    sys.path.insert(0, HERE)
     import origin_tables
 
     model = origin_tables.ds_cnn(seed, keras=keras)
@@ -135,7 +135,6 @@ def main():
     if args.model == "demo":
         data_, batch, what = data.load_digits(), 32, "the demo CNN on digits"
     else:
-        sys.path.insert(0, HERE)
         from kws_data import load_kws
 
         (x, y), _, (xt, yt), _ = load_kws(args.kws)
@@ -162,8 +161,7 @@ def main():
     def mean(name, key):
         return statistics.mean(r[key] for r in results[name])
     labels = list(results["tfmot"][0]["phase_epoch_s"])
-    phases = " -> ".join(f"{p.label if hasattr(p, 'label') else type(p).__name__} "
-                         f"({p.epochs})" for p in PHASES[args.model]())
+    phases = " -> ".join(f"{type(p).__name__} ({p.epochs})" for p in PHASES[args.model]())
     lines = [f"# tfmot engine vs Keras 3 engine: {what}", "",
              f"Command: `{out['command']}`; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}. "
              "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best weights; "

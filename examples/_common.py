@@ -39,9 +39,12 @@ TF_KERAS = "--tf-keras" in sys.argv[1:]
 def baseline(epochs=10, tf_keras=TF_KERAS):
     """A trained baseline (Keras 3; tf_keras with `--tf-keras`) and its int8 (post-training
     quantized) export."""
-    from keras_colopt.engines.tfmot import TfmotEngine
+    if tf_keras:
+        from keras_colopt.engines.tfmot import TfmotEngine
 
-    made = TfmotEngine().demo_model() if tf_keras else data.demo_model()
+        made = TfmotEngine().demo_model()
+    else:
+        made = data.demo_model()
     model = colopt.collaborative_fit(made, x, y, phases=[colopt.Train(epochs)],
                                      batch_size=32, verbose=0).model
     return model, report("baseline", model)

@@ -47,9 +47,13 @@ def get_engine(model, compiled: bool = True):
     return engine
 
 
+def _named(name: str):
+    return next(e for e in engines() if e.name == name)
+
+
 def default_engine():
     """The Keras 3 engine: the Keras people build with today."""
-    return next(e for e in engines() if e.name == "keras3")
+    return _named("keras3")
 
 
 def load_model(path):
@@ -66,5 +70,4 @@ def load_model(path):
             if "metadata.json" in z.namelist():
                 version = str(json.loads(z.read("metadata.json")).get("keras_version", ""))
                 name = "keras3" if version.startswith("3.") else None
-    engine = next(e for e in engines() if e.name == (name or "tfmot"))
-    return engine.load_model(path)
+    return _named(name or "tfmot").load_model(path)

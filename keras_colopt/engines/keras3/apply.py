@@ -196,20 +196,14 @@ def _apply_quantize(model, planned, touched, held) -> None:
         layer = layers[name]
         raw = np.asarray(compress.raw_kernel(layer).numpy())
         zeros = planned.preserve_sparsity and not np.all(raw)
-        if zeros:
-            compress._swap(layer)
-            compress._set(layer, "_colopt_mask", compress._add(
-                layer, "colopt_mask", (raw != 0).astype(np.float32)))
-        if planned.preserve_clusters and name in held:
-            per_channel = planned.per_channel and not isinstance(layer, keras.layers.Dense)
-            c = _codebook(raw.reshape(-1, compress.view_channels(layer)), per_channel, zeros,
-                          planned.clusters)
-            if c is not None:
-                compress._swap(layer)
-                layer._colopt_spec.cluster = compress.ClusterSpec(
-                    clusters=c.shape[-1], per_channel=per_channel, preserve_sparsity=zeros)
-                compress._set(layer, "_colopt_centroids", compress._add(
-                    layer, "colopt_centroids", c, trainable=True))
+        per_channel = planned.per_channel and not isinstance(layer, keras.layers.Dense)
+        c = _codebook(raw.reshape(-1, compress.view_channels(layer)), per_channel, zeros,
+                      planned.clusters) if planned.preserve_clusters and name in held else None
+        if c is not None:  # (with the zeros' mask when preserving them)
+            compress.make_clusterable(layer, compress.ClusterSpec(
+                clusters=c.shape[-1], per_channel=per_channel, preserve_sparsity=zeros), c)
+        elif zeros:
+            compress.make_masked(layer)
     for name, (inputs, outputs) in flags.items():
         layer = layers[name]
         if compress.supports(layer):
@@ -303,6 +297,14 @@ def expectations(model) -> Dict[str, dict]:
         if not compress.is_compressed(layer):
             continue
         spec = layer._colopt_spec
+        if spec.prune is not None:  # promises its target (the mask is on its way there)
+            p = spec.prune
+            target = 1.0 - p.m_by_n[0] / p.m_by_n[1] if p.m_by_n else p.sparsity
+            step = int(layer._colopt_step.numpy())
+            ready = step >= (p.end_step if p.schedule == "polynomial" and not p.m_by_n else 1)
+            out[name] = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
+                         "per_channel": False, "wrapper": "prune"}
+            continue
         mask = layer._colopt_mask
         sp = None
         if mask is not None:
@@ -310,14 +312,7 @@ def expectations(model) -> Dict[str, dict]:
             sp = float(np.count_nonzero(m == 0) / m.size)
         c = spec.cluster
         clusters = None if c is None else c.clusters + (1 if c.preserve_sparsity else 0)
-        if spec.prune is not None:
-            p = spec.prune
-            target = 1.0 - p.m_by_n[0] / p.m_by_n[1] if p.m_by_n else p.sparsity
-            step = int(layer._colopt_step.numpy())
-            ready = step >= (p.end_step if p.schedule == "polynomial" and not p.m_by_n else 1)
-            out[name] = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
-                         "per_channel": False, "wrapper": "prune"}
-        elif spec.quantize is not None:
+        if spec.quantize is not None:
             if sp is not None or clusters is not None:
                 out[name] = {"sparsity": sp, "sparsity_ready": True, "clusters": clusters,
                              "per_channel": c is not None and c.per_channel,

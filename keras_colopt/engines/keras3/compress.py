@@ -81,8 +81,9 @@ class Spec:
     quantize: Optional[QuantizeSpec] = None
 
 
-_STATE = ("_colopt_mask", "_colopt_step", "_colopt_centroids", "_colopt_in", "_colopt_out",
-          "_colopt_pre")
+_COMPRESSION = ("_colopt_mask", "_colopt_step", "_colopt_centroids")
+_RANGES = ("_colopt_in", "_colopt_out", "_colopt_pre")
+_STATE = _COMPRESSION + _RANGES
 # Activations LiteRT fuses into the op before them; any other (softmax, sigmoid, ...) runs as
 # an op of its own, whose input needs a range too.
 FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
@@ -177,6 +178,22 @@ def fake_quant_range(x, var, training: bool):
 def is_training(layer) -> bool:
     ctx = layer._get_call_context()
     return bool(ctx is not None and ctx.training)
+
+
+def ranged_call(layer, inputs, compute, training: bool):
+    """`compute(inputs)` with the layer's input and output fake-quantized where it has their
+    ranges (`add_ranges`)."""
+    if layer._colopt_in is not None:
+        inputs = fake_quant_range(inputs, layer._colopt_in, training)
+    out = compute(inputs)
+    if layer._colopt_out is not None:
+        out = fake_quant_range(out, layer._colopt_out, training)
+    return out
+
+
+def activation_name(layer) -> str:
+    """The name of the activation a layer applies itself ("linear" without one)."""
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
 
 
 def _clustered(layer, raw, spec: ClusterSpec):
@@ -275,22 +292,19 @@ def _compressible_class(stock):
         training = is_training(self)
         if spec.prune is not None and training:
             _update_mask(self, spec.prune)
-        q = spec.quantize
-        if q is not None and q.inputs:
-            inputs = fake_quant_range(inputs, self._colopt_in, training)
-        if q is not None and self._colopt_pre is not None:  # an activation of its own
+        if self._colopt_pre is None:
+            return ranged_call(self, inputs, lambda i: stock.call(self, i, *args, **kwargs),
+                               training)
+
+        def compute(i):  # an activation LiteRT runs on its own: its input is ranged too
             act = self.activation
             object.__setattr__(self, "activation", keras.activations.linear)
             try:
-                out = stock.call(self, inputs, *args, **kwargs)
+                out = stock.call(self, i, *args, **kwargs)
             finally:
                 object.__setattr__(self, "activation", act)
-            out = act(fake_quant_range(out, self._colopt_pre, training))
-        else:
-            out = stock.call(self, inputs, *args, **kwargs)
-        if q is not None and q.outputs:
-            out = fake_quant_range(out, self._colopt_out, training)
-        return out
+            return act(fake_quant_range(out, self._colopt_pre, training))
+        return ranged_call(self, inputs, compute, training)
 
     def get_config(self):
         config = stock.get_config(self)
@@ -310,16 +324,7 @@ def _compressible_class(stock):
         object.__setattr__(layer, "__class__", cls)
         _init_state(layer)
         object.__setattr__(layer, "_colopt_pending", saved)
-        # Keras sets `build` on each instance (its build wrapper), so a class attribute
-        # would not run: the compression variables are made right after the stock build,
-        # before load_own_variables or set_weights fills them (a loaded or cloned model).
-        stock_build = layer.build
-
-        @functools.wraps(stock_build)  # Keras reads build's signature to call it
-        def build(*args, **kwargs):
-            stock_build(*args, **kwargs)
-            _materialize(layer)
-        object.__setattr__(layer, "build", build)
+        after_build(layer, _materialize)
         return layer
 
     ns = {prop: property(getter, None if raw_attr else setter), "call": call,
@@ -331,6 +336,20 @@ def _compressible_class(stock):
     keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
     _COMPRESSED[stock] = sub
     return sub
+
+
+def after_build(layer, then) -> None:
+    """Runs `then(layer)` right after the layer's stock build: the compression variables of a
+    loaded or cloned layer are made then, before load_own_variables or set_weights fills them.
+    (Keras sets `build` on each instance, its build wrapper, so a class attribute would not
+    run.)"""
+    stock_build = layer.build
+
+    @functools.wraps(stock_build)  # Keras reads build's signature to call it
+    def build(*args, **kwargs):
+        stock_build(*args, **kwargs)
+        then(layer)
+    object.__setattr__(layer, "build", build)
 
 
 def save_all_variables(layer, store) -> None:
@@ -350,13 +369,12 @@ def _materialize(layer) -> None:
     saved = layer._colopt_pending
     if not saved:
         return
-    shape = tuple(raw_kernel(layer).shape)
     if saved.get("prune"):
         p = dict(saved["prune"])
         p["m_by_n"] = tuple(p["m_by_n"]) if p.get("m_by_n") else None
         make_prunable(layer, PruneSpec(**p))
     elif saved.get("masked"):
-        _set(layer, "_colopt_mask", _add(layer, "colopt_mask", np.ones(shape)))
+        make_masked(layer)
     if saved.get("cluster"):
         c = ClusterSpec(**saved["cluster"])
         layer._colopt_spec.cluster = c
@@ -409,27 +427,31 @@ def make_prunable(layer, spec: PruneSpec) -> None:
     _set(layer, "_colopt_step", _add(layer, "colopt_step", 0, "int32"))
 
 
+def make_masked(layer) -> None:
+    """A fixed mask of the kernel's zeros: they stay zero while the other weights train."""
+    _swap(layer)
+    raw = np.asarray(raw_kernel(layer).numpy())
+    _set(layer, "_colopt_mask", _add(layer, "colopt_mask", (raw != 0).astype(np.float32)))
+
+
 def make_clusterable(layer, spec: ClusterSpec, centroids) -> None:
     """`centroids`: (k,) or (channels, k), from `init_centroids`."""
     _swap(layer)
-    raw = np.asarray(raw_kernel(layer).numpy())
     layer._colopt_spec.cluster = spec
     if spec.preserve_sparsity:
-        _set(layer, "_colopt_mask", _add(layer, "colopt_mask", (raw != 0).astype(np.float32)))
+        make_masked(layer)
     _set(layer, "_colopt_centroids", _add(layer, "colopt_centroids", centroids, trainable=True))
 
 
 def separate_activation(layer) -> bool:
     """Whether LiteRT will run the layer's activation as an op of its own (e.g. softmax)."""
-    name = getattr(getattr(layer, "activation", None), "__name__", "linear")
-    return name not in FUSED_ACTIVATIONS
+    return activation_name(layer) not in FUSED_ACTIVATIONS
 
 
 def add_ranges(layer, inputs: bool, outputs: bool, before_activation: bool = False) -> None:
     """The moving (min, max) ranges of the layer's fake-quantized input and output (and of
     its output before an activation LiteRT does not fuse)."""
-    for attr, wanted in (("_colopt_in", inputs), ("_colopt_out", outputs),
-                         ("_colopt_pre", before_activation)):
+    for attr, wanted in zip(_RANGES, (inputs, outputs, before_activation)):
         if wanted:
             _set(layer, attr, _add(layer, attr[1:] + "_range", INITIAL_RANGE))
 
@@ -475,7 +497,7 @@ def bake_for_export(layer) -> None:
     if not is_compressed(layer) or layer._colopt_spec.quantize is None:
         return
     raw_kernel(layer).assign(effective_numpy(layer))
-    for attr in ("_colopt_mask", "_colopt_step", "_colopt_centroids"):
+    for attr in _COMPRESSION:
         _drop(layer, attr)
     layer._colopt_spec.prune = layer._colopt_spec.cluster = None
 

@@ -20,7 +20,6 @@ with them), as during a Cluster phase.
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Tuple
 
 from keras_colopt.engines.keras3 import compress
@@ -48,13 +47,8 @@ def _observed_class(stock):
     base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
 
     def call(self, inputs, *args, **kwargs):
-        training = compress.is_training(self)
-        if self._colopt_in is not None:
-            inputs = compress.fake_quant_range(inputs, self._colopt_in, training)
-        out = base.call(self, inputs, *args, **kwargs)
-        if self._colopt_out is not None:
-            out = compress.fake_quant_range(out, self._colopt_out, training)
-        return out
+        return compress.ranged_call(self, inputs, lambda i: base.call(self, i, *args, **kwargs),
+                                    compress.is_training(self))
 
     def get_config(self):
         return {**stock.get_config(self), "colopt_ranges": [self._colopt_in is not None,
@@ -87,35 +81,16 @@ def observe(layer, inputs: bool, outputs: bool) -> None:
     them when Keras builds it, before its saved values are loaded)."""
     stock = compress._stock(type(layer))
     object.__setattr__(layer, "__class__", _observed_class(stock))
-    for attr in ("_colopt_in", "_colopt_out"):
+    for attr in compress._RANGES:
         compress._set(layer, attr, None)
     if layer.built:
         compress.add_ranges(layer, inputs, outputs)
-        object.__setattr__(layer, "_colopt_pending", None)
     else:
-        object.__setattr__(layer, "_colopt_pending", (inputs, outputs))
-        stock_build = layer.build
-
-        @functools.wraps(stock_build)
-        def build(*args, **kwargs):
-            stock_build(*args, **kwargs)
-            if layer._colopt_pending:
-                compress.add_ranges(layer, *layer._colopt_pending)
-                object.__setattr__(layer, "_colopt_pending", None)
-        object.__setattr__(layer, "build", build)
+        compress.after_build(layer, lambda l: compress.add_ranges(l, inputs, outputs))
 
 
 def is_observed(layer) -> bool:
     return type(layer) in compress._OBSERVED.values()
-
-
-def unobserve(layer) -> None:
-    """The stock class back, without the ranges (a BatchNormalization: batch statistics)."""
-    if not is_observed(layer):
-        return
-    for attr in ("_colopt_in", "_colopt_out"):
-        compress._drop(layer, attr)
-    object.__setattr__(layer, "__class__", compress._stock(type(layer)))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -128,12 +103,12 @@ def _fuses_activation(layer) -> bool:
         return (cfg.get("max_value") in (None, 6.0) and not cfg.get("negative_slope")
                 and not cfg.get("threshold"))
     if stock is L.Activation:
-        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+        return compress.activation_name(layer) in ("relu", "relu6")
     return False
 
 
 def _linear(layer) -> bool:
-    return getattr(getattr(layer, "activation", None), "__name__", "linear") == "linear"
+    return compress.activation_name(layer) == "linear"
 
 
 def _graph(model):
@@ -160,19 +135,18 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
                 if isinstance(producer, L.InputLayer):
                     fed_by_input.add(id(node.operation))
     outputs = {id(t._keras_history.operation) for t in g.outputs}
-    folded = set()  # BN layers folded into the convolution before them
+    only = {}  # layer -> the one layer reading its output (none for a model output)
     for layer in model.layers:
         readers = consumers.get(id(layer), [])
-        stock = compress._stock(type(layer))
-        only = readers[0] if len(readers) == 1 and id(layer) not in outputs else None
-        if stock in _FOLDS_BN and _linear(layer) and only is not None \
-                and compress._stock(type(only)) is L.BatchNormalization:
-            folded.add(id(only))
+        if len(readers) == 1 and id(layer) not in outputs:
+            only[id(layer)] = readers[0]
+    folded = {id(r) for l in model.layers if (r := only.get(id(l))) is not None
+              and compress._stock(type(l)) in _FOLDS_BN and _linear(l)
+              and compress._stock(type(r)) is L.BatchNormalization}  # folded into the conv
     for layer in model.layers:
         name = prefix + layer.name
         stock = compress._stock(type(layer))
-        readers = consumers.get(id(layer), [])
-        only = readers[0] if len(readers) == 1 and id(layer) not in outputs else None
+        reader = only.get(id(layer))
         reads_input = id(layer) in fed_by_input and inputs_are_model_inputs
         if isinstance(layer, keras.Model) and _is_graph(layer):
             _plan(layer, name + "/", reads_input, flags, unknown)
@@ -182,18 +156,11 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if not (stock in compress.SUPPORTED or stock in KNOWN):
             unknown.append(name)
             continue
-        if stock in SAME_SCALE:
-            out = False
-        elif id(layer) in folded or (stock in compress.SUPPORTED and only is not None and (
-                id(only) in folded)):
-            # A folded BN's output, or the convolution it folds into.
-            out = not (stock is L.BatchNormalization and only is not None
-                       and _fuses_activation(only)) if id(layer) in folded else False
-        elif stock in compress.SUPPORTED and _linear(layer) and only is not None \
-                and _fuses_activation(only):
-            out = False
-        else:
-            out = True
+        into_folded_bn = reader is not None and id(reader) in folded
+        # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
+        into_fused_relu = reader is not None and _fuses_activation(reader) and (
+            id(layer) in folded or stock in compress.SUPPORTED and _linear(layer))
+        out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
         flags[name] = (reads_input, out)
 
 
