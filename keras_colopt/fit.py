@@ -366,13 +366,11 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                          f"Received: compression_metrics={compression_metrics!r}")
     steps = steps_per_epoch_of(x, batch_size, fit_kwargs.get("steps_per_epoch"),
                                fit_kwargs.get("validation_split", 0.0), engine=engine)
-    if strategy is not None and not engine.supports_strategy:
-        raise ValueError(
-            f"`strategy=` is not supported for this model by the {engine.name} engine yet "
-            f"(model '{model.name}'). Expected strategy=None. Train on one device, or build "
-            "the model with tf_keras, whose engine runs under tf.distribute strategies.")
+    scope = _scope_of(strategy)
+    if strategy is not None:
+        engine.check_strategy(model, strategy)
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
-               scope=_scope_of(strategy), start=start)
+               scope=scope, start=start)
     chief, worker = _role(strategy)
     if not chief:
         # Another worker of a multi-worker run: the chief writes the logs the user reads;
@@ -384,6 +382,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     _prepare_model(run, model)
     # Folders are created once every check has passed, right before training.
     _open_outputs(run, model, checkpoint_dir, log_dir)
+    _applied_before(run)
     shared = _SharedCallbacks(
         metrics=cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None,
         tensorboard=(engine.tensorboard_callback(os.fspath(log_dir))
@@ -461,11 +460,16 @@ def _prepare_model(run: _Run, model) -> None:
              "before were already applied to the model" if run.start else "")
     run.model = work
     run.epoch = plan.phases[run.start].start_epoch
-    for planned in plan.phases[:run.start]:  # already applied: what did they touch?
+
+
+def _applied_before(run: _Run) -> None:
+    """What the phases before the first one to train (`initial_phase`, or where a checkpoint
+    resumes) touched: the later phases preserve and check it."""
+    for planned in run.plan.phases[:run.start]:
         if planned.phase.kind == "prune":
-            run.pruned = engine.select_layers(work, planned.phase, "prune")[0]
+            run.pruned = run.engine.select_layers(run.model, planned.phase, "prune")[0]
         elif planned.phase.kind == "cluster":
-            run.clustered = engine.select_layers(work, planned.phase, "cluster")[0]
+            run.clustered = run.engine.select_layers(run.model, planned.phase, "cluster")[0]
 
 
 def _open_outputs(run: _Run, model, checkpoint_dir, log_dir) -> None:

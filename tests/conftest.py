@@ -18,21 +18,23 @@ def digits():
     return (x[:512], y[:512]), (xt[:128], yt[:128])
 
 
-def compile_(model, lr=1e-2):
+def compile_(model, lr=1e-2, keras=keras):
     model.compile(optimizer=keras.optimizers.Adam(lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     return model
 
 
-def tiny_sequential(seed=0):
+def tiny_sequential(seed=0, keras=keras):
+    """Conv -> Dense -> Dense on 8x8 digits, compiled; `keras` is tf_keras or Keras 3."""
     keras.utils.set_random_seed(seed)
     return compile_(keras.Sequential([
-        keras.layers.Conv2D(8, 3, activation="relu", name="conv", input_shape=(8, 8, 1)),
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
         keras.layers.Flatten(name="flat"),
         keras.layers.Dense(16, activation="relu", name="hidden"),
         keras.layers.Dense(10, name="logits"),
-    ], name="tiny"))
+    ], name="tiny"), keras=keras)
 
 
 def tiny_functional_relu(seed=0):

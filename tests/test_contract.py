@@ -83,16 +83,8 @@ def _tfmot_settings():
 def _keras3_settings():
     import keras
 
-    def tiny_model():
-        keras.utils.set_random_seed(0)
-        return _compiled(keras, keras.Sequential([
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
-            keras.layers.Flatten(name="flat"),
-            keras.layers.Dense(16, activation="relu", name="hidden"),
-            keras.layers.Dense(10, name="logits")], name="tiny"))
-
-    return {"tiny_model": tiny_model, "nested_model": lambda: _nested(keras),
+    return {"tiny_model": lambda: tiny_sequential(keras=keras),
+            "nested_model": lambda: _nested(keras),
             "callback_base": keras.callbacks.Callback, "qat": True}
 
 
@@ -175,10 +167,12 @@ def test_engine_drives_the_users_callbacks_on_one_epoch_axis(digits, flavour):
 
 
 def test_engine_resumes_from_its_checkpoint(digits, tmp_path, flavour):
-    """A run whose later phases a callback stopped resumes where its checkpoint left it, and
-    ends as an uninterrupted run does (same data order)."""
+    """A run that a callback stopped after the first epoch of its last phase (PCQAT, after
+    Prune and Cluster) resumes where its checkpoint left it, and ends as an uninterrupted run
+    does (same data order): the resumed phase still keeps the zeros and the clusters."""
     (x, y), _ = digits
-    phases = [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2), _last(flavour)[0]]
+    phases = [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=2),
+              colopt.Cluster(clusters=6, epochs=1), colopt.Quantize(epochs=2)]
 
     def fit(ckpt, callbacks=()):
         return colopt.collaborative_fit(flavour["tiny_model"](), x[:128], y[:128],
@@ -186,16 +180,19 @@ def test_engine_resumes_from_its_checkpoint(digits, tmp_path, flavour):
                                         shuffle=False, checkpoint_dir=ckpt,
                                         callbacks=list(callbacks))
 
-    class StopAt2(flavour["callback_base"]):
+    class StopAt5(flavour["callback_base"]):
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
+            if epoch == 4:
                 self.model.stop_training = True
 
     whole = fit(tmp_path / "whole")
-    stopped = fit(tmp_path / "cut", [StopAt2()])
-    assert stopped.stopped_early == "Prune" and stopped.history.epoch == [0, 1]
+    stopped = fit(tmp_path / "cut", [StopAt5()])
+    assert stopped.stopped_early == "PCQAT" and stopped.history.epoch == [0, 1, 2, 3, 4]
     resumed = fit(tmp_path / "cut")
-    assert resumed.resumed_at == 2 and resumed.history.epoch == [0, 1, 2, 3]
+    assert resumed.resumed_at == 5 and resumed.history.epoch == [0, 1, 2, 3, 4, 5]
+    assert resumed.history.history["phase"][-1] == "PCQAT"
+    for name, st in layer_stats(resumed.model).items():
+        assert st.sparsity >= 0.49 and st.unique_per_channel_max <= 6 + 1, (name, st)
     for a, b in zip(whole.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

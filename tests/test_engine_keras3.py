@@ -162,18 +162,6 @@ def test_collaborative_fit_on_keras3_leaves_the_model_and_exports(digits, tmp_pa
     assert acc > 0.5
 
 
-def test_keras3_run_under_a_strategy_is_refused_before_training(digits):
-    import tensorflow as tf
-
-    (x, y), _ = digits
-    m = _model()
-    with pytest.raises(ValueError, match="`strategy=` is not supported for this model by the "
-                                         "keras3 engine"):
-        colopt.collaborative_fit(m, x, y, phases=[colopt.Prune(sparsity=0.5, epochs=1)],
-                                 strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), verbose=0)
-    assert not any(compress.is_compressed(l) for l in m.layers)
-
-
 # ------------------------------------------------------------------ one plain model.fit
 
 def _digits_model():

@@ -42,7 +42,7 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
 def test_every_engine_implements_the_whole_interface(engine):
     missing = [n for n in base.INTERFACE if getattr(type(engine), n) is getattr(base.Engine, n)]
     assert missing == []
-    for flag in ("supports_strategy", "supports_checkpoints", "supports_quantize_configs"):
+    for flag in ("supports_checkpoints", "supports_quantize_configs", "supports_drop_in"):
         assert isinstance(getattr(engine, flag), bool)
 
 

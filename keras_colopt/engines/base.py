@@ -16,7 +16,6 @@ An engine is an object with these methods. Capability flags say what it can do, 
 callers ask instead of switching on Keras flavours:
 
     name                  a short label ("tfmot", "keras3")
-    supports_strategy     tf.distribute strategies (`collaborative_fit(strategy=...)`)
     supports_checkpoints  per-epoch checkpoints and resume
     supports_quantize_configs  `Quantize(quantize_configs=...)` for custom layers
     supports_drop_in      phases switched in place inside one plain `model.fit`
@@ -39,7 +38,6 @@ class Engine:
     `NotImplementedError` so that a missing method is found by the conformance test."""
 
     name = "base"
-    supports_strategy = False
     supports_checkpoints = False
     supports_quantize_configs = False
     supports_drop_in = False
@@ -70,6 +68,11 @@ class Engine:
     def flatten_nested(self, model):
         """`model` with its nested models inlined into one equivalent model (same function,
         same weights), or `model` itself when it has none."""
+        raise NotImplementedError
+
+    def check_strategy(self, model, strategy) -> None:
+        """Raises a clear error, before training, unless every phase of `model` can train
+        under `strategy` (a `tf.distribute.Strategy`, checked as one by the caller)."""
         raise NotImplementedError
 
     def compile_config(self, model) -> dict:

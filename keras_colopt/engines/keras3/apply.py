@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from keras_colopt.engines import _flavour
-from keras_colopt.engines.keras3 import compress, quantize
+from keras_colopt.engines.keras3 import compress, quantize, runtime
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, walk
 
@@ -140,11 +140,13 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     the `hold` layers and the layers the user froze stay frozen.
 
     Returns:
-        (model, companion callbacks (none: the schedule runs in the graph), touched)
+        (model, companion callbacks, touched): the schedules run in the graph; under a
+        strategy with several replicas, a callback averages their moving statistics.
     """
     phase = planned.phase
+    companions = runtime.replica_callbacks()
     if phase.kind == "train":
-        return model, [], []
+        return model, companions, []
     touched, _ = select_layers(model, phase, phase.kind)
     layers = dict(walk(model))
     if phase.kind == "prune":
@@ -182,7 +184,7 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
         raise AssertionError(phase.kind)
     for name in set(hold) - set(touched):
         layers[name].trainable = False
-    return model, [], touched
+    return model, companions, touched
 
 
 def _apply_quantize(model, planned, touched, held) -> None:

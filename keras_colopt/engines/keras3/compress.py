@@ -405,10 +405,14 @@ def _set(layer, attr, var) -> None:
         setattr(layer, attr, var)
 
 
-def _add(layer, name, value, dtype="float32", trainable=False):
+def _add(layer, name, value, dtype="float32", trainable=False, aggregation="none"):
+    """A variable of the layer's, set to `value`. `aggregation` says how replicas of a
+    tf.distribute strategy combine their writes in a training step: each replica assigns its
+    own copy, and with "none" the copies drift apart silently."""
     with unlocked(layer):
         var = layer.add_weight(name=name, shape=tuple(np.shape(value)), dtype=dtype,
-                               initializer="zeros", trainable=trainable)
+                               initializer="zeros", trainable=trainable,
+                               aggregation=aggregation)
     var.assign(np.asarray(value, dtype=dtype))
     return var
 
@@ -423,8 +427,11 @@ def _drop(layer, attr):
 def make_prunable(layer, spec: PruneSpec) -> None:
     _swap(layer)
     layer._colopt_spec.prune = spec
-    _set(layer, "_colopt_mask", _add(layer, "colopt_mask", np.ones(tuple(raw_kernel(layer).shape))))
-    _set(layer, "_colopt_step", _add(layer, "colopt_step", 0, "int32"))
+    # Every replica computes the same mask from the same (mirrored) kernel: the first's is kept.
+    ones = np.ones(tuple(raw_kernel(layer).shape))
+    _set(layer, "_colopt_mask", _add(layer, "colopt_mask", ones, aggregation="only_first_replica"))
+    _set(layer, "_colopt_step",
+         _add(layer, "colopt_step", 0, "int32", aggregation="only_first_replica"))
 
 
 def make_masked(layer) -> None:
@@ -453,7 +460,9 @@ def add_ranges(layer, inputs: bool, outputs: bool, before_activation: bool = Fal
     its output before an activation LiteRT does not fuse)."""
     for attr, wanted in zip(_RANGES, (inputs, outputs, before_activation)):
         if wanted:
-            _set(layer, attr, _add(layer, attr[1:] + "_range", INITIAL_RANGE))
+            # Each replica sees its own batch: their moving ranges are averaged.
+            _set(layer, attr, _add(layer, attr[1:] + "_range", INITIAL_RANGE,
+                                   aggregation="mean"))
 
 
 def make_quantized(layer, spec: QuantizeSpec) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import numpy as np
 
 from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3._deps import keras

@@ -8,12 +8,52 @@ import os
 import tempfile
 import warnings
 
+import numpy as np
+
 from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3._deps import keras, tf
 
 
 def check_callbacks(callbacks) -> list:
     return _flavour.check_callbacks(keras, callbacks, "Keras 3", "tf_keras")
+
+
+def check_strategy(model, strategy) -> None:
+    """Keras 3's own `fit` does not run under MultiWorkerMirroredStrategy (on 3.15 it fails
+    at the first step reducing per-replica values: keras-team/keras#20585); Mirrored and
+    one-device strategies train (tested). The engine's variables say how replicas combine
+    their writes (`compress._add`)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(
+            f"Model '{model.name}' is a Keras 3 model, and Keras 3's `fit` does not run under "
+            "MultiWorkerMirroredStrategy (keras-team/keras#20585: it fails at the first step). "
+            "Expected a strategy Keras 3 trains under, e.g. "
+            "tf.distribute.MirroredStrategy() for the devices of one machine. To train on "
+            "several machines, build the model with tf_keras, whose engine runs under "
+            "MultiWorkerMirroredStrategy.")
+
+
+class AverageReplicaStatistics(keras.callbacks.Callback):
+    """Under a tf.distribute strategy with several replicas, Keras 3 leaves each replica's
+    non-trainable float variables (BatchNormalization's moving mean and variance) to drift
+    apart: they are created with aggregation "none", and the exported model gets the first
+    replica's, computed on its share of the batches only. At every epoch end this sets each
+    such variable to the mean of its replicas' copies, which for a moving average is the
+    moving average of the replicas' batch statistics (tf_keras' "mean" aggregation)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        for v in self.model.non_trainable_variables:
+            copies = getattr(v.value, "values", ())
+            if (len(copies) > 1 and v.aggregation == "none"
+                    and np.issubdtype(np.dtype(v.dtype), np.floating)):
+                v.assign(np.mean([np.asarray(c.numpy()) for c in copies], axis=0))
+
+
+def replica_callbacks() -> list:
+    """The callbacks a phase needs under the current tf.distribute strategy."""
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        return [AverageReplicaStatistics()]
+    return []
 
 
 def fit_arguments() -> set:

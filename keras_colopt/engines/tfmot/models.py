@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from typing import Optional
 
 from keras_colopt.engines import _flavour

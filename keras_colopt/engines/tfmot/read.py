@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 from keras_colopt.engines.tfmot._deps import cluster_wrapper, cpq, ppq, pruning_wrapper, quantize_wrapper
 from keras_colopt.engines.tfmot.flatten import walk
-from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS, base_name
+from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS
 
 def _channel_axis(layer, weight_name: str) -> Optional[int]:
     if "depthwise" in weight_name:
