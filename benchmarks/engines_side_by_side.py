@@ -15,7 +15,12 @@ set (`python benchmarks/kws_data.py --out F` first; `--kws F`), the baseline cap
 `--max-epochs`; its depthwise kernels are compressed in the Keras 3 engine only (tfmot never
 prunes or clusters them), which the "what survived" table shows.
 
-Run: python benchmarks/engines_side_by_side.py [--reps 1] [--model demo|dscnn --kws F]
+`--model mobilenet`: MobileNet v1 0.25 (keras.applications, weights=None, 32x32x1) on 10,000
+Fashion-MNIST training images and the 10,000 test images (Debian's dataset-fashion-mnist),
+with the origin tables' phases (Prune 3, Cluster 16 for 3, PCQAT 2 epochs).
+
+Run: python benchmarks/engines_side_by_side.py [--reps 1] [--model demo|dscnn|mobilenet
+     --kws F]
 """
 
 import argparse
@@ -38,18 +43,22 @@ from keras_colopt.engines.keras3 import Keras3Engine  # noqa: E402
 from keras_colopt.engines.tfmot import TfmotEngine  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # origin_tables (DS-CNN) and kws_data, for --model dscnn
+sys.path.insert(0, HERE)  # origin_tables (DS-CNN, MobileNet, Fashion-MNIST) and kws_data
 PHASES = {"demo": lambda: [colopt.Prune(sparsity=0.5, epochs=4),
                            colopt.Cluster(clusters=8, epochs=4), colopt.Quantize(epochs=2)],
           "dscnn": lambda: [colopt.Prune(sparsity=0.5, epochs=4),  # the origin tables' epochs
-                            colopt.Cluster(clusters=8, epochs=3), colopt.Quantize(epochs=2)]}
+                            colopt.Cluster(clusters=8, epochs=3), colopt.Quantize(epochs=2)],
+          "mobilenet": lambda: [colopt.Prune(sparsity=0.5, epochs=3),  # origin_tables' fashion
+                                colopt.Cluster(clusters=16, epochs=3),
+                                colopt.Quantize(epochs=2)]}
 
 
-def ds_cnn(keras, seed=0):
-    """benchmarks/origin_tables.py's DS-CNN, in either Keras, compiled."""
+def origin_model(which, keras, seed=0):
+    """benchmarks/origin_tables.py's DS-CNN or MobileNet, in either Keras, compiled."""
     import origin_tables
 
-    model = origin_tables.ds_cnn(seed, keras=keras)
+    model = (origin_tables.ds_cnn if which == "dscnn" else origin_tables.mobilenet)(
+        seed, keras=keras)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
                   loss=keras.losses.SparseCategoricalCrossentropy())
     return model
@@ -83,7 +92,7 @@ def _not_depthwise(layer):
 def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False):
     (x, y), (xt, yt) = data_
     keras = __import__("tf_keras" if engine.name == "tfmot" else "keras")
-    model = engine.demo_model(seed) if which == "demo" else ds_cnn(keras, seed)
+    model = engine.demo_model(seed) if which == "demo" else origin_model(which, keras, seed)
     clock = EpochClock()
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
                                          restore_best_weights=True)
@@ -125,22 +134,28 @@ def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthw
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--model", choices=["demo", "dscnn"], default="demo")
+    ap.add_argument("--model", choices=["demo", "dscnn", "mobilenet"], default="demo")
     ap.add_argument("--kws", help="the keyword set's .npz (benchmarks/kws_data.py --out)")
     ap.add_argument("--max-epochs", type=int, default=None,
-                    help="cap of the baseline's epochs (default 100 demo, 15 dscnn)")
+                    help="cap of the baseline's epochs (default 100 demo, 15 dscnn, "
+                         "30 mobilenet)")
     ap.add_argument("--keras3-skip-depthwise", action="store_true",
                     help="the Keras 3 engine's Prune and Cluster leave depthwise kernels out")
     args = ap.parse_args()
     if args.model == "demo":
         data_, batch, what = data.load_digits(), 32, "the demo CNN on digits"
+    elif args.model == "mobilenet":
+        from origin_tables import fashion_mnist
+
+        (x, y), (xt, yt), about = fashion_mnist(10000)
+        data_, batch, what = ((x, y), (xt, yt)), 64, "MobileNet v1 0.25 on " + about["dataset"]
     else:
         from kws_data import load_kws
 
         (x, y), _, (xt, yt), _ = load_kws(args.kws)
         data_, batch = ((x, y), (xt, yt)), 64
         what = f"DS-CNN on the synthesized keywords ({len(x)} train / {len(xt)} test clips)"
-    max_epochs = args.max_epochs or (100 if args.model == "demo" else 15)
+    max_epochs = args.max_epochs or {"demo": 100, "dscnn": 15, "mobilenet": 30}[args.model]
     results = {"tfmot": [], "keras3": []}
     for rep in range(args.reps):
         for engine in (TfmotEngine(), Keras3Engine(), Keras3Engine(), TfmotEngine()):
@@ -166,7 +181,8 @@ def main():
              f"Command: `{out['command']}`; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}. "
              "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best weights; "
              f"at most {max_epochs} epochs), batch {batch}; then {phases} (Prune 50%, "
-             "Cluster 8 sparsity-preserving, then PCQAT), exported as int8 from the QAT ranges "
+             f"Cluster {PHASES[args.model]()[1].clusters} sparsity-preserving, then PCQAT), "
+             "exported as int8 from the QAT ranges "
              "(the float baseline: "
              "post-training int8, 256 training images); order tfmot "
              "keras3 keras3 tfmot per rep, means over "

@@ -15,8 +15,13 @@ on the test split. Then the PCQAT path (Prune -> Cluster -> Quantize, same epoch
 hand-written with tfmot (A), with collaborative_fit without its callbacks (B) and with them
 (C), alternating A B C C B A. Writes benchmarks/results/origin_<experiment>.{md,json}.
 
+`--engine keras3`: the same tables with the models built in Keras 3 (`import keras`),
+through the Keras 3 engine (no hand-written tfmot timing: tfmot has no Keras 3); writes
+origin_<experiment>_keras3.{md,json}.
+
 Run: python benchmarks/origin_tables.py fashion [--train 10000] [--reps 1]
      python benchmarks/origin_tables.py kws
+     python benchmarks/origin_tables.py fashion --engine keras3 --reps 0
 """
 
 import argparse
@@ -103,7 +108,8 @@ def kws(n_train, seed=0):
 
 # --------------------------------------------------------------------------- models
 
-def mobilenet(seed=0):
+def mobilenet(seed=0, keras=keras):
+    """MobileNet v1 0.25 for 32x32x1 (in tf_keras, or the Keras module given)."""
     keras.utils.set_random_seed(seed)
     model = keras.applications.MobileNet(input_shape=(32, 32, 1), alpha=0.25, weights=None,
                                          classes=10, dropout=1e-3)
@@ -140,7 +146,7 @@ EXPERIMENTS = {
 }
 
 
-def compiled(model, lr):
+def compiled(model, lr, keras=keras):
     model.compile(optimizer=keras.optimizers.Adam(lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     return model
@@ -219,9 +225,15 @@ def main():
     ap.add_argument("--reps", type=int, default=1,
                     help="A B C C B A timing repetitions; 0 leaves timing to pipeline_timing.py")
     ap.add_argument("--baseline-epochs", type=int)
+    ap.add_argument("--engine", choices=["tfmot", "keras3"], default="tfmot",
+                    help="the Keras the models are built in: tf_keras (tfmot engine) or Keras 3")
     ap.add_argument("--smoke", action="store_true",
                     help="1 epoch per phase on 512 samples: checks the script, not the numbers")
     args = ap.parse_args()
+    if args.engine == "keras3" and args.reps:
+        ap.error("--engine keras3 has no hand-written tfmot pipeline to time: pass --reps 0")
+    model_keras = keras if args.engine == "tfmot" else __import__("keras")
+    suffix = "" if args.engine == "tfmot" else "_keras3"
     cfg = dict(EXPERIMENTS[args.experiment])
     if args.baseline_epochs:
         cfg["baseline_epochs"] = args.baseline_epochs
@@ -234,11 +246,11 @@ def main():
         xt, yt = xt[:512], yt[:512]
     steps = -(-len(x) // cfg["batch"])
     print(f"{about['dataset']}; {steps} steps/epoch", flush=True)
-    work = os.path.join(OUT, f"origin_{args.experiment}")
+    work = os.path.join(OUT, f"origin_{args.experiment}{suffix}")
     os.makedirs(work, exist_ok=True)
 
     t = time.time()
-    baseline = compiled(cfg["model"](), cfg["lr"])
+    baseline = compiled(cfg["model"](keras=model_keras), cfg["lr"], keras=model_keras)
     baseline.fit(x, y, batch_size=cfg["batch"], epochs=cfg["baseline_epochs"], verbose=2,
                  validation_data=(xt, yt))
     baseline_s = time.time() - t
@@ -329,7 +341,7 @@ def main():
                         med["B"] / med["A"] <= 1.05, f"{med['B'] / med['A']:.3f}"))
 
     result = {
-        "experiment": args.experiment, "about": about, "settings": {
+        "experiment": args.experiment, "engine": args.engine, "about": about, "settings": {
             k: v for k, v in cfg.items() if k not in ("data", "model")},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "tensorflow": tf.__version__,
@@ -348,7 +360,7 @@ def main():
     }
     results = os.path.join(work, "smoke") if args.smoke else os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, f"origin_{args.experiment}.json"), "w") as f:
+    with open(os.path.join(results, f"origin_{args.experiment}{suffix}.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
 
     def col(r, fp32=None, fake=False):
@@ -367,7 +379,8 @@ def main():
         return rows + [""]
 
     base = col(L["PTQ"], fp32=base_fp32)
-    lines = [f"# Origin's tables, small scale: {args.experiment}", "",
+    lines = [f"# Origin's tables, small scale: {args.experiment}"
+             + (" (Keras 3 engine)" if suffix else ""), "",
              f"Command: `python benchmarks/{' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}`"
              f" ({result['wall_seconds'] / 60:.1f} min on {os.cpu_count()} CPUs, TensorFlow "
              f"{tf.__version__}, tfmot 0.8.1). {about['dataset']}. Baseline trained "
@@ -431,7 +444,7 @@ def main():
     lines += [f"| {t} | {'yes' if m else '**no**'} | {s} |" for t, m, s in targets]
     lines += ["", "Origin's figures for comparison: " + "; ".join(
         f"{k}: {v}" for k, v in ORIGIN.items()) + "."]
-    with open(os.path.join(results, f"origin_{args.experiment}.md"), "w") as f:
+    with open(os.path.join(results, f"origin_{args.experiment}{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

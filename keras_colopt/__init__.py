@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from keras_colopt import callbacks, export, recipe, report, stats  # noqa: E402,F401
 from keras_colopt.tree import explore  # noqa: E402,F401
 from keras_colopt.checkpoint import CheckpointMismatch  # noqa: E402,F401
+from keras_colopt.distill import Distill  # noqa: E402,F401
 from keras_colopt.fit import FitResult, TrainingDiverged, collaborative_fit  # noqa: E402,F401
 from keras_colopt.invariants import InvariantViolation  # noqa: E402,F401
 from keras_colopt.phases import Cluster, Phase, Prune, Quantize, Train  # noqa: E402,F401

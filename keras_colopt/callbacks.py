@@ -17,6 +17,7 @@ from typing import Dict, Union
 import numpy as np
 import tensorflow as tf
 
+from keras_colopt import distill as distill_mod
 from keras_colopt import invariants, stats
 from keras_colopt.engines import get_engine
 from keras_colopt.engines.base import Callback
@@ -342,17 +343,22 @@ class CollaborativeOptimization(Callback):
         guard: check the plan's invariants at every epoch end (`True`), only warn
             (`"warn"`), or not (`False`). Defaults to `True`.
         tolerance: the guard's sparsity tolerance. Defaults to `0.005`.
+        distill: as for `collaborative_fit`: `True` distils, in every phase, from a frozen
+            copy of the model as it is when fit begins; a `keras_colopt.Distill` sets the
+            teacher, temperature and weight. Defaults to `None`.
 
     Example:
         >>> model.fit(x, y, epochs=5, callbacks=[colopt.callbacks.CollaborativeOptimization(
         ...     [colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=8, epochs=3)])])
     """
 
-    def __init__(self, phases, guard=True, tolerance=0.005):
+    def __init__(self, phases, guard=True, tolerance=0.005, distill=None):
         super().__init__()
         from keras_colopt.plan import resolve
 
         self.plan = resolve(phases)  # a bad order is refused here, before fit
+        self.distill = distill_mod.resolve(distill)
+        self._distill_callbacks = []
         if guard not in (True, False, "warn"):
             raise ValueError("CollaborativeOptimization: `guard` must be True, False or "
                              f"'warn'. Received: guard={guard!r}")
@@ -387,8 +393,16 @@ class CollaborativeOptimization(Callback):
                             "are: %s", label, len(names), ", ".join(names))
         self._cfg = eng.compile_config(self.model)
         self._pruned, self._clustered = [], []
+        if self.distill is not None:
+            teacher = distill_mod.make_teacher(eng, self.model, self.distill)
+            self._distill_callbacks = eng.distillation(
+                self.model, teacher, self.distill.temperature, self.distill.weight,
+                distill_mod.from_logits(self.model.loss))
+            self.model.make_train_function(force=True)  # fit made it before this call
 
     def on_epoch_begin(self, epoch, logs=None):
+        for cb in self._distill_callbacks:
+            cb.on_epoch_begin(epoch, logs)
         planned = next((p for p in self.plan.phases if p.start_epoch == epoch), None)
         if planned is None:
             return
@@ -429,3 +443,8 @@ class CollaborativeOptimization(Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self._guard is not None:
             self._guard.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if self._distill_callbacks:  # the user's model trains as compiled in a later fit
+            distill_mod.remove(self.model)
+            self._distill_callbacks = []

@@ -51,16 +51,21 @@ class Position:
     labels: List[str]
 
 
-def fingerprint(plan, model, steps_per_epoch: int, initial_phase: int) -> dict:
-    """What must match for a checkpoint to continue this run."""
+def fingerprint(plan, model, steps_per_epoch: int, initial_phase: int,
+                distill: Optional[dict] = None) -> dict:
+    """What must match for a checkpoint to continue this run (`distill`: the distillation's
+    settings, when the run distils)."""
     phases = [{"kind": type(p.phase).__name__, "config": _plain(p.phase.get_config())}
               for p in plan]
     arch = json.dumps(_anonymous(_plain(model.get_config())), sort_keys=True, default=str)
     shapes = [list(map(int, w.shape)) for w in model.weights]
-    return {"phases": phases,
-            "model": hashlib.sha256((arch + json.dumps(shapes)).encode()).hexdigest()[:16],
-            "model_name": model.name, "steps_per_epoch": int(steps_per_epoch),
-            "initial_phase": int(initial_phase)}
+    out = {"phases": phases,
+           "model": hashlib.sha256((arch + json.dumps(shapes)).encode()).hexdigest()[:16],
+           "model_name": model.name, "steps_per_epoch": int(steps_per_epoch),
+           "initial_phase": int(initial_phase)}
+    if distill is not None:
+        out["distill"] = distill
+    return out
 
 
 def _anonymous(config):
@@ -118,6 +123,9 @@ def _differences(saved: dict, now: dict) -> List[str]:
     if saved.get("initial_phase") != now["initial_phase"]:
         out.append(f"initial_phase differs ({saved.get('initial_phase')} vs "
                    f"{now['initial_phase']})")
+    if saved.get("distill") != now.get("distill"):
+        out.append(f"the distillation differs (checkpoint {saved.get('distill')}, this call "
+                   f"{now.get('distill')})")
     return out
 
 

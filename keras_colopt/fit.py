@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from keras_colopt import callbacks as cbs
 from keras_colopt import checkpoint
+from keras_colopt import distill as distill_mod
 from keras_colopt._files import make_writable_folder
 from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
@@ -218,7 +219,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
                       callbacks=None, log_dir=None, compression_metrics=True,
                       invariant_guard=True, guard_tolerance=0.005, verbose="auto",
                       initial_phase=0, checkpoint_dir=None, strategy=None,
-                      custom_objects=None, **fit_kwargs) -> FitResult:
+                      custom_objects=None, distill=None, **fit_kwargs) -> FitResult:
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
@@ -228,7 +229,8 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
 
     Args:
         model: a compiled model an engine accepts (a tf_keras model).
-        x, y: training data as for `Model.fit`; `x` may be a `tf.data.Dataset`.
+        x, y: training data as for `Model.fit`; `x` may be a `tf.data.Dataset`. With
+            `distill`, `y` may be omitted: the teacher labels the data.
         phases: list of `Train`, `Prune`, `Cluster`, `Quantize`.
         validation_data: as for `Model.fit`.
         batch_size: as for `Model.fit`.
@@ -265,6 +267,10 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
             `quantize_scope` adds its own). The model's custom layer classes
             and the QuantizeConfig classes are found without it. Defaults to
             `None`.
+        distill: `True` distils from a frozen copy of `model` as given, in every phase
+            (a soft-target loss beside the labels' loss); a `keras_colopt.Distill` sets the
+            teacher, temperature and weight. The epoch logs gain `distill_loss`. Defaults
+            to `None` (no distillation).
         **fit_kwargs: other `Model.fit` arguments (class_weight,
             steps_per_epoch, validation_split, shuffle, ...).
 
@@ -280,7 +286,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
                                   guard_tolerance, verbose, initial_phase, checkpoint_dir,
-                                  strategy, fit_kwargs)
+                                  strategy, distill, fit_kwargs)
 
 
 def _custom_object_scope(model, custom_objects):
@@ -345,6 +351,8 @@ class _Run:
     stopped: Optional[str] = None
     last_good: Optional[tuple] = None
     phase_label: Optional[str] = None
+    distill: Optional[distill_mod.Distill] = None
+    teacher: object = None
 
     def record(self, new: Dict[str, list], ran: List[int], label: str) -> None:
         self.history, self.epochs, self.labels = _merged(self.history, self.epochs,
@@ -353,11 +361,18 @@ class _Run:
 
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
-                       initial_phase, checkpoint_dir, strategy, fit_kwargs) -> FitResult:
+                       initial_phase, checkpoint_dir, strategy, distill,
+                       fit_kwargs) -> FitResult:
     plan = resolve(phases)
+    settings = distill_mod.resolve(distill)
     start = _check_initial_phase(initial_phase, plan)
     engine = get_engine(model)
     user_callbacks = _check_inputs(engine, callbacks, fit_kwargs, log_dir)
+    if y is None and settings is None and _is_arrays(x):
+        raise ValueError(
+            f"`y` is None, and `x` holds arrays of inputs only: model '{model.name}' has no "
+            "labels to train on. Expected labels `y`, or `distill=True` to compress with "
+            "unlabelled data (a frozen copy of the model labels it). Received: y=None")
     if invariant_guard not in (True, False, "warn"):
         raise ValueError("`invariant_guard` must be True, False or 'warn'. "
                          f"Received: invariant_guard={invariant_guard!r}")
@@ -379,6 +394,14 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         if checkpoint_dir is not None:
             checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), worker)
 
+    if settings is not None:
+        run.teacher = distill_mod.make_teacher(engine, model, settings, run.scope)
+        run.distill = settings
+        if settings.teacher is None and plan.phases[run.start].phase.kind == "train":
+            log.warning("Distilling from the model as given, before its Train phase: the "
+                        "Train phase learns from an untrained teacher. Give "
+                        "Distill(teacher=...) a trained model, or start with a compression "
+                        "phase.")
     _prepare_model(run, model)
     # Folders are created once every check has passed, right before training.
     _open_outputs(run, model, checkpoint_dir, log_dir)
@@ -415,10 +438,23 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 break
     except BaseException as error:
         _hand_back(run, error)
+        distill_mod.remove(run.model)
+        distill_mod.remove(getattr(getattr(error, "result", None), "model", None))
         raise
+    distill_mod.remove(run.model)
     return FitResult(model=run.model, history=_history(run.model, run), plan=plan,
                      stopped_early=run.stopped, folded=run.folded, skipped=run.skipped,
                      resumed_at=None if run.resume is None else run.resume.epochs_done)
+
+
+def _is_arrays(x) -> bool:
+    """Whether `x` is in-memory inputs (an array, or a list/dict of them), which cannot carry
+    labels, unlike a dataset or a generator."""
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(v, (np.ndarray, tf.Tensor)) for v in x)
+    return isinstance(x, (np.ndarray, tf.Tensor))
 
 
 def _prepare_model(run: _Run, model) -> None:
@@ -477,7 +513,9 @@ def _open_outputs(run: _Run, model, checkpoint_dir, log_dir) -> None:
     if checkpoint_dir is not None:
         run.ckpt = RunCheckpoint(checkpoint_dir, meta={
             "log_dir": None if log_dir is None else os.path.abspath(os.fspath(log_dir))})
-        run.resume = run.ckpt.open(checkpoint.fingerprint(run.plan, model, run.steps, run.start))
+        run.resume = run.ckpt.open(checkpoint.fingerprint(
+            run.plan, model, run.steps, run.start,
+            distill=None if run.distill is None else run.distill.get_config()))
     if log_dir is not None:
         make_writable_folder(log_dir, "`log_dir`", "TensorBoard logs (`log_dir`)")
     if run.resume is not None:
@@ -516,6 +554,10 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
         held = sorted(set(held) - set(touched))
         engine.compile_like(model, run.compile_cfg, rate,
                             step_offset=planned.start_epoch * run.steps)
+        if run.distill is not None:
+            companions = list(companions) + engine.distillation(
+                model, run.teacher, run.distill.temperature, run.distill.weight,
+                distill_mod.from_logits(model.loss))
         if resuming:
             ckpt.restore(model, run.resume.state)
     if planned.phase.kind == "quantize" and planned.preserve_clusters:

@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
@@ -35,6 +36,34 @@ def tiny_sequential(seed=0, keras=keras):
         keras.layers.Dense(16, activation="relu", name="hidden"),
         keras.layers.Dense(10, name="logits"),
     ], name="tiny"), keras=keras)
+
+
+def linear(keras, seed, lr=0.0, classes=10):
+    """Dense on the flattened 8x8 digits, logits, plain SGD: one step is computable by hand."""
+    keras.utils.set_random_seed(seed)
+    m = keras.Sequential([keras.Input((64,)), keras.layers.Dense(classes, name="logits")],
+                         name=f"linear{seed}")
+    m.compile(optimizer=keras.optimizers.SGD(lr),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+
+
+def one_distilled_sgd_step(x, y, w, b, wt, bt, temperature, weight, lr):
+    """By hand, in float64, for a linear student (w, b) and teacher (wt, bt) on a batch:
+    (the labels' loss, the soft-target loss) at the starting weights, and the weights after
+    one SGD step on (1 - weight) * hard + weight * soft."""
+    def softmax(z):
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    n, T = len(x), temperature
+    s, t = x @ w + b, x @ wt + bt
+    p = softmax(s)
+    hard = -np.mean(np.log(p[np.arange(n), y]))
+    pt, ps = softmax(t / T), softmax(s / T)
+    soft = T ** 2 * np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), axis=-1))
+    # d/ds: ((1 - weight)(p - onehot) + weight * T * (ps - pt)) / n
+    g = ((1 - weight) * (p - np.eye(w.shape[1])[y]) + weight * T * (ps - pt)) / n
+    return hard, soft, w - lr * x.T @ g, b - lr * g.sum(axis=0)
 
 
 def tiny_functional_relu(seed=0):

@@ -1,7 +1,7 @@
 """collaborative_fit under tf.distribute.MirroredStrategy on two logical CPU devices.
 
 Run in its own process (logical devices must be configured before TensorFlow starts):
-    python distributed_run.py OUT [tfmot|keras3]
+    python distributed_run.py OUT [tfmot|keras3] [distill-step]
 Writes OUT/result.json: replicas, the variables' distribution type per phase, the variables
 whose replicas disagree, per-layer sparsity and unique values in the Keras model and in its
 int8 .tflite, and (MirroredStrategy) what resuming from the finished run's checkpoint gave.
@@ -21,12 +21,14 @@ if "TF_CONFIG" not in os.environ:  # one process, two logical CPU devices
     tf.config.set_logical_device_configuration(cpu,
                                                [tf.config.LogicalDeviceConfiguration()] * 2)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ENGINE = sys.argv[2] if len(sys.argv) > 2 else "tfmot"
 if ENGINE == "keras3":
     import keras  # noqa: E402
 else:
     import tf_keras as keras  # noqa: E402
 
+import conftest  # noqa: E402
 import keras_colopt as colopt  # noqa: E402
 from keras_colopt import data  # noqa: E402
 from keras_colopt.callbacks import layer_stats  # noqa: E402
@@ -127,5 +129,30 @@ def main(out):
     }, open(os.path.join(results, "result.json"), "w"), indent=1)
 
 
+def distilled_step(out):
+    """One distilled SGD step of a linear model on two replicas: the update must be the one
+    of the whole batch (each replica's soft loss scaled as Keras scales its own)."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    (x, y), _ = data.load_digits()
+    x, y = x[:32].reshape(32, 64), y[:32]
+    student, teacher = conftest.linear(keras, 0, 0.5), conftest.linear(keras, 1)
+    w0, b0 = [np.asarray(v, np.float64) for v in student.get_weights()]
+    wt, bt = [np.asarray(v, np.float64) for v in teacher.get_weights()]
+    r = colopt.collaborative_fit(
+        student, x, y, phases=[colopt.Train(epochs=1)], batch_size=32, verbose=0,
+        shuffle=False, strategy=strategy, compression_metrics=False,
+        distill=colopt.Distill(teacher=teacher, temperature=3.0, weight=0.3))
+    hard, soft, w1, b1 = conftest.one_distilled_sgd_step(x, y, w0, b0, wt, bt, 3.0, 0.3, 0.5)
+    w, b = r.model.get_weights()
+    json.dump({"replicas": strategy.num_replicas_in_sync,
+               "weights_error": float(max(np.abs(w - w1).max(), np.abs(b - b1).max())),
+               "loss_error": abs(r.history.history["loss"][0] - hard) / hard,
+               "distill_loss_error": abs(r.history.history["distill_loss"][0] - soft) / soft},
+              open(os.path.join(out, "distill.json"), "w"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[3:] == ["distill-step"]:
+        distilled_step(sys.argv[1])
+    else:
+        main(sys.argv[1])

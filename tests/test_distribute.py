@@ -45,6 +45,17 @@ def test_mirrored_strategy_on_two_logical_devices(tmp_path, engine):
     assert result["resumed_at"] == 5 and result["same_weights"]
 
 
+@pytest.mark.parametrize("engine", ["tfmot", "keras3"])
+def test_a_distilled_step_on_two_replicas_is_the_whole_batch_step(tmp_path, engine):
+    done = subprocess.run([sys.executable, SCRIPT, str(tmp_path), engine, "distill-step"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "distill.json").read_text())
+    assert result["replicas"] == 2
+    assert result["weights_error"] < 1e-5
+    assert result["loss_error"] < 1e-5 and result["distill_loss_error"] < 1e-5
+
+
 def _free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

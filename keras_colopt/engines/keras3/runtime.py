@@ -56,6 +56,58 @@ def replica_callbacks() -> list:
     return []
 
 
+def distillation(model, teacher, temperature: float, weight: float, logits: bool) -> list:
+    import types
+
+    from keras_colopt import distill
+
+    sparse = distill.sparse_labels(model.loss)
+    tracker = keras.metrics.Mean(name="distill_loss")
+
+    def train_step(self, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        target = teacher(x, training=False)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            soft = distill.soft_loss(target, y_pred, temperature, logits)
+            if y is None:
+                extra = tf.add_n(self.losses) if self.losses else 0.0
+                loss = distill.per_replica(soft + extra)
+            else:  # the labels' loss, as Keras computes it (scaled, with regularization)
+                hard = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw,
+                                         training=True)
+                loss = (1 - weight) * hard + weight * distill.per_replica(soft)
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        tracker.update_state(soft)
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        if y is None:  # metrics against the teacher's labels; the loss is the soft loss
+            self._loss_tracker.update_state(soft, sample_weight=batch)
+            logs = self.compute_metrics(
+                x, distill.teacher_labels(target, logits, sparse), y_pred, sample_weight=None)
+        else:
+            # Keras' own step logs the labels' loss through its loss tracker (unscaled).
+            self._loss_tracker.update_state(hard * replicas, sample_weight=batch)
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sw)
+        logs["distill_loss"] = tracker.result()
+        return logs
+
+    model.train_step = types.MethodType(train_step, model)
+    model.train_function = None
+    return [_ResetAtEpochBegin(tracker)]
+
+
+class _ResetAtEpochBegin(keras.callbacks.Callback):
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.tracker.reset_state()
+
+
 def fit_arguments() -> set:
     return set(inspect.signature(keras.Model.fit).parameters) - {"self"}
 

@@ -20,6 +20,51 @@ def check_strategy(model, strategy) -> None:
     MultiWorkerMirrored); tfmot's wrappers combine their variables across replicas."""
 
 
+def distillation(model, teacher, temperature: float, weight: float, logits: bool) -> list:
+    import types
+
+    from keras_colopt import distill
+
+    sparse = distill.sparse_labels(model.loss)
+    tracker = tf_keras.metrics.Mean(name="distill_loss")
+
+    def train_step(self, data):
+        x, y, sw = tf_keras.utils.unpack_x_y_sample_weight(data)
+        target = teacher(x, training=False)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            soft = distill.soft_loss(target, y_pred, temperature, logits)
+            if y is None:
+                extra = tf.add_n(self.losses) if self.losses else 0.0
+                loss = distill.per_replica(soft + extra)
+            else:  # the labels' loss, as Keras computes it (scaled, with regularization)
+                loss = (1 - weight) * self.compute_loss(x, y, y_pred, sw) \
+                    + weight * distill.per_replica(soft)
+        self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+        tracker.update_state(soft)
+        if y is None:  # metrics against the teacher's labels; the loss is the soft loss
+            logs = self.compute_metrics(
+                x, distill.teacher_labels(target, logits, sparse), y_pred, None)
+            logs["loss"] = tracker.result()
+        else:
+            logs = self.compute_metrics(x, y, y_pred, sw)
+        logs["distill_loss"] = tracker.result()
+        return logs
+
+    model.train_step = types.MethodType(train_step, model)
+    model.train_function = None
+    return [_ResetAtEpochBegin(tracker)]
+
+
+class _ResetAtEpochBegin(tf_keras.callbacks.Callback):
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.tracker.reset_state()
+
+
 def fit_arguments() -> set:
     return set(inspect.signature(tf_keras.Model.fit).parameters) - {"self"}
 
