@@ -10,6 +10,10 @@ Example:
 
 __version__ = "0.1.0"
 
+from keras_colopt import _quiet  # noqa: E402
+
+_quiet.for_command_line()  # before TensorFlow is imported: its native log lines are dropped
+
 from keras_colopt import callbacks, export, recipe, report, stats  # noqa: E402,F401
 from keras_colopt.tree import explore  # noqa: E402,F401
 from keras_colopt.checkpoint import CheckpointMismatch  # noqa: E402,F401

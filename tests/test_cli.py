@@ -43,5 +43,35 @@ def test_layer_of_maps_tflite_names_to_layers():
 
 def test_module_entry_point_lists_demo():
     r = subprocess.run([sys.executable, "-m", "keras_colopt", "--help"], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))
     assert r.returncode == 0 and "demo" in r.stdout
+    # TensorFlow's import-time native log lines (oneDNN, cudart, cuInit, CPU features) are
+    # dropped for the command line, even with TF_CPP_MIN_LOG_LEVEL=0.
+    assert "I0000" not in r.stderr and "cuInit" not in r.stderr, r.stderr
+
+
+NOISY = """
+import os, sys
+sys.argv[0] = "/somewhere/bin/keras-colopt"
+import keras_colopt
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+os.write(2, b"I0000 00:00:1796231166.412492    1952 port.cc:153] oneDNN custom operations are on.\\n")
+os.write(2, b"E0000 00:00:1796231168.371849    1952 cuda_platform.cc:52] failed call to cuInit: INTERNAL\\n")
+os.write(2, b"E0000 00:00:1796231168.371849    1952 model.cc:7] a real error\\n")
+os.write(1, b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32\\n")
+os.write(1, b"Epoch 1/2 [=====>    ]\\r")  # a progress update, no newline yet
+os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n")
+print("table row", flush=True)
+sys.stderr.write("Traceback: ValueError: ours\\n")
+"""
+
+
+def test_the_command_line_drops_native_noise_and_keeps_everything_else():
+    r = subprocess.run([sys.executable, "-c", NOISY], capture_output=True, timeout=120,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"Epoch 1/2 [=====>    ]\rtable row\n"
+    err = r.stderr.decode()
+    assert "a real error" in err and "Traceback: ValueError: ours" in err
+    for noise in ("I0000", "cuInit", "absl::InitializeLog", "XNNPACK", "fully_quantize"):
+        assert noise not in err, err
