@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from keras_colopt import callbacks as cbs
+from keras_colopt import distill as distill_mod
 from keras_colopt import export
 from keras_colopt._files import make_writable_folder
 from keras_colopt.engines import get_engine
@@ -290,6 +291,22 @@ def _check_phase(name, value, cls):
     return value
 
 
+def _baseline_teacher(model, distill, baseline_epochs: int) -> dict:
+    """`distill=True` in `explore` distils every node from the baseline (not from the node it
+    continues, which the copy `collaborative_fit` makes would be)."""
+    settings = distill_mod.resolve(distill)
+    if settings is None or settings.teacher is not None:
+        return {}
+    if baseline_epochs:
+        raise ValueError(
+            "explore(distill=...) without a teacher distils from the baseline, but "
+            f"baseline_epochs={baseline_epochs} trains it inside the tree. Expected a trained "
+            "baseline (baseline_epochs=0), or a teacher: distill=colopt.Distill(teacher=...).")
+    teacher = get_engine(model).clone_model(model)
+    teacher.trainable = False
+    return {"distill": dataclasses.replace(settings, teacher=teacher)}
+
+
 def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequence[str]] = None,
             representative_data=None, baseline_epochs: int = 0,
             prune: Optional[Prune] = None, cluster: Optional[Cluster] = None,
@@ -406,6 +423,7 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
     os.makedirs(os.path.join(out_dir, "tflite"), exist_ok=True)
 
     fit_args = dict(fit_kwargs, batch_size=batch_size, verbose=2 if verbose >= 2 else 0)
+    fit_args.update(_baseline_teacher(model, fit_args.get("distill"), baseline_epochs))
     tree = _Tree(model, x, y, xv, yv, representative_data, out_dir, baseline_epochs, prune,
                  cluster, quantize, latency_runs, fit_args)
     report = Report(leaves=[LeafResult(name=n, status="pending") for n in leaves],

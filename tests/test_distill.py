@@ -147,3 +147,25 @@ def test_the_returned_model_trains_as_compiled(digits):
     r = colopt.collaborative_fit(tiny_sequential(keras=_keras("keras3")), x, y, verbose=0,
                                  phases=[colopt.Prune(sparsity=0.5, epochs=1)], distill=True)
     assert "distill_loss" in r.history.history and "train_step" not in vars(r.model)
+
+
+def test_explore_distils_every_node_from_the_baseline(digits, tmp_path, monkeypatch):
+    (x, y), (xt, yt) = digits
+    model = tiny_sequential(keras=_keras("keras3"))
+    with pytest.raises(ValueError, match="distils from the baseline, but baseline_epochs=2"):
+        colopt.explore(model, x, y, validation_data=(xt, yt), out_dir=tmp_path / "a",
+                       baseline_epochs=2, distill=True)
+    teachers = []
+    real = colopt.distill.make_teacher
+
+    def spy(engine, student, settings, scope=None):
+        teachers.append(settings.teacher)
+        return real(engine, student, settings)
+    monkeypatch.setattr(colopt.distill, "make_teacher", spy)
+    report = colopt.explore(model, x, y, validation_data=(xt, yt), out_dir=tmp_path / "b",
+                            leaves=["PQAT"], prune=colopt.Prune(sparsity=0.5, epochs=1),
+                            quantize=colopt.Quantize(epochs=1), latency_runs=1, distill=True)
+    assert report.leaf("PQAT").ok
+    # Both nodes (the pruned model, then PQAT from it) distil from one copy of the baseline.
+    assert len(teachers) == 2 and teachers[0] is teachers[1]
+    np.testing.assert_array_equal(teachers[0].get_weights()[0], model.get_weights()[0])
