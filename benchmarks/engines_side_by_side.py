@@ -89,15 +89,16 @@ def _not_depthwise(layer):
     return "DepthwiseConv2D" not in type(layer).__name__
 
 
-def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False):
+def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False,
+        fixed=False):
     (x, y), (xt, yt) = data_
     keras = __import__("tf_keras" if engine.name == "tfmot" else "keras")
     model = engine.demo_model(seed) if which == "demo" else origin_model(which, keras, seed)
     clock = EpochClock()
-    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
-                                         restore_best_weights=True)
+    stop = [] if fixed else [keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", patience=5, restore_best_weights=True)]
     model.fit(x, y, epochs=max_epochs, batch_size=batch, validation_data=(xt, yt), verbose=0,
-              callbacks=[stop, clock])
+              callbacks=stop + [clock])
     float_epoch = _steady(clock.fits[-1])
     base_epochs = len(clock.fits[-1])
     with tempfile.TemporaryDirectory() as d:
@@ -139,6 +140,11 @@ def main():
     ap.add_argument("--max-epochs", type=int, default=None,
                     help="cap of the baseline's epochs (default 100 demo, 15 dscnn, "
                          "30 mobilenet)")
+    ap.add_argument("--fixed-epochs", action="store_true",
+                    help="train the baseline exactly --max-epochs epochs (no EarlyStopping)")
+    ap.add_argument("--once", action="store_true",
+                    help="each engine once per rep (tfmot keras3) instead of tfmot keras3 "
+                         "keras3 tfmot")
     ap.add_argument("--keras3-skip-depthwise", action="store_true",
                     help="the Keras 3 engine's Prune and Cluster leave depthwise kernels out")
     args = ap.parse_args()
@@ -158,10 +164,13 @@ def main():
     max_epochs = args.max_epochs or {"demo": 100, "dscnn": 15, "mobilenet": 30}[args.model]
     results = {"tfmot": [], "keras3": []}
     for rep in range(args.reps):
-        for engine in (TfmotEngine(), Keras3Engine(), Keras3Engine(), TfmotEngine()):
+        order = ((TfmotEngine(), Keras3Engine()) if args.once else
+                 (TfmotEngine(), Keras3Engine(), Keras3Engine(), TfmotEngine()))
+        for engine in order:
             results[engine.name].append(run(
                 engine, rep, data_, args.model, max_epochs, batch,
-                skip_depthwise=args.keras3_skip_depthwise and engine.name == "keras3"))
+                skip_depthwise=args.keras3_skip_depthwise and engine.name == "keras3",
+                fixed=args.fixed_epochs))
             print(engine.name, {k: v for k, v in results[engine.name][-1].items()
                                 if k != "survived"}, flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -169,7 +178,8 @@ def main():
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "tensorflow": tf.__version__}}
     stem = "engines_side_by_side" + ("" if args.model == "demo" else "_" + args.model) \
-        + ("_keras3_skip_depthwise" if args.keras3_skip_depthwise else "")
+        + ("_keras3_skip_depthwise" if args.keras3_skip_depthwise else "") \
+        + ("_fixed" if args.fixed_epochs else "")
     with open(os.path.join(HERE, "results", stem + ".json"), "w") as f:
         json.dump(out, f, indent=2)
 
@@ -179,14 +189,17 @@ def main():
     phases = " -> ".join(f"{type(p).__name__} ({p.epochs})" for p in PHASES[args.model]())
     lines = [f"# tfmot engine vs Keras 3 engine: {what}", "",
              f"Command: `{out['command']}`; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}. "
-             "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best weights; "
-             f"at most {max_epochs} epochs), batch {batch}; then {phases} (Prune 50%, "
+             + (f"Float baseline trained {max_epochs} epochs, " if args.fixed_epochs else
+                "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best "
+                f"weights; at most {max_epochs} epochs), ")
+             + f"batch {batch}; then {phases} (Prune 50%, "
              f"Cluster {PHASES[args.model]()[1].clusters} sparsity-preserving, then PCQAT), "
              "exported as int8 from the QAT ranges "
              "(the float baseline: "
-             "post-training int8, 256 training images); order tfmot "
-             "keras3 keras3 tfmot per rep, means over "
-             f"{2 * args.reps} runs per engine (seeds 0..{args.reps - 1}).", "",
+             "post-training int8, 256 training images); order "
+             + ("tfmot keras3" if args.once else "tfmot keras3 keras3 tfmot")
+             + f" per rep, means over {len(results['tfmot'])} run(s) per engine "
+             f"(seeds 0..{args.reps - 1}).", "",
              "| engine | float int8 acc | optimized int8 acc | float gzip | optimized gzip | "
              "optimized weights gzip | float epoch | "
              + " | ".join(f"{lab} epoch (x float)" for lab in labels) + " |",
