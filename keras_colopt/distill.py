@@ -22,9 +22,12 @@ import dataclasses
 import logging
 import math
 import numbers
+import types
 from typing import Optional
 
 import tensorflow as tf
+
+from keras_colopt.engines.base import Callback
 
 # Chosen by measurement (benchmarks/distill_sweep.py, results/distill_sweep.md): of T in
 # {2, 4, 8} x weight in {0.5, 0.9}, T=2 with weight 0.5 had the best int8 accuracy and
@@ -114,6 +117,23 @@ def make_teacher(engine, model, settings: Distill, scope=contextlib.nullcontext)
     return teacher
 
 
+def install(model, train_step, tracker) -> list:
+    """Makes `train_step(self, data)` the step of `model` (an engine's distilling step, which
+    logs `tracker` as distill_loss); returns the callback that resets `tracker` every epoch."""
+    model.train_step = types.MethodType(train_step, model)
+    model.train_function = None
+    return [_ResetAtEpochBegin(tracker)]
+
+
+class _ResetAtEpochBegin(Callback):
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.tracker.reset_state()
+
+
 def remove(model) -> None:
     """Gives `model` back its own train step (after the run: a later `fit` of the returned
     model trains as the user compiled it, without the teacher)."""
@@ -160,6 +180,19 @@ def soft_loss(teacher_out, student_out, temperature: float, logits: bool):
     log_ps = tf.nn.log_softmax(s / temperature, axis=-1)
     kl = tf.reduce_sum(tf.exp(log_pt) * (log_pt - log_ps), axis=-1)
     return temperature ** 2 * tf.reduce_mean(kl)
+
+
+def mixed_loss(model, y, y_pred, target, temperature: float, weight: float, logits: bool,
+               labels_loss):
+    """(what a distilled step minimizes, the soft loss, the labels' loss or None without
+    labels). `labels_loss()` is the model's own loss as Keras computes it in a step (scaled
+    for distribution, with the regularization losses)."""
+    soft = soft_loss(target, y_pred, temperature, logits)
+    if y is None:
+        extra = tf.add_n(model.losses) if model.losses else 0.0
+        return per_replica(soft + extra), soft, None
+    hard = labels_loss()
+    return (1 - weight) * hard + weight * per_replica(soft), soft, hard
 
 
 def per_replica(loss):

@@ -57,8 +57,6 @@ def replica_callbacks() -> list:
 
 
 def distillation(model, teacher, temperature: float, weight: float, logits: bool) -> list:
-    import types
-
     from keras_colopt import distill
 
     sparse = distill.sparse_labels(model.loss)
@@ -70,14 +68,10 @@ def distillation(model, teacher, temperature: float, weight: float, logits: bool
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            soft = distill.soft_loss(target, y_pred, temperature, logits)
-            if y is None:
-                extra = tf.add_n(self.losses) if self.losses else 0.0
-                loss = distill.per_replica(soft + extra)
-            else:  # the labels' loss, as Keras computes it (scaled, with regularization)
-                hard = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw,
-                                         training=True)
-                loss = (1 - weight) * hard + weight * distill.per_replica(soft)
+            loss, soft, hard = distill.mixed_loss(
+                self, y, y_pred, target, temperature, weight, logits,
+                lambda: self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw,
+                                          training=True))
             scaled = self.optimizer.scale_loss(loss)
         variables = self.trainable_weights
         self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
@@ -94,18 +88,7 @@ def distillation(model, teacher, temperature: float, weight: float, logits: bool
         logs["distill_loss"] = tracker.result()
         return logs
 
-    model.train_step = types.MethodType(train_step, model)
-    model.train_function = None
-    return [_ResetAtEpochBegin(tracker)]
-
-
-class _ResetAtEpochBegin(keras.callbacks.Callback):
-    def __init__(self, tracker):
-        super().__init__()
-        self.tracker = tracker
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.tracker.reset_state()
+    return distill.install(model, train_step, tracker)
 
 
 def fit_arguments() -> set:

@@ -21,8 +21,6 @@ def check_strategy(model, strategy) -> None:
 
 
 def distillation(model, teacher, temperature: float, weight: float, logits: bool) -> list:
-    import types
-
     from keras_colopt import distill
 
     sparse = distill.sparse_labels(model.loss)
@@ -33,13 +31,8 @@ def distillation(model, teacher, temperature: float, weight: float, logits: bool
         target = teacher(x, training=False)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            soft = distill.soft_loss(target, y_pred, temperature, logits)
-            if y is None:
-                extra = tf.add_n(self.losses) if self.losses else 0.0
-                loss = distill.per_replica(soft + extra)
-            else:  # the labels' loss, as Keras computes it (scaled, with regularization)
-                loss = (1 - weight) * self.compute_loss(x, y, y_pred, sw) \
-                    + weight * distill.per_replica(soft)
+            loss, soft, _ = distill.mixed_loss(self, y, y_pred, target, temperature, weight,
+                                               logits, lambda: self.compute_loss(x, y, y_pred, sw))
         self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
         tracker.update_state(soft)
         if y is None:  # metrics against the teacher's labels; the loss is the soft loss
@@ -51,18 +44,7 @@ def distillation(model, teacher, temperature: float, weight: float, logits: bool
         logs["distill_loss"] = tracker.result()
         return logs
 
-    model.train_step = types.MethodType(train_step, model)
-    model.train_function = None
-    return [_ResetAtEpochBegin(tracker)]
-
-
-class _ResetAtEpochBegin(tf_keras.callbacks.Callback):
-    def __init__(self, tracker):
-        super().__init__()
-        self.tracker = tracker
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.tracker.reset_state()
+    return distill.install(model, train_step, tracker)
 
 
 def fit_arguments() -> set:
