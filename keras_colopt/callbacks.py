@@ -395,9 +395,7 @@ class CollaborativeOptimization(Callback):
         self._pruned, self._clustered = [], []
         if self.distill is not None:
             teacher = distill_mod.make_teacher(eng, self.model, self.distill)
-            self._distill_callbacks = eng.distillation(
-                self.model, teacher, self.distill.temperature, self.distill.weight,
-                distill_mod.from_logits(self.model.loss))
+            self._distill_callbacks = eng.distillation(self.model, teacher, self.distill)
             self.model.make_train_function(force=True)  # fit made it before this call
 
     def on_epoch_begin(self, epoch, logs=None):

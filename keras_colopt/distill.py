@@ -85,15 +85,21 @@ def resolve(distill) -> Optional[Distill]:
                      f"Received: distill={distill!r}")
 
 
+def frozen_copy(engine, model, scope=contextlib.nullcontext):
+    """A copy of `model` (made in `scope`) that does not train: the default teacher."""
+    with scope():
+        teacher = engine.clone_model(model)
+    teacher.trainable = False
+    return teacher
+
+
 def make_teacher(engine, model, settings: Distill, scope=contextlib.nullcontext):
     """The model distilled from: the user's teacher, checked against the student `model`, or
     a frozen copy of `model` as it is now (made in `scope`, e.g. a strategy's). Raises a
     clear error for a teacher that cannot teach this student."""
     teacher = settings.teacher
     if teacher is None:
-        with scope():
-            teacher = engine.clone_model(model)
-        teacher.trainable = False
+        teacher = frozen_copy(engine, model, scope)
         source = f"a frozen copy of '{model.name}' as given"
     else:
         if not engine.accepts(teacher):

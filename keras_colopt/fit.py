@@ -555,9 +555,8 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
         engine.compile_like(model, run.compile_cfg, rate,
                             step_offset=planned.start_epoch * run.steps)
         if run.distill is not None:
-            companions = list(companions) + engine.distillation(
-                model, run.teacher, run.distill.temperature, run.distill.weight,
-                distill_mod.from_logits(model.loss))
+            companions = list(companions) + engine.distillation(model, run.teacher,
+                                                                run.distill)
         if resuming:
             ckpt.restore(model, run.resume.state)
     if planned.phase.kind == "quantize" and planned.preserve_clusters:

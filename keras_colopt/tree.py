@@ -302,9 +302,8 @@ def _baseline_teacher(model, distill, baseline_epochs: int) -> dict:
             "explore(distill=...) without a teacher distils from the baseline, but "
             f"baseline_epochs={baseline_epochs} trains it inside the tree. Expected a trained "
             "baseline (baseline_epochs=0), or a teacher: distill=colopt.Distill(teacher=...).")
-    teacher = get_engine(model).clone_model(model)
-    teacher.trainable = False
-    return {"distill": dataclasses.replace(settings, teacher=teacher)}
+    return {"distill": dataclasses.replace(
+        settings, teacher=distill_mod.frozen_copy(get_engine(model), model))}
 
 
 def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequence[str]] = None,

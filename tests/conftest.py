@@ -48,6 +48,24 @@ def linear(keras, seed, lr=0.0, classes=10):
     return m
 
 
+def distil_one_step(keras, strategy=None, temperature=3.0, weight=0.3, lr=0.5):
+    """One distilled SGD step through collaborative_fit: a linear student and teacher on 32
+    flattened digits, one batch. Returns (result, the teacher's kernel before the step, and
+    `one_distilled_sgd_step`'s (hard, soft, kernel, bias) by hand)."""
+    import keras_colopt as colopt
+
+    (x, y), _ = data.load_digits()
+    x, y = x[:32].reshape(32, 64), y[:32]
+    student, teacher = linear(keras, 0, lr), linear(keras, 1)
+    w0, b0 = [np.asarray(v, np.float64) for v in student.get_weights()]
+    wt, bt = [np.asarray(v, np.float64) for v in teacher.get_weights()]
+    r = colopt.collaborative_fit(
+        student, x, y, phases=[colopt.Train(epochs=1)], batch_size=32, verbose=0,
+        shuffle=False, strategy=strategy, compression_metrics=False,
+        distill=colopt.Distill(teacher=teacher, temperature=temperature, weight=weight))
+    return r, teacher, wt, one_distilled_sgd_step(x, y, w0, b0, wt, bt, temperature, weight, lr)
+
+
 def one_distilled_sgd_step(x, y, w, b, wt, bt, temperature, weight, lr):
     """By hand, in float64, for a linear student (w, b) and teacher (wt, bt) on a batch:
     (the labels' loss, the soft-target loss) at the starting weights, and the weights after

@@ -133,16 +133,7 @@ def distilled_step(out):
     """One distilled SGD step of a linear model on two replicas: the update must be the one
     of the whole batch (each replica's soft loss scaled as Keras scales its own)."""
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    (x, y), _ = data.load_digits()
-    x, y = x[:32].reshape(32, 64), y[:32]
-    student, teacher = conftest.linear(keras, 0, 0.5), conftest.linear(keras, 1)
-    w0, b0 = [np.asarray(v, np.float64) for v in student.get_weights()]
-    wt, bt = [np.asarray(v, np.float64) for v in teacher.get_weights()]
-    r = colopt.collaborative_fit(
-        student, x, y, phases=[colopt.Train(epochs=1)], batch_size=32, verbose=0,
-        shuffle=False, strategy=strategy, compression_metrics=False,
-        distill=colopt.Distill(teacher=teacher, temperature=3.0, weight=0.3))
-    hard, soft, w1, b1 = conftest.one_distilled_sgd_step(x, y, w0, b0, wt, bt, 3.0, 0.3, 0.5)
+    r, _, _, (hard, soft, w1, b1) = conftest.distil_one_step(keras, strategy)
     w, b = r.model.get_weights()
     json.dump({"replicas": strategy.num_replicas_in_sync,
                "weights_error": float(max(np.abs(w - w1).max(), np.abs(b - b1).max())),

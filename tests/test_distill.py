@@ -8,7 +8,7 @@ import pytest
 import keras_colopt as colopt
 from keras_colopt.callbacks import layer_stats
 
-from conftest import linear as _linear, one_distilled_sgd_step, tiny_sequential
+from conftest import distil_one_step, linear as _linear, tiny_sequential
 
 T, W = 3.0, 0.3
 
@@ -21,19 +21,9 @@ ENGINES = ["tfmot", "keras3"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_one_step_minimizes_the_specified_mix_and_logs_both_losses(digits, engine):
-    keras = _keras(engine)
-    (x, y), _ = digits
-    x, y = x[:32].reshape(32, 64), y[:32]
-    lr = 0.5
-    student, teacher = _linear(keras, 0, lr), _linear(keras, 1)
-    w0, b0 = [np.asarray(v, np.float64) for v in student.get_weights()]
-    wt, bt = [np.asarray(v, np.float64) for v in teacher.get_weights()]
-    r = colopt.collaborative_fit(
-        student, x, y, phases=[colopt.Train(epochs=1)], batch_size=32, verbose=0,
-        shuffle=False, distill=colopt.Distill(teacher=teacher, temperature=T, weight=W),
-        compression_metrics=False)
-    hard, soft, w1, b1 = one_distilled_sgd_step(x, y, w0, b0, wt, bt, T, W, lr)
+def test_one_step_minimizes_the_specified_mix_and_logs_both_losses(engine):
+    r, teacher, wt, (hard, soft, w1, b1) = distil_one_step(_keras(engine), temperature=T,
+                                                          weight=W)
     h = r.history.history
     np.testing.assert_allclose(h["loss"][0], hard, rtol=1e-5)
     np.testing.assert_allclose(h["distill_loss"][0], soft, rtol=1e-5)

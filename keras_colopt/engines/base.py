@@ -75,12 +75,12 @@ class Engine:
         under `strategy` (a `tf.distribute.Strategy`, checked as one by the caller)."""
         raise NotImplementedError
 
-    def distillation(self, model, teacher, temperature: float, weight: float,
-                     logits: bool) -> list:
+    def distillation(self, model, teacher, settings) -> list:
         """Makes the compiled `model` train with the soft-target loss of `teacher`
-        (`keras_colopt.distill`): its train step minimizes `(1 - weight) * loss + weight *
-        distill_loss` (only `distill_loss` on batches without labels) and logs both. Returns
-        the callbacks the phase's fit needs for it. Called after `compile_like`."""
+        (`keras_colopt.distill`, `settings` a `Distill`): its train step minimizes
+        `(1 - weight) * loss + weight * distill_loss` (only `distill_loss` on batches without
+        labels, logits or probabilities as the compiled loss reads them) and logs both.
+        Returns the callbacks the phase's fit needs for it. Called after `compile_like`."""
         raise NotImplementedError
 
     def compile_config(self, model) -> dict:

@@ -56,10 +56,11 @@ def replica_callbacks() -> list:
     return []
 
 
-def distillation(model, teacher, temperature: float, weight: float, logits: bool) -> list:
+def distillation(model, teacher, settings) -> list:
     from keras_colopt import distill
 
-    sparse = distill.sparse_labels(model.loss)
+    temperature, weight = settings.temperature, settings.weight
+    logits, sparse = distill.from_logits(model.loss), distill.sparse_labels(model.loss)
     tracker = keras.metrics.Mean(name="distill_loss")
 
     def train_step(self, data):
