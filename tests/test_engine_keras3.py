@@ -416,3 +416,33 @@ def test_qat_ranges_the_input_of_an_activation_litert_runs_on_its_own(digits, tm
     assert len(floats) == 2, floats
     np.testing.assert_allclose(colopt.export.predict_tflite(info.path, xt[:32]),
                                r.model.predict(xt[:32], verbose=0), atol=0.02)
+
+
+def test_our_callbacks_leave_keras3_batch_hooks_asynchronous(tmp_path, monkeypatch):
+    """On a thread-safe backend (JAX) Keras 3 syncs every step's logs when a callback
+    overrides a batch-end hook: ours do not, and a user's subclass that does override one is
+    still called on every step."""
+    from keras.src import backend
+    from keras.src.callbacks.callback_list import CallbackList
+
+    monkeypatch.setattr(backend, "IS_THREAD_SAFE", True)
+    ours = [colopt.callbacks.CompressionMetrics(log_dir=str(tmp_path)),
+            colopt.callbacks.InvariantGuard(),
+            colopt.callbacks.CollaborativeOptimization([colopt.Prune(sparsity=0.5, epochs=1)])]
+    assert CallbackList(ours, model=_model())._async_train
+
+    from keras_colopt.engines.base import Callback
+
+    class Counting(Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+
+    counting = Counting()
+    assert not CallbackList(ours + [counting], model=_model())._async_train
+    x, y = _data()
+    _model().fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[counting])
+    assert counting.steps == 4

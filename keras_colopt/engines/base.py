@@ -282,5 +282,13 @@ class Callback:
     def on_batch_begin(self, batch, logs=None): pass  # noqa: E704
     def on_batch_end(self, batch, logs=None): pass  # noqa: E704
 
+    # On a thread-safe backend (JAX, not TensorFlow) Keras 3's CallbackList dispatches the
+    # batch-end hooks on a thread (no per-step sync of the logs) unless a callback overrides
+    # one; it tells by this mark, which its own Callback's no-op hooks carry. A subclass
+    # that overrides a hook loses the mark.
+    for _hook in (on_batch_end, on_train_batch_end, on_test_batch_end, on_predict_batch_end):
+        _hook._is_default = True
+    del _hook
+
 
 INTERFACE = sorted(n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_"))
