@@ -131,6 +131,33 @@ def test_compressed_model_saves_and_loads_with_its_masks_and_centroids(tmp_path)
     assert np.mean(compress.effective_numpy(back.get_layer("conv")) == 0) >= 0.5
 
 
+def test_compressed_model_loads_in_a_new_process_that_imports_keras_colopt(digits, tmp_path):
+    """The saved file names the engine's layer classes: a fresh interpreter that imports
+    keras_colopt (and nothing of the engine) reads it with keras.models.load_model."""
+    import subprocess
+    import sys
+
+    x, y = digits[0]
+    m = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Conv2D(8, 3, name="conv"),
+                          keras.layers.Flatten(), keras.layers.Dense(10, name="dense")])
+    m.compile(optimizer="adam", metrics=["accuracy"],
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    r = colopt.collaborative_fit(m, x[:256], y[:256], batch_size=32, verbose=0, phases=[
+        colopt.Prune(sparsity=0.5, epochs=1), colopt.Cluster(clusters=4, epochs=1),
+        colopt.Quantize(epochs=1)])
+    path = str(tmp_path / "pcqat.keras")
+    r.model.save(path)
+    np.save(tmp_path / "x.npy", x[:16])
+    code = ("import sys, numpy as np, keras, keras_colopt; "
+            "m = keras.models.load_model(sys.argv[1]); "
+            "np.save(sys.argv[2], m.predict(np.load(sys.argv[3]), verbose=0))")
+    proc = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "out.npy"),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
+                               r.model.predict(x[:16], verbose=0), atol=1e-5)
+
+
 def test_collaborative_fit_on_keras3_leaves_the_model_and_exports(digits, tmp_path):
     (x, y), (xt, yt) = digits
     keras.utils.set_random_seed(0)
