@@ -97,6 +97,7 @@ def make_teacher(engine, model, settings: Distill, scope=contextlib.nullcontext)
     """The model distilled from: the user's teacher, checked against the student `model`, or
     a frozen copy of `model` as it is now (made in `scope`, e.g. a strategy's). Raises a
     clear error for a teacher that cannot teach this student."""
+    engine.check_distill(model)
     teacher = settings.teacher
     if teacher is None:
         teacher = frozen_copy(engine, model, scope)

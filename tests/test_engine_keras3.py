@@ -473,3 +473,25 @@ def test_our_callbacks_leave_keras3_batch_hooks_asynchronous(tmp_path, monkeypat
     x, y = _data()
     _model().fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[counting])
     assert counting.steps == 4
+
+
+def test_under_another_backend_int8_export_and_distillation_are_refused_before_work(
+        digits, tmp_path, monkeypatch):
+    """Under JAX (benchmarks/jax_backend.py trains there) the converter would get the
+    fake-quant as float arithmetic (no int8 weights) and the distilling step would not run:
+    both are refused with what to do, before any file is written or any step is taken."""
+    x, y = digits[0]
+    m = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Conv2D(4, 3, name="conv"),
+                          keras.layers.Flatten(), keras.layers.Dense(10, name="dense")])
+    m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    before = [w.copy() for w in m.get_weights()]
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+        colopt.export.to_tflite(m, tmp_path / "m.tflite", quantization="int8",
+                                representative_data=x[:32])
+    assert not (tmp_path / "m.tflite").exists()
+    with pytest.raises(RuntimeError, match="Distillation is not available under Keras' 'jax'"):
+        colopt.collaborative_fit(m, x[:64], None, distill=True, verbose=0,
+                                 phases=[colopt.Prune(sparsity=0.5, epochs=1)])
+    for a, b in zip(before, m.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -75,6 +75,11 @@ class Engine:
         under `strategy` (a `tf.distribute.Strategy`, checked as one by the caller)."""
         raise NotImplementedError
 
+    def check_distill(self, model) -> None:
+        """Raises a clear error, before training, unless `distillation` can make `model`
+        train here."""
+        raise NotImplementedError
+
     def distillation(self, model, teacher, settings) -> list:
         """Makes the compiled `model` train with the soft-target loss of `teacher`
         (`keras_colopt.distill`, `settings` a `Distill`): its train step minimizes

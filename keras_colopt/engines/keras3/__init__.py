@@ -19,7 +19,7 @@ from keras_colopt.engines.keras3.models import (  # noqa: F401
     ContinuedSchedule, check_model, clone_model, compile_config, compile_like,
     flatten_nested, is_model, nested_models, rebuild, snapshot, walk)
 from keras_colopt.engines.keras3.runtime import (  # noqa: F401
-    check_callbacks, check_strategy, custom_object_scope, demo_model,
+    check_callbacks, check_distill, check_strategy, custom_object_scope, demo_model,
     distillation, fit_arguments, history, is_progbar, is_sequence, load_model,
     progbar_callback, restore_state, save_state, tensorboard_callback, to_tflite_bytes)
 

@@ -251,6 +251,8 @@ def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning
     optimizer = fresh_optimizer(cfg, learning_rate, step_offset)
     with compress.unlocked(model):
         model.optimizer = optimizer
+    if keras.backend.backend() == "jax":  # its fit built the first optimizer before the loop
+        optimizer.build(model.trainable_variables)
     model.make_train_function(force=True)
     model.make_test_function(force=True)
     model.predict_function = None

@@ -259,7 +259,7 @@ def _update_mask(layer, spec: PruneSpec):
     `end_step`, where the target is reached (an update step by construction)."""
     step = layer._colopt_step
     mask = layer._colopt_mask
-    raw = raw_kernel(layer)
+    raw = ops.convert_to_tensor(raw_kernel(layer))  # a value: jax.numpy takes no Variable
     t = ops.convert_to_tensor(step) + 1
     due = ops.logical_or(ops.equal(t, 1), ops.equal(t % spec.frequency, 0))
     if spec.schedule != "constant" and spec.m_by_n is None:

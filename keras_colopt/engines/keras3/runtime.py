@@ -56,6 +56,18 @@ def replica_callbacks() -> list:
     return []
 
 
+def check_distill(model) -> None:
+    """The distilling train step is written for the TensorFlow backend (its gradient tape
+    and its replica context); under another backend it would not be the step that runs."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"Distillation is not available under Keras' {backend!r} backend yet (model "
+            f"'{model.name}'): its train step is written for TensorFlow. Expected "
+            "KERAS_BACKEND=tensorflow. Run with KERAS_BACKEND=tensorflow, or compress "
+            "without distill= (with labels) under this backend.")
+
+
 def distillation(model, teacher, settings) -> list:
     from keras_colopt import distill
 
@@ -134,6 +146,16 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
                     qat: bool = False) -> bytes:
     """Converts a stripped Keras 3 model: exported as a SavedModel (its serving function),
     converted with TF's converter, builtin ops only (no silent Flex ops)."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow" and (quantization != "none" or qat):
+        raise RuntimeError(
+            f"Cannot export a {quantization} .tflite under Keras' {backend!r} backend: the "
+            "converter quantizes from TensorFlow's fake-quant ops, and a model exported from "
+            f"{backend} carries its quantization as plain float arithmetic, so the file would "
+            "hold no int8 weights. Train under any backend, save the model "
+            "(model.save('model.keras')), then export it in a process with "
+            "KERAS_BACKEND=tensorflow: keras_colopt.export.to_tflite("
+            "keras.models.load_model('model.keras'), 'model.tflite').")
     with tempfile.TemporaryDirectory() as folder:
         tf_log = logging.getLogger("tensorflow")
         level = tf_log.level

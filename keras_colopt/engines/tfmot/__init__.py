@@ -26,7 +26,7 @@ from keras_colopt.engines.tfmot.wrap import (  # noqa: F401
     _kmeans_short_channels, apply_phase, keep_output_names, pruning_schedule, strip,
     switch_phase)
 from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
-    check_callbacks, check_strategy, custom_object_scope, demo_model,
+    check_callbacks, check_distill, check_strategy, custom_object_scope, demo_model,
     distillation, fit_arguments, history, is_model, is_progbar, is_sequence, load_model,
     progbar_callback, restore_state, save_state, tensorboard_callback, to_tflite_bytes)
 from keras_colopt.engines.tfmot.flatten import (  # noqa: F401,E402

@@ -20,6 +20,10 @@ def check_strategy(model, strategy) -> None:
     MultiWorkerMirrored); tfmot's wrappers combine their variables across replicas."""
 
 
+def check_distill(model) -> None:
+    """tf_keras distils wherever it trains (its train step is TensorFlow's)."""
+
+
 def distillation(model, teacher, settings) -> list:
     from keras_colopt import distill
 
