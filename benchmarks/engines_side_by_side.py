@@ -15,6 +15,11 @@ set (`python benchmarks/kws_data.py --out F` first; `--kws F`), the baseline cap
 `--max-epochs`; its depthwise kernels are compressed in the Keras 3 engine only (tfmot never
 prunes or clusters them), which the "what survived" table shows.
 
+`--shared-baseline`: the float baseline is trained once per seed (Keras 3) and both engines
+start from its weights, so their results differ by the engine alone (two baselines trained in
+two Keras versions differ by more than the engines do); `--also-skip-depthwise` adds a third
+row, the Keras 3 engine with depthwise kernels left out of Prune and Cluster as tfmot does.
+
 `--model mobilenet`: MobileNet v1 0.25 (keras.applications, weights=None, 32x32x1) on 10,000
 Fashion-MNIST training images and the 10,000 test images (Debian's dataset-fashion-mnist),
 with the origin tables' phases (Prune 3, Cluster 16 for 3, PCQAT 2 epochs).
@@ -89,18 +94,46 @@ def _not_depthwise(layer):
     return "DepthwiseConv2D" not in type(layer).__name__
 
 
-def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False,
-        fixed=False):
-    (x, y), (xt, yt) = data_
+def build(engine, which, seed):
     keras = __import__("tf_keras" if engine.name == "tfmot" else "keras")
     model = engine.demo_model(seed) if which == "demo" else origin_model(which, keras, seed)
+    return model, keras
+
+
+def train_baseline(engine, seed, data_, which, max_epochs, batch, fixed):
+    """The float model of `engine`'s Keras, trained, and its epoch clock."""
+    (x, y), (xt, yt) = data_
+    model, keras = build(engine, which, seed)
     clock = EpochClock()
     stop = [] if fixed else [keras.callbacks.EarlyStopping(
         monitor="val_accuracy", patience=5, restore_best_weights=True)]
     model.fit(x, y, epochs=max_epochs, batch_size=batch, validation_data=(xt, yt), verbose=0,
               callbacks=stop + [clock])
-    float_epoch = _steady(clock.fits[-1])
-    base_epochs = len(clock.fits[-1])
+    return model, clock.fits[-1]
+
+
+def float_epochs(engine, seed, data_, which, batch, epochs=4):
+    """A plain float fit of a fresh copy of the model, for the epoch-time reference only."""
+    (x, y), _ = data_
+    model, _ = build(engine, which, seed)
+    clock = EpochClock()
+    model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0, callbacks=[clock])
+    return clock.fits[-1]
+
+
+def run(engine, seed, data_, which="demo", max_epochs=100, batch=32, skip_depthwise=False,
+        fixed=False, shared=None):
+    """One engine's pipeline. `shared`: float weights (trained once, in the Keras 3 engine)
+    that every engine starts from, so that the engines' results differ by the engine alone
+    rather than also by two baselines trained in two Keras versions."""
+    (x, y), (xt, yt) = data_
+    if shared is None:
+        model, times = train_baseline(engine, seed, data_, which, max_epochs, batch, fixed)
+        float_epoch, base_epochs = _steady(times), len(times)
+    else:
+        model, _ = build(engine, which, seed)
+        model.set_weights(shared)
+        float_epoch, base_epochs = _steady(float_epochs(engine, seed, data_, which, batch)), 0
     with tempfile.TemporaryDirectory() as d:
         base = colopt.export.to_tflite(model, os.path.join(d, "base.tflite"),
                                        quantization="int8", representative_data=x[:256])
@@ -145,6 +178,12 @@ def main():
     ap.add_argument("--once", action="store_true",
                     help="each engine once per rep (tfmot keras3) instead of tfmot keras3 "
                          "keras3 tfmot")
+    ap.add_argument("--shared-baseline", action="store_true",
+                    help="train the float baseline once per rep (Keras 3) and start both "
+                         "engines from its weights")
+    ap.add_argument("--also-skip-depthwise", action="store_true",
+                    help="also run the Keras 3 engine with depthwise kernels left out of "
+                         "Prune and Cluster (as tfmot does), a third row")
     ap.add_argument("--keras3-skip-depthwise", action="store_true",
                     help="the Keras 3 engine's Prune and Cluster leave depthwise kernels out")
     args = ap.parse_args()
@@ -162,29 +201,43 @@ def main():
         data_, batch = ((x, y), (xt, yt)), 64
         what = f"DS-CNN on the synthesized keywords ({len(x)} train / {len(xt)} test clips)"
     max_epochs = args.max_epochs or {"demo": 100, "dscnn": 15, "mobilenet": 30}[args.model]
+    skip_dw = "keras3 (depthwise left out)"
     results = {"tfmot": [], "keras3": []}
+    if args.also_skip_depthwise:
+        results[skip_dw] = []
     for rep in range(args.reps):
         order = ((TfmotEngine(), Keras3Engine()) if args.once else
                  (TfmotEngine(), Keras3Engine(), Keras3Engine(), TfmotEngine()))
-        for engine in order:
-            results[engine.name].append(run(
-                engine, rep, data_, args.model, max_epochs, batch,
-                skip_depthwise=args.keras3_skip_depthwise and engine.name == "keras3",
-                fixed=args.fixed_epochs))
-            print(engine.name, {k: v for k, v in results[engine.name][-1].items()
-                                if k != "survived"}, flush=True)
+        shared = None
+        if args.shared_baseline:
+            shared = train_baseline(Keras3Engine(), rep, data_, args.model, max_epochs, batch,
+                                    args.fixed_epochs)[0].get_weights()
+        runs = [(e.name, e, args.keras3_skip_depthwise and e.name == "keras3") for e in order]
+        if args.also_skip_depthwise:
+            runs.append((skip_dw, Keras3Engine(), True))
+        for name, engine, skip in runs:
+            results[name].append(run(engine, rep, data_, args.model, max_epochs, batch,
+                                     skip_depthwise=skip, fixed=args.fixed_epochs,
+                                     shared=shared))
+            print(name, {k: v for k, v in results[name][-1].items() if k != "survived"},
+                  flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     out = {"results": results, "command": " ".join(["python"] + sys.argv),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "tensorflow": tf.__version__}}
     stem = "engines_side_by_side" + ("" if args.model == "demo" else "_" + args.model) \
         + ("_keras3_skip_depthwise" if args.keras3_skip_depthwise else "") \
-        + ("_fixed" if args.fixed_epochs else "")
+        + ("_three" if args.also_skip_depthwise else "") \
+        + ("_fixed" if args.fixed_epochs else "") \
+        + ("_shared" if args.shared_baseline else "")
     with open(os.path.join(HERE, "results", stem + ".json"), "w") as f:
         json.dump(out, f, indent=2)
 
     def mean(name, key):
         return statistics.mean(r[key] for r in results[name])
+    def spread(name, key):
+        v = [r[key] for r in results[name]]
+        return f" ({min(v):.4f}-{max(v):.4f})" if len(v) > 1 else ""
     labels = list(results["tfmot"][0]["phase_epoch_s"])
     phases = " -> ".join(f"{type(p).__name__} ({p.epochs})" for p in PHASES[args.model]())
     lines = [f"# tfmot engine vs Keras 3 engine: {what}", "",
@@ -192,6 +245,9 @@ def main():
              + (f"Float baseline trained {max_epochs} epochs, " if args.fixed_epochs else
                 "Float baseline trained to EarlyStopping(val_accuracy, patience 5, best "
                 f"weights; at most {max_epochs} epochs), ")
+             + ("once per rep in Keras 3, and both engines start from its weights (copied "
+                "into the tf_keras model of the same architecture; each engine's float epoch "
+                "is timed on a fresh copy, 4 epochs), " if args.shared_baseline else "")
              + f"batch {batch}; then {phases} (Prune 50%, "
              f"Cluster {PHASES[args.model]()[1].clusters} sparsity-preserving, then PCQAT), "
              "exported as int8 from the QAT ranges "
@@ -204,19 +260,27 @@ def main():
              "optimized weights gzip | float epoch | "
              + " | ".join(f"{lab} epoch (x float)" for lab in labels) + " |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(labels)]
-    for name in ("tfmot", "keras3"):
+    for name in results:
         fe = mean(name, "float_epoch_s")
         cells = [f"{statistics.mean(r['phase_epoch_s'][lab] for r in results[name]) * 1e3:.0f}"
                  f" ms ({statistics.mean(r['phase_epoch_s'][lab] for r in results[name]) / fe:.2f}x)"
                  for lab in labels]
         lines.append(f"| {name} | {mean(name, 'float_int8_accuracy'):.4f} | "
-                     f"{mean(name, 'int8_accuracy'):.4f} | {mean(name, 'float_int8_gzip'):.0f} B | "
+                     f"{mean(name, 'int8_accuracy'):.4f}{spread(name, 'int8_accuracy')} | "
+                     f"{mean(name, 'float_int8_gzip'):.0f} B | "
                      f"{mean(name, 'gzip_bytes'):.0f} B | {mean(name, 'weights_gzip_bytes'):.0f} B | "
                      f"{fe * 1e3:.0f} ms | "
                      + " | ".join(cells) + " |")
+    if args.once:  # one run per engine per seed: the per-seed difference is paired
+        for name in [n for n in results if n != "tfmot"]:
+            diffs = [k["int8_accuracy"] - t["int8_accuracy"]
+                     for t, k in zip(results["tfmot"], results[name])]
+            lines += ["", f"Optimized int8 accuracy, {name} minus tfmot, per seed: "
+                      + ", ".join(f"{d * 100:+.2f}" for d in diffs)
+                      + f" points (mean {statistics.mean(diffs) * 100:+.2f})."]
     lines += ["", "What survived in the int8 file (first run of each engine):", "",
               "| engine | tensor | sparsity | values per channel (max) |", "|---|---|---:|---:|"]
-    for name in ("tfmot", "keras3"):
+    for name in results:
         for w in results[name][0]["survived"]:
             lines.append(f"| {name} | {w['name']} | {w['sparsity']:.3f} | "
                          f"{w['unique_per_channel_max']} |")
