@@ -392,6 +392,17 @@ class CollaborativeOptimization(Callback):
                 log.warning("%s cannot touch %d layer(s) with weights; they stay as they "
                             "are: %s", label, len(names), ", ".join(names))
         self._cfg = eng.compile_config(self.model)
+        for planned in self.plan.phases:  # a cosine with nothing to start from: refused now
+            planned.phase.schedule_for(self._cfg["optimizer_config"].get("learning_rate"),
+                                       self._steps)
+            if planned.phase.kind == "train" and (planned.phase.learning_rate is not None
+                                                  or planned.phase.decay is not None):
+                raise ValueError(
+                    "CollaborativeOptimization: a Train phase trains with your compiled "
+                    "optimizer as it is (no phase switch), so its learning_rate/decay would "
+                    f"be ignored. Expected Train(epochs=...) alone. Received: {planned.phase!r}."
+                    " Compile the model with the rate you want for it, or use "
+                    "collaborative_fit, which compiles a fresh optimizer per phase.")
         self._pruned, self._clustered = [], []
         if self.distill is not None:
             teacher = distill_mod.make_teacher(eng, self.model, self.distill)
@@ -410,7 +421,7 @@ class CollaborativeOptimization(Callback):
         if planned.phase.kind == "train":
             return
         compiled = self._cfg["optimizer_config"].get("learning_rate")
-        rate = planned.phase.rate_for(compiled)
+        rate = planned.phase.schedule_for(compiled, self._steps)
         held = _fit._held_layers(planned, self._pruned, self._clustered)
         touched = self._engine.switch_phase(self.model, planned, self._steps, held, self._cfg,
                                             rate, step_offset=planned.start_epoch * self._steps)

@@ -27,6 +27,7 @@ from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
 from keras_colopt.engines import engine_of, get_engine
 from keras_colopt.engines.base import Callback
+from keras_colopt.phases import CosineDecay
 from keras_colopt.plan import Plan, PlannedPhase, resolve
 
 log = logging.getLogger("keras_colopt")
@@ -314,6 +315,9 @@ def _check_initial_phase(initial_phase, plan: Plan) -> int:
 
 def _rate_text(phase, rate, compiled_rate) -> str:
     """How a phase's learning rate reads in its log line."""
+    if isinstance(rate, CosineDecay):
+        return (_rate_text(phase, rate.initial, compiled_rate)
+                + f", decaying along a cosine to 0 over the phase's {rate.steps} steps")
     if rate is None:
         return "as compiled (a schedule)"
     if phase.learning_rate is None and phase.rate_divisor != 1:
@@ -386,6 +390,8 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         engine.check_strategy(model, strategy)
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
                scope=scope, start=start)
+    for planned in plan.phases:  # a cosine with nothing to start from: refused before training
+        planned.phase.schedule_for(_compiled_rate(run), steps)
     chief, worker = _role(strategy)
     if not chief:
         # Another worker of a multi-worker run: the chief writes the logs the user reads;
@@ -536,7 +542,7 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
     """
     engine, ckpt = run.engine, run.ckpt
     resuming = run.resume is not None and planned.index == run.resume.phase
-    rate = planned.phase.rate_for(_compiled_rate(run))
+    rate = planned.phase.schedule_for(_compiled_rate(run), run.steps)
     with run.scope():
         if resuming:
             run.model.set_weights(ckpt.load_entry(planned.index))

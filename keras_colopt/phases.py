@@ -7,6 +7,7 @@ combine (which earlier work each one preserves). Phases know nothing of tfmot.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ LayerSelector = Union[None, Sequence[str], Callable]
 _PRUNE_SCHEDULES = ("polynomial", "constant")
 _CLUSTER_INITS = ("kmeans++", "linear", "density", "random")
 _QUANTIZE_PRESERVE = ("auto", "none", "sparsity", "clusters", "sparsity+clusters")
+_DECAYS = (None, "cosine")
 
 
 def _fail(what: str, expected: str, fix: str, **received) -> None:
@@ -46,6 +48,23 @@ def _check_learning_rate(cls: str, learning_rate) -> None:
               "Pass e.g. learning_rate=1e-4.", learning_rate=learning_rate)
 
 
+def _check_decay(cls: str, decay) -> None:
+    if not any(decay is d or (isinstance(decay, str) and decay == d) for d in _DECAYS):
+        _fail(f"{cls}: unknown `decay`", f"one of {_DECAYS}",
+              "Pass decay='cosine' to decay the phase's rate to 0 over its steps, or leave it "
+              "at None for a constant rate.", decay=decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineDecay:
+    """A phase's learning rate that starts at `initial` and follows a cosine to 0 over the
+    phase's `steps` (counted by the phase's fresh optimizer, so a resumed phase continues
+    where it stopped). Engines build their Keras' `CosineDecay` from it."""
+
+    initial: float
+    steps: int
+
+
 def _check_layers(cls: str, layers) -> None:
     if layers is None or callable(layers):
         return
@@ -70,23 +89,48 @@ FINE_TUNE_DIVISOR = 10
 
 
 class Phase:
-    """Base class of every phase. Subclasses define `kind` and their arguments."""
+    """Base class of every phase. Subclasses define `kind` and their arguments.
+
+    Every phase also takes `decay`: `None` (the phase trains at one rate, the default) or
+    `"cosine"` (its rate, `learning_rate` or the default, decays along a cosine to 0 over
+    the phase's steps; `phases.CosineDecay`).
+    """
 
     kind = "phase"
     rate_divisor = 1  # learning_rate=None: the compiled rate divided by this
 
-    def __init__(self, epochs, learning_rate=None, layers: LayerSelector = None):
+    def __init__(self, epochs, learning_rate=None, layers: LayerSelector = None, decay=None):
         name = type(self).__name__
         _check_epochs(name, epochs)
         _check_learning_rate(name, learning_rate)
         _check_layers(name, layers)
+        _check_decay(name, decay)
+        self.decay = decay
         self.epochs = int(epochs)
         self.learning_rate = None if learning_rate is None else float(learning_rate)
         self.layers = list(layers) if (layers is not None and not callable(layers)) else layers
 
     def get_config(self) -> dict:
         """Returns exactly the constructor's keyword arguments."""
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "layers": self.layers}
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "layers": self.layers,
+                "decay": self.decay}
+
+    def schedule_for(self, compiled, steps_per_epoch: int):
+        """What this phase's fresh optimizer trains at: `rate_for(compiled)` (a constant, or
+        `None` to keep a compiled schedule), or with `decay="cosine"` a `CosineDecay` from
+        that rate to 0 over the phase's steps. A cosine needs a number to start from: with a
+        compiled schedule and no `learning_rate`, it raises (before training)."""
+        rate = self.rate_for(compiled)
+        if self.decay is None:
+            return rate
+        if rate is None:
+            raise ValueError(
+                f"{type(self).__name__}: decay='cosine' needs a starting rate, and the model "
+                "was compiled with a learning-rate schedule. Expected a constant compiled "
+                f"rate, or the phase's own learning_rate. Pass e.g. "
+                f"{type(self).__name__}(..., learning_rate=1e-4, decay='cosine'), or leave "
+                "decay at None to keep the compiled schedule.")
+        return CosineDecay(rate, max(1, self.epochs * int(steps_per_epoch)))
 
     def rate_for(self, compiled) -> Optional[float]:
         """The learning rate this phase trains at, given the compiled optimizer's rate.
@@ -147,11 +191,11 @@ class Train(Phase):
 
     kind = "train"
 
-    def __init__(self, epochs, learning_rate=None):
-        super().__init__(epochs, learning_rate=learning_rate)
+    def __init__(self, epochs, learning_rate=None, decay=None):
+        super().__init__(epochs, learning_rate=learning_rate, decay=decay)
 
     def get_config(self):
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate}
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "decay": self.decay}
 
 
 class Prune(Phase):
@@ -187,8 +231,8 @@ class Prune(Phase):
     kind = "prune"
 
     def __init__(self, sparsity=0.5, epochs=None, schedule="polynomial", initial_sparsity=0.0,
-                 m_by_n=None, learning_rate=None, layers=None):
-        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+                 m_by_n=None, learning_rate=None, layers=None, decay=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers, decay=decay)
         if (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
                 or not 0.0 <= sparsity < 1.0):
             _fail("Prune: `sparsity` must be in [0, 1)", "a float with 0 <= sparsity < 1",
@@ -235,7 +279,7 @@ class Prune(Phase):
     def get_config(self):
         return {"sparsity": self.sparsity, "epochs": self.epochs, "schedule": self.schedule,
                 "initial_sparsity": self.initial_sparsity, "m_by_n": self.m_by_n,
-                "learning_rate": self.learning_rate, "layers": self.layers}
+                "learning_rate": self.learning_rate, "layers": self.layers, "decay": self.decay}
 
 
 class Cluster(Phase):
@@ -267,8 +311,8 @@ class Cluster(Phase):
     rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, clusters=8, epochs=None, init="kmeans++", per_channel=False,
-                 preserve_sparsity="auto", learning_rate=None, layers=None):
-        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+                 preserve_sparsity="auto", learning_rate=None, layers=None, decay=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers, decay=decay)
         if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 2:
             _fail("Cluster: `clusters` must be an integer >= 2",
                   "an int >= 2 (>= 3 when sparsity is preserved, zero being one cluster)",
@@ -294,7 +338,7 @@ class Cluster(Phase):
     def get_config(self):
         return {"clusters": self.clusters, "epochs": self.epochs, "init": self.init,
                 "per_channel": self.per_channel, "preserve_sparsity": self.preserve_sparsity,
-                "learning_rate": self.learning_rate, "layers": self.layers}
+                "learning_rate": self.learning_rate, "layers": self.layers, "decay": self.decay}
 
 
 class Quantize(Phase):
@@ -333,8 +377,8 @@ class Quantize(Phase):
     rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None,
-                 quantize_configs=None):
-        super().__init__(epochs, learning_rate=learning_rate, layers=layers)
+                 quantize_configs=None, decay=None):
+        super().__init__(epochs, learning_rate=learning_rate, layers=layers, decay=decay)
         if preserve not in _QUANTIZE_PRESERVE:
             _fail("Quantize: unknown `preserve`", f"one of {_QUANTIZE_PRESERVE}",
                   "Leave it at 'auto' to follow the phase order.", preserve=preserve)
@@ -344,7 +388,7 @@ class Quantize(Phase):
     def get_config(self):
         return {"epochs": self.epochs, "preserve": self.preserve,
                 "learning_rate": self.learning_rate, "layers": self.layers,
-                "quantize_configs": self.quantize_configs}
+                "quantize_configs": self.quantize_configs, "decay": self.decay}
 
 
 _PLAIN_DATA = (str, bytes, numbers.Number, list, tuple, dict, set)

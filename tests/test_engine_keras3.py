@@ -495,3 +495,48 @@ def test_under_another_backend_int8_export_and_distillation_are_refused_before_w
                                  phases=[colopt.Prune(sparsity=0.5, epochs=1)])
     for a, b in zip(before, m.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_decay_cosine_in_collaborative_fit_and_in_one_plain_fit(digits):
+    """The Keras 3 engine takes a phase's cosine like the tfmot engine (test_fit), inside
+    collaborative_fit and when CollaborativeOptimization switches phases in one fit."""
+    (x, y), _ = digits
+    x, y = x[:256], y[:256]
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rates = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            opt = self.model.optimizer
+            self.rates.append(float(opt._learning_rate(opt.iterations)
+                                    if callable(opt._learning_rate) else opt.learning_rate))
+
+    def model():
+        m = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(10, name="dense")])
+        m.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    def phases():
+        return [colopt.Prune(sparsity=0.5, epochs=2, decay="cosine"),
+                colopt.Cluster(clusters=4, epochs=1, learning_rate=2e-3, decay="cosine")]
+
+    steps = 256 // 32
+    cosine = (lambda start, total:
+              [start * (1 + np.cos(np.pi * k / total)) / 2 for k in range(total)])
+    expected = cosine(1e-2, 2 * steps) + cosine(2e-3, steps)
+    rec = Steps()
+    colopt.collaborative_fit(model(), x, y, phases=phases(), batch_size=32, verbose=0,
+                             callbacks=[rec])
+    np.testing.assert_allclose(rec.rates, expected, rtol=1e-4)
+    rec, m = Steps(), model()
+    m.fit(x, y, epochs=3, batch_size=32, verbose=0,
+          callbacks=[colopt.callbacks.CollaborativeOptimization(phases()), rec])
+    np.testing.assert_allclose(rec.rates, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="Train phase trains with your compiled optimizer"):
+        model().fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[
+            colopt.callbacks.CollaborativeOptimization([colopt.Train(epochs=1, decay="cosine"),
+                                                        colopt.Prune(epochs=1)])])

@@ -749,3 +749,48 @@ def test_a_layer_the_user_froze_stays_frozen_through_qat(digits):
     raw = [w for w in r.model.get_layer("quant_hidden").weights if w.name == "hidden/kernel:0"]
     np.testing.assert_array_equal(raw[0].numpy(), before)
     assert "hidden/kernel:0" not in {w.name for w in r.model.trainable_weights}
+
+
+def _rate_now(optimizer):
+    """The rate the next step applies (the optimizer's schedule at its step counter)."""
+    lr = optimizer._learning_rate
+    return float(lr(optimizer.iterations) if callable(lr) else keras.backend.get_value(lr))
+
+
+def test_decay_cosine_takes_each_phase_from_its_rate_to_zero_over_its_steps(digits):
+    """decay='cosine': step k of a phase of S steps trains at rate * (1 + cos(pi k / S)) / 2;
+    the next phase starts again from its own rate; a constant phase stays constant."""
+    per_step = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            per_step.append([])
+
+        def on_train_batch_begin(self, batch, logs=None):
+            per_step[-1].append(_rate_now(self.model.optimizer))
+
+    (x, _), _ = digits
+    steps = -(-len(x) // 64)
+    _fit(tiny_sequential(), digits, [Prune(sparsity=0.5, epochs=2, decay="cosine"),
+                                     Cluster(clusters=4, epochs=1, learning_rate=3e-3,
+                                             decay="cosine"),
+                                     Quantize(epochs=1)], callbacks=[Steps()])
+    prune, cluster, quantize = per_step
+    for rates, start in ((prune, 1e-2), (cluster, 3e-3)):
+        total = len(rates)
+        expected = [start * (1 + np.cos(np.pi * k / total)) / 2 for k in range(total)]
+        np.testing.assert_allclose(rates, expected, rtol=1e-4)
+    assert len(prune) == 2 * steps and len(cluster) == steps
+    assert quantize == pytest.approx([1e-3] * len(quantize))
+
+
+def test_decay_cosine_without_a_starting_rate_is_refused_before_training(digits):
+    model = tiny_sequential()
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10, decay_rate=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=model.loss)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match="decay='cosine' needs a starting rate"):
+        _fit(model, digits, [Prune(sparsity=0.5, epochs=1),
+                             Cluster(clusters=4, epochs=1, decay="cosine")])
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert int(model.optimizer.iterations.numpy()) == 0

@@ -93,8 +93,10 @@ class Engine:
         raise NotImplementedError
 
     def compile_like(self, model, cfg: dict, learning_rate=None, step_offset: int = 0) -> None:
-        """Compiles `model` as the original was, with a fresh optimizer; a compiled schedule
-        is read from `step_offset` on (the run's global step at the phase's start)."""
+        """Compiles `model` as the original was, with a fresh optimizer at `learning_rate`
+        (a number, a `phases.CosineDecay` over the phase's steps, or `None`: as compiled); a
+        compiled schedule is read from `step_offset` on (the run's global step at the
+        phase's start)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ planning

@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3._deps import keras
+from keras_colopt.phases import CosineDecay
 
 
 def is_model(obj) -> bool:
@@ -136,7 +137,10 @@ def fresh_optimizer(cfg: dict, learning_rate: Optional[float] = None, step_offse
     """A new optimizer like the compiled one: `learning_rate` if given, else the compiled
     rate, or the compiled schedule read from the run's global step `step_offset`."""
     ocfg = dict(cfg["optimizer_config"])
-    if learning_rate is not None:
+    if isinstance(learning_rate, CosineDecay):
+        ocfg["learning_rate"] = keras.optimizers.schedules.CosineDecay(
+            learning_rate.initial, learning_rate.steps)
+    elif learning_rate is not None:
         ocfg["learning_rate"] = float(learning_rate)
     elif cfg.get("schedule") is not None:
         ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)

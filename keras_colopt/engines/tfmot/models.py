@@ -6,6 +6,7 @@ from typing import Optional
 
 from keras_colopt.engines import _flavour
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
+from keras_colopt.phases import CosineDecay
 
 def check_model(model, compiled: bool = True) -> None:
     """Raises a clear error unless `model` is a (compiled) tf_keras Sequential/Functional model."""
@@ -144,7 +145,10 @@ def compile_like(model, cfg: dict, learning_rate: Optional[float] = None,
             schedule is read from there on (`ContinuedSchedule`), not from 0.
     """
     ocfg = dict(cfg["optimizer_config"])
-    if learning_rate is not None:
+    if isinstance(learning_rate, CosineDecay):
+        ocfg["learning_rate"] = tf_keras.optimizers.schedules.CosineDecay(
+            learning_rate.initial, learning_rate.steps)
+    elif learning_rate is not None:
         ocfg["learning_rate"] = float(learning_rate)
     elif cfg.get("schedule") is not None:
         ocfg["learning_rate"] = ContinuedSchedule(cfg["schedule"], step_offset)
