@@ -100,22 +100,9 @@ def _bn(x, name):
 
 
 def _mbv2_block(x, expand, out, stride, name):
-    c = x.shape[-1]
-    h = x
-    if expand != 1:
-        h = keras.layers.Conv2D(c * expand, 1, use_bias=False, name=f"{name}_expand")(h)
-        h = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(_bn(h, f"{name}_expand_bn"))
-    if stride == 2:
-        h = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad")(h)
-    h = keras.layers.DepthwiseConv2D(3, strides=stride, use_bias=False,
-                                     padding="same" if stride == 1 else "valid",
-                                     name=f"{name}_depthwise")(h)
-    h = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(_bn(h, f"{name}_depthwise_bn"))
-    h = keras.layers.Conv2D(out, 1, use_bias=False, name=f"{name}_project")(h)
-    h = _bn(h, f"{name}_project_bn")
-    if stride == 1 and c == out:
-        h = keras.layers.Add(name=f"{name}_add")([x, h])
-    return h
+    import origin_tables
+
+    return origin_tables.mbv2_block(x, expand, out, stride, name, _bn, keras=keras)
 
 
 def mobilenetv2(seed, classes=12, shape=(49, 10, 1)):

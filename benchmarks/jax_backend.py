@@ -60,7 +60,7 @@ def kernels(m):
     for layer in m.layers:
         if compress.is_compressed(layer):
             k = compress.effective_numpy(layer)
-            per_ch = k.reshape(-1, k.shape[-1]) if layer.name != "dw" else k.reshape(-1, k.shape[-2])
+            per_ch = k.reshape(-1, compress.view_channels(layer))
             out[layer.name] = {"zeros": round(float(np.mean(k == 0)), 3),
                                "unique": int(len(np.unique(k))),
                                "unique_per_channel_max": int(max(len(np.unique(c))

@@ -136,6 +136,28 @@ def ds_cnn(seed=0, classes=12, filters=64, keras=keras):
     return keras.Model(i, o, name="ds_cnn")
 
 
+def mbv2_block(x, expand, out, stride, name, bn, keras=keras):
+    """One MobileNetV2 inverted-residual block (1x1 expand, ReLU6, ZeroPadding2D before a
+    strided 3x3 depthwise, ReLU6, 1x1 project, Add when the shape stays), a BN after every
+    conv made by `bn(tensor, name)` (in tf_keras, or the Keras module given)."""
+    c = x.shape[-1]
+    h = x
+    if expand != 1:
+        h = keras.layers.Conv2D(c * expand, 1, use_bias=False, name=f"{name}_expand")(h)
+        h = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(bn(h, f"{name}_expand_bn"))
+    if stride == 2:
+        h = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad")(h)
+    h = keras.layers.DepthwiseConv2D(3, strides=stride, use_bias=False,
+                                     padding="same" if stride == 1 else "valid",
+                                     name=f"{name}_depthwise")(h)
+    h = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(bn(h, f"{name}_depthwise_bn"))
+    h = keras.layers.Conv2D(out, 1, use_bias=False, name=f"{name}_project")(h)
+    h = bn(h, f"{name}_project_bn")
+    if stride == 1 and c == out:
+        h = keras.layers.Add(name=f"{name}_add")([x, h])
+    return h
+
+
 EXPERIMENTS = {
     "fashion": {"data": fashion_mnist, "model": mobilenet, "train": 10000, "batch": 64,
                 "baseline_epochs": 12, "lr": 1e-3, "prune_epochs": 3, "cluster_epochs": 3,
