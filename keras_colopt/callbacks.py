@@ -392,9 +392,11 @@ class CollaborativeOptimization(Callback):
                 log.warning("%s cannot touch %d layer(s) with weights; they stay as they "
                             "are: %s", label, len(names), ", ".join(names))
         self._cfg = eng.compile_config(self.model)
-        for planned in self.plan.phases:  # a cosine with nothing to start from: refused now
-            planned.phase.schedule_for(self._cfg["optimizer_config"].get("learning_rate"),
-                                       self._steps)
+        from keras_colopt import fit as _fit
+
+        _fit._check_schedules(self.plan, self._cfg["optimizer_config"].get("learning_rate"),
+                              self._steps)
+        for planned in self.plan.phases:
             if planned.phase.kind == "train" and (planned.phase.learning_rate is not None
                                                   or planned.phase.decay is not None):
                 raise ValueError(

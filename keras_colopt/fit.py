@@ -313,6 +313,13 @@ def _check_initial_phase(initial_phase, plan: Plan) -> int:
     return initial_phase
 
 
+def _check_schedules(plan: Plan, compiled_rate, steps_per_epoch: int) -> None:
+    """Raises, before training, for a phase whose rate cannot be built (a cosine with a
+    compiled schedule and no `learning_rate` to start from)."""
+    for planned in plan.phases:
+        planned.phase.schedule_for(compiled_rate, steps_per_epoch)
+
+
 def _rate_text(phase, rate, compiled_rate) -> str:
     """How a phase's learning rate reads in its log line."""
     if isinstance(rate, CosineDecay):
@@ -390,8 +397,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         engine.check_strategy(model, strategy)
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
                scope=scope, start=start)
-    for planned in plan.phases:  # a cosine with nothing to start from: refused before training
-        planned.phase.schedule_for(_compiled_rate(run), steps)
+    _check_schedules(plan, _compiled_rate(run), steps)
     chief, worker = _role(strategy)
     if not chief:
         # Another worker of a multi-worker run: the chief writes the logs the user reads;
