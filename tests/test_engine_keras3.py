@@ -111,6 +111,36 @@ def test_cluster_keeps_its_values_and_its_zeros_while_training(per_channel):
         assert max(counts) <= 4, (l.name, counts)
 
 
+def test_effective_kernel_read_by_the_callbacks_follows_every_change_of_the_layer():
+    # effective_numpy runs a graph traced once per compression state: it must never serve
+    # a stale kernel (the callbacks' sparsity and unique counts would be wrong).
+    layer = keras.layers.Dense(6)
+    layer.build((None, 10))
+
+    def eager():
+        return np.asarray(compress.effective(layer, compress.raw_kernel(layer)))
+    np.testing.assert_array_equal(compress.effective_numpy(layer), eager())
+    compress.make_prunable(layer, compress.PruneSpec(0.5, schedule="constant"))
+    layer._colopt_mask.assign(np.tile([1.0, 0.0], (10, 3)))
+    np.testing.assert_array_equal(compress.effective_numpy(layer), eager())
+    assert np.mean(compress.effective_numpy(layer) == 0) == 0.5
+    compress.raw_kernel(layer).assign(np.full((10, 6), 0.25, np.float32))  # a weight update
+    np.testing.assert_array_equal(compress.effective_numpy(layer),
+                                  np.tile([0.25, 0.0], (10, 3)).astype(np.float32))
+    compress.raw_kernel(layer).assign(np.linspace(-1, 1, 60, dtype=np.float32).reshape(10, 6))
+    compress.make_clusterable(layer, compress.ClusterSpec(3, preserve_sparsity=False),
+                              np.array([-0.5, 0.0, 0.5], np.float32))
+    np.testing.assert_array_equal(compress.effective_numpy(layer), eager())
+    assert set(np.unique(compress.effective_numpy(layer))) <= {-0.5, 0.0, 0.5}
+    layer._colopt_centroids.assign(np.array([-0.7, 0.0, 0.3], np.float32))  # centroids train
+    assert set(np.unique(compress.effective_numpy(layer))) <= set(np.float32([-0.7, 0.0, 0.3]))
+    compress.make_quantized(layer, compress.QuantizeSpec(outputs=False))
+    np.testing.assert_array_equal(compress.effective_numpy(layer), eager())
+    scale = np.abs(eager()).max(0) / 127
+    grid = compress.effective_numpy(layer) / np.where(scale > 0, scale, 1)
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)  # on the int8 grid
+
+
 def test_compressed_model_saves_and_loads_with_its_masks_and_centroids(tmp_path):
     m = _model()
     compress.make_prunable(m.get_layer("conv"), compress.PruneSpec(0.5, schedule="constant"))
