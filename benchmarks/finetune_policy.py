@@ -196,6 +196,27 @@ def converged_baseline(build, x, y, lr, batch, max_epochs, seed, smoke):
     return model, len(h.history["loss"])
 
 
+def cached_baseline(pair, build, x, y, lr, batch, max_epochs, args):
+    """`converged_baseline`, kept in benchmarks/out/ (keyed by pair and training-set size) so
+    that a later run (another policy, distillation, the hand-written tfmot comparison) starts
+    from the very same float weights instead of a second baseline."""
+    path = os.path.join(HERE, "out", f"finetune_policy_{pair}_{len(x)}.weights.h5")
+    if args.smoke or not os.path.exists(path):
+        model, epochs = converged_baseline(build, x, y, lr, batch, max_epochs, 0, args.smoke)
+        if not args.smoke:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            model.save_weights(path)
+            with open(path + ".json", "w") as f:
+                json.dump({"baseline_epochs": epochs}, f)
+        return model, epochs
+    model = compiled(build(0), lr)
+    model.load_weights(path)
+    with open(path + ".json") as f:
+        epochs = json.load(f)["baseline_epochs"]
+    print(pair, "baseline read from", path, flush=True)
+    return model, epochs
+
+
 def int8_accuracy(model, xt, yt, folder, name, representative=None):
     info = colopt.export.to_tflite(model, os.path.join(folder, name + ".tflite"),
                                    quantization="int8", representative_data=representative)
@@ -208,7 +229,7 @@ def run_pair(pair, args):
     if args.smoke:
         x, y, xt, yt = x[:512], y[:512], xt[:256], yt[:256]
     t0 = time.time()
-    base, base_epochs = converged_baseline(build, x, y, lr, batch, max_epochs, 0, args.smoke)
+    base, base_epochs = cached_baseline(pair, build, x, y, lr, batch, max_epochs, args)
     weights = base.get_weights()
     float_acc = float(base.evaluate(xt, yt, verbose=0)[1])
     epochs = (1, 1, 1) if args.smoke else (2, 2, 1)
