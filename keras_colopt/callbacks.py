@@ -21,6 +21,7 @@ from keras_colopt import distill as distill_mod
 from keras_colopt import invariants, stats
 from keras_colopt.engines import get_engine
 from keras_colopt.engines.base import Callback
+from keras_colopt.tensorboard import summary as dashboard
 
 log = logging.getLogger("keras_colopt")
 
@@ -75,7 +76,9 @@ class CompressionMetrics(Callback):
     kernel histograms under `weights/<layer>`, in `<log_dir>/compression`.
     Layer names are the user's (unwrapped) names, so a series runs on across
     phases; a layer inside a nested model (a backbone) is named by its path,
-    `sparsity/backbone/conv1`. Only model-wide aggregates go into `logs`:
+    `sparsity/backbone/conv1`. The keras_colopt dashboard's per-epoch table
+    (every layer in model order) goes to `<log_dir>/colopt` (see
+    `keras_colopt.tensorboard`). Only model-wide aggregates go into `logs`:
     `compression/sparsity` (zeros over all kernel weights) and
     `compression/max_unique_weights`.
 
@@ -137,11 +140,14 @@ class CompressionMetrics(Callback):
                     _histogram(f"weights/{name}",
                                np.concatenate([np.ravel(w) for _, w, _ in ks]), epoch)
         self._writer.flush()
+        dashboard.epoch(self.log_dir, epoch, self.layer_stats, per_channel,
+                        wrappers=self._engine.wrapper_kind(self.model))
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            dashboard.close(self.log_dir)
 
 
 def _histogram(tag, values, step, bins=30):
@@ -207,6 +213,10 @@ class InvariantGuard(Callback):
             Defaults to `False` (per channel only where the model says so).
         phase: label used in messages; defaults to what the wrappers show
             ("prune", "cluster", "PCQAT", ...).
+        log_dir: the run's TensorBoard log directory (the `CompressionMetrics` one):
+            every epoch, what each checked layer is expected to show and what it
+            shows, with the violations, is written there for the keras_colopt
+            dashboard (also in "raise" mode, before raising). Defaults to `None`.
 
     Example:
         >>> guard = InvariantGuard(sparsity=0.5, clusters=8)
@@ -214,7 +224,7 @@ class InvariantGuard(Callback):
     """
 
     def __init__(self, sparsity=None, clusters=None, mode="raise", tolerance=0.005,
-                 per_channel=False, phase=None):
+                 per_channel=False, phase=None, log_dir=None):
         super().__init__()
         self.sparsity = _check_target("sparsity", sparsity, lambda v: 0 <= v < 1,
                                       "a number in [0, 1)")
@@ -231,6 +241,10 @@ class InvariantGuard(Callback):
         if not isinstance(per_channel, bool):
             raise ValueError("InvariantGuard: `per_channel` must be a bool. "
                              f"Received: per_channel={per_channel!r}")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError("InvariantGuard: `log_dir` must be a path or None. Expected the "
+                             f"run's TensorBoard log directory. Received: log_dir={log_dir!r}")
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.mode = mode
         self.tolerance = float(tolerance)
         self.per_channel = per_channel
@@ -241,7 +255,7 @@ class InvariantGuard(Callback):
     def get_config(self):
         return {"sparsity": self.sparsity, "clusters": self.clusters, "mode": self.mode,
                 "tolerance": self.tolerance, "per_channel": self.per_channel,
-                "phase": self.phase}
+                "phase": self.phase, "log_dir": self.log_dir}
 
     def on_train_begin(self, logs=None):
         self._engine = get_engine(self.model, compiled=False)
@@ -307,19 +321,52 @@ class InvariantGuard(Callback):
         found = []
         exp = self.expectations()
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
+        rows = []
         for name, layer in eng.walk(self.model):
             if name in exp:
-                found += invariants.check_layer(name, eng.kernels(layer), exp[name],
-                                                self.tolerance, phase=phase, epoch=epoch)
+                kernels = eng.kernels(layer)
+                broken = invariants.check_layer(name, kernels, exp[name], self.tolerance,
+                                                phase=phase, epoch=epoch)
+                found += broken
+                if self.log_dir is not None:
+                    rows.append(_checked(name, kernels, exp[name], broken))
         self.violations += found
         if logs is not None:
             logs["invariants/violations"] = len(found)
+        if self.log_dir is not None:
+            dashboard.invariants(self.log_dir, epoch, self.phase or phase or "guard", phase,
+                                 rows, self.tolerance)
         if not found:
             return
         err = invariants.InvariantViolation(found, model=self.model)
         if self.mode == "raise":
+            if self.log_dir is not None:
+                dashboard.close(self.log_dir)  # fit ends here: no on_train_end
             raise err
         warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+
+    def on_train_end(self, logs=None):
+        if self.log_dir is not None:
+            dashboard.close(self.log_dir)
+
+
+def _checked(name, kernels, expectation, broken) -> dict:
+    """One layer's row of the dashboard's invariants table: what is expected, what its
+    kernels show (zeros, unique values per tensor and the most in one output channel,
+    pooled over its kernels as `layer_stats` pools them), and the violations."""
+    parts = [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
+    size = sum(p.size for p in parts)
+    zeros = sum(p.zeros for p in parts)
+    return {
+        "name": name,
+        "expected": {"sparsity": expectation.sparsity, "clusters": expectation.clusters,
+                     "per_channel": expectation.per_channel},
+        "found": {"sparsity": zeros / size if size else None, "zeros": zeros, "size": size,
+                  "unique": max((p.unique for p in parts), default=None),
+                  "unique_per_channel": max((p.unique_per_channel_max or p.unique
+                                             for p in parts), default=None)},
+        "violations": [{"invariant": v.invariant, "expected": v.expected, "found": v.found,
+                        "message": v.message()} for v in broken]}
 
 
 class CollaborativeOptimization(Callback):
@@ -346,13 +393,16 @@ class CollaborativeOptimization(Callback):
         distill: as for `collaborative_fit`: `True` distils, in every phase, from a frozen
             copy of the model as it is when fit begins; a `keras_colopt.Distill` sets the
             teacher, temperature and weight. Defaults to `None`.
+        log_dir: the run's TensorBoard log directory (give `CompressionMetrics` the same):
+            the plan (phase labels and epochs) and the guard's checks are written there
+            for the keras_colopt dashboard. Defaults to `None`.
 
     Example:
         >>> model.fit(x, y, epochs=5, callbacks=[colopt.callbacks.CollaborativeOptimization(
         ...     [colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=8, epochs=3)])])
     """
 
-    def __init__(self, phases, guard=True, tolerance=0.005, distill=None):
+    def __init__(self, phases, guard=True, tolerance=0.005, distill=None, log_dir=None):
         super().__init__()
         from keras_colopt.plan import resolve
 
@@ -364,6 +414,10 @@ class CollaborativeOptimization(Callback):
                              f"'warn'. Received: guard={guard!r}")
         self.guard_mode = guard
         self.tolerance = tolerance
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError("CollaborativeOptimization: `log_dir` must be a path or None. "
+                             f"Received: log_dir={log_dir!r}")
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.phase_label = None
         self._engine = None
         self._guard = None
@@ -406,6 +460,8 @@ class CollaborativeOptimization(Callback):
                     " Compile the model with the rate you want for it, or use "
                     "collaborative_fit, which compiles a fresh optimizer per phase.")
         self._pruned, self._clustered = [], []
+        if self.log_dir is not None:
+            dashboard.plan(self.log_dir, self.plan)
         if self.distill is not None:
             teacher = distill_mod.make_teacher(eng, self.model, self.distill)
             self._distill_callbacks = eng.distillation(self.model, teacher, self.distill)
@@ -445,7 +501,7 @@ class CollaborativeOptimization(Callback):
                 self._guard = InvariantGuard(
                     sparsity=sp or None, clusters=cl or None, tolerance=self.tolerance,
                     mode="warn" if self.guard_mode == "warn" else "raise",
-                    phase=planned.label,
+                    phase=planned.label, log_dir=self.log_dir,
                     per_channel=planned.per_channel or _fit._held_per_channel(
                         self.plan, planned, hcl))
                 self._guard.set_model(self.model)
@@ -459,3 +515,5 @@ class CollaborativeOptimization(Callback):
         if self._distill_callbacks:  # the user's model trains as compiled in a later fit
             distill_mod.remove(self.model)
             self._distill_callbacks = []
+        if self.log_dir is not None:
+            dashboard.close(self.log_dir)

@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 
 import numpy as np
+
+from keras_colopt.export import layer_of  # noqa: F401 (public here too)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -19,19 +20,6 @@ def _setup_logging(verbose: int) -> None:
                         format="[keras_colopt] %(message)s")
     logging.getLogger("keras_colopt").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to ..." per export
-
-
-def layer_of(tensor_name: str, layer_names) -> str:
-    """The Keras layer a `.tflite` tensor name belongs to ('' when none matches): a part of
-    the name is the layer's (last path component of a nested layer's) name, tfmot's
-    `quant_<name>`, or Keras 3's export scope `<name>_<n>`."""
-    parts = [p for chunk in tensor_name.split(";") for p in chunk.split("/")]
-    for name in sorted(layer_names, key=len, reverse=True):
-        own = name.split("/")[-1]
-        if any(p in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", p)
-               for p in parts):
-            return name
-    return ""
 
 
 def layer_summary(model, tflite_path) -> list:

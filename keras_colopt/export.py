@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import re
 import time
 from typing import Dict, List
 
@@ -133,7 +134,7 @@ def convert(model, quantization: str = "int8", representative_data=None,
 
 
 def to_tflite(model, path, quantization: str = "int8", representative_data=None,
-              sparse: bool = False) -> ExportInfo:
+              sparse: bool = False, log_dir=None) -> ExportInfo:
     """Strips the training wrappers, converts, and writes `path` atomically.
 
     The target directory is checked before converting, and the file is
@@ -146,6 +147,9 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
         quantization: see `convert`. Defaults to `"int8"`.
         representative_data: see `convert`.
         sparse: see `convert`. Defaults to `False`.
+        log_dir: a run's TensorBoard log directory (the `log_dir` it was trained with):
+            what survived in the file, per layer (`survival`), is written there for the
+            keras_colopt dashboard. Defaults to `None` (nothing written).
 
     Returns:
         An `ExportInfo` with the raw and gzip sizes.
@@ -155,8 +159,15 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
         >>> info.gzip_bytes
     """
     path = _check_target_path(path)
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise ValueError("`log_dir` must be a run's log directory or None. "
+                         f"Received: log_dir={log_dir!r}")
     data = convert(model, quantization, representative_data, sparse=sparse)
     write_atomic(path, data)
+    if log_dir is not None:
+        from keras_colopt.tensorboard import summary
+
+        summary.tflite(log_dir, dict(survival(path, model), quantization=quantization))
     return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
                       gzip_bytes=gzip_size(data))
 
@@ -247,6 +258,19 @@ def read_weights(path) -> Dict[str, np.ndarray]:
     return {t["name"]: w for t, _, w in _weights(_interpreter(path))}
 
 
+def _describe(t, op_name, w) -> TFLiteWeight:
+    q = t.get("quantization_parameters", {})
+    scales = np.asarray(q.get("scales", []))
+    axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op_name]
+    s = stats.tensor_stats(t["name"], w, channel_axis=axis if w.ndim > 1 else None)
+    return TFLiteWeight(name=t["name"], op=op_name, dtype=str(w.dtype),
+                        shape=tuple(int(d) for d in w.shape), sparsity=s.sparsity,
+                        unique=s.unique,
+                        unique_per_channel_max=int(s.unique_per_channel_max or s.unique),
+                        per_channel_quantized=bool(scales.size > 1),
+                        entropy_bits=stats.entropy_bits(w))
+
+
 def inspect_tflite(path) -> List[TFLiteWeight]:
     """Per-weight-tensor sparsity, unique values and entropy of a `.tflite`, read with LiteRT.
 
@@ -254,19 +278,60 @@ def inspect_tflite(path) -> List[TFLiteWeight]:
         >>> for w in inspect_tflite("model.tflite"):
         ...     print(w.name, w.sparsity, w.unique_per_channel_max)
     """
-    out = []
+    return [_describe(t, op_name, w) for t, op_name, w in _weights(_interpreter(path))]
+
+
+def layer_of(tensor_name: str, layer_names) -> str:
+    """The Keras layer a `.tflite` tensor name belongs to ('' when none matches): a part of
+    the name is the layer's (last path component of a nested layer's) name, tfmot's
+    `quant_<name>`, or Keras 3's export scope `<name>_<n>`."""
+    parts = [p for chunk in tensor_name.split(";") for p in chunk.split("/")]
+    for name in sorted(layer_names, key=len, reverse=True):
+        own = name.split("/")[-1]
+        if any(p in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", p)
+               for p in parts):
+            return name
+    return ""
+
+
+def survival(path, model=None) -> dict:
+    """What survived in a `.tflite`, per weight tensor: as deployed (sparsity, unique values
+    per tensor and per output channel, stored bytes and their gzip size) and, given the
+    model it was exported from, the Keras layer it belongs to with that layer's statistics
+    in Keras (`callbacks.layer_stats`), in model order (tensors of no layer last).
+
+    Returns:
+        `{"file", "tflite_bytes", "gzip_bytes", "layers": [row, ...]}`, a row holding
+        `layer` ('' when unknown), `tensor`, `op`, `dtype`, `shape`, `sparsity`, `unique`,
+        `unique_per_channel`, `per_channel_quantized`, `bytes`, `gzip_bytes`,
+        `keras_sparsity`, `keras_unique`, `keras_unique_per_channel` (None without a layer).
+
+    Example:
+        >>> for row in survival("model.tflite", model)["layers"]:
+        ...     print(row["layer"], row["keras_sparsity"], "->", row["sparsity"])
+    """
+    keras = {}
+    if model is not None:
+        from keras_colopt import callbacks
+
+        keras = callbacks.layer_stats(model)
+    order = {name: i for i, name in enumerate(keras)}
+    rows = []
     for t, op_name, w in _weights(_interpreter(path)):
-        q = t.get("quantization_parameters", {})
-        scales = np.asarray(q.get("scales", []))
-        axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op_name]
-        s = stats.tensor_stats(t["name"], w, channel_axis=axis if w.ndim > 1 else None)
-        out.append(TFLiteWeight(name=t["name"], op=op_name, dtype=str(w.dtype),
-                                shape=tuple(int(d) for d in w.shape), sparsity=s.sparsity,
-                                unique=s.unique,
-                                unique_per_channel_max=int(s.unique_per_channel_max or s.unique),
-                                per_channel_quantized=bool(scales.size > 1),
-                                entropy_bits=stats.entropy_bits(w)))
-    return out
+        d = _describe(t, op_name, w)
+        layer = layer_of(d.name, keras) if keras else ""
+        k = keras.get(layer)
+        rows.append({"layer": layer, "tensor": d.name, "op": d.op, "dtype": d.dtype,
+                     "shape": list(d.shape), "sparsity": d.sparsity, "unique": d.unique,
+                     "unique_per_channel": d.unique_per_channel_max,
+                     "per_channel_quantized": d.per_channel_quantized,
+                     "bytes": int(w.nbytes), "gzip_bytes": gzip_size(w.tobytes()),
+                     "keras_sparsity": None if k is None else k.sparsity,
+                     "keras_unique": None if k is None else k.unique,
+                     "keras_unique_per_channel": None if k is None else k.unique_per_channel_max})
+    rows.sort(key=lambda r: order.get(r["layer"], len(order)))  # stable: file order within
+    return {"file": os.path.abspath(os.fspath(path)), "tflite_bytes": os.path.getsize(path),
+            "gzip_bytes": gzip_size(path), "layers": rows}
 
 
 # tfmot's wrapper prefixes: a `.tflite` converted from a QAT model that did not keep the user's

@@ -29,6 +29,7 @@ from keras_colopt.engines import engine_of, get_engine
 from keras_colopt.engines.base import Callback
 from keras_colopt.phases import CosineDecay
 from keras_colopt.plan import Plan, PlannedPhase, resolve
+from keras_colopt.tensorboard import summary as dashboard
 
 log = logging.getLogger("keras_colopt")
 
@@ -418,12 +419,15 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     # Folders are created once every check has passed, right before training.
     _open_outputs(run, model, checkpoint_dir, log_dir)
     _applied_before(run)
+    if log_dir is not None:  # the dashboard's phase bands
+        dashboard.plan(log_dir, plan)
     shared = _SharedCallbacks(
         metrics=cbs.CompressionMetrics(log_dir=log_dir) if compression_metrics else None,
         tensorboard=(engine.tensorboard_callback(os.fspath(log_dir))
                      if log_dir is not None else None),
         progbar=verbose != 0 and not any(engine.is_progbar(c) for c in user_callbacks),
-        user=user_callbacks, guard=invariant_guard, tolerance=guard_tolerance)
+        user=user_callbacks, guard=invariant_guard, tolerance=guard_tolerance,
+        log_dir=log_dir)
     try:
         before = cbs.layer_stats(run.model, engine)
         for planned in plan.phases[run.start:]:
@@ -433,6 +437,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 log.info("Resumed from %s: %d epoch(s) done, in %s; continuing at epoch %d.",
                          run.ckpt.folder, run.resume.epochs_done, planned.label, run.epoch)
                 if log_dir is not None:
+                    dashboard.close(log_dir)  # its next file must sort after the marker
                     _restart_tensorboard_runs(log_dir, run.epoch)
                 before = cbs.layer_stats(run.model, engine)
             if run.epoch >= planned.end_epoch:  # resumed at the end of this phase
@@ -453,6 +458,9 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         distill_mod.remove(run.model)
         distill_mod.remove(getattr(getattr(error, "result", None), "model", None))
         raise
+    finally:
+        if log_dir is not None:
+            dashboard.close(log_dir)
     distill_mod.remove(run.model)
     return FitResult(model=run.model, history=_history(run.model, run), plan=plan,
                      stopped_early=run.stopped, folded=run.folded, skipped=run.skipped,
@@ -605,6 +613,7 @@ class _SharedCallbacks:
     user: list
     guard: object
     tolerance: float
+    log_dir: object = None
 
 
 def _phase_callbacks(run: _Run, planned: PlannedPhase, shared: _SharedCallbacks, touched,
@@ -622,7 +631,7 @@ def _phase_callbacks(run: _Run, planned: PlannedPhase, shared: _SharedCallbacks,
             phase_cbs.append(cbs.InvariantGuard(
                 sparsity=sp or None, clusters=cl or None,
                 mode="warn" if shared.guard == "warn" else "raise",
-                tolerance=shared.tolerance, phase=planned.label,
+                tolerance=shared.tolerance, phase=planned.label, log_dir=shared.log_dir,
                 per_channel=planned.per_channel or _held_per_channel(run.plan, planned, hcl)))
     if shared.progbar:
         phase_cbs.append(run.engine.progbar_callback())
