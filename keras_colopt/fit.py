@@ -238,8 +238,10 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         batch_size: as for `Model.fit`.
         callbacks: the user's callbacks; they see every phase (one `fit()` each,
             so `on_train_begin` runs once per phase) on one epoch axis.
-        log_dir: TensorBoard directory: Keras' own scalars (loss, metrics) and
-            the per-layer compression scalars under `compression/`.
+        log_dir: TensorBoard directory: Keras' own scalars (loss, metrics), the
+            per-layer compression scalars under `compression/`, and the keras_colopt
+            dashboard's data under `colopt/` (the plan's phases, per-layer statistics
+            and invariant checks per epoch; see `keras_colopt.tensorboard`).
         compression_metrics: install `CompressionMetrics`. Defaults to `True`.
         invariant_guard: `True` installs an `InvariantGuard` per phase with the
             plan's expectations, `"warn"` only warns, `False` installs none.
@@ -439,6 +441,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 if log_dir is not None:
                     dashboard.close(log_dir)  # its next file must sort after the marker
                     _restart_tensorboard_runs(log_dir, run.epoch)
+                    dashboard.plan(log_dir, plan)  # again: the marker may have dropped it
                 before = cbs.layer_stats(run.model, engine)
             if run.epoch >= planned.end_epoch:  # resumed at the end of this phase
                 continue

@@ -41,15 +41,33 @@ METRICS = ("sparsity", "unique", "unique_per_channel")
 
 
 class ColoptPlugin(base_plugin.TBPlugin):
-    """The keras_colopt dashboard (see the module docstring)."""
+    """The keras_colopt dashboard (see the module docstring).
+
+    TensorBoard loads it through the `tensorboard_plugins` entry point; tests and scripts
+    can hand it to TensorBoard themselves.
+
+    Args:
+        context: TensorBoard's `base_plugin.TBContext`; only its `data_provider` is used.
+
+    Example:
+        >>> from tensorboard import default, program
+        >>> tb = program.TensorBoard(plugins=default.get_plugins() + [ColoptPlugin])
+        >>> tb.configure(logdir="colopt-demo/logs"); tb.launch()  # then #keras_colopt
+    """
 
     plugin_name = metadata.PLUGIN_NAME
 
     def __init__(self, context):
+        if context.data_provider is None:
+            raise ValueError("ColoptPlugin reads its data through TensorBoard's data provider, "
+                             "and the TBContext has none. Expected a context made by "
+                             "TensorBoard (or one with data_provider=...). Received: "
+                             "data_provider=None")
         self._provider = context.data_provider
 
     def is_active(self):
-        # TensorBoard shows the tab when its data provider lists this plugin's data.
+        """False: the tab is active when the data provider lists data of this plugin
+        (TensorBoard checks `data_plugin_names()` itself, without asking this)."""
         return False
 
     def frontend_metadata(self):
@@ -223,10 +241,14 @@ def assemble(records: Dict[str, List[Tuple[int, float, dict]]]) -> dict:
     for tag in sorted(latest):
         step, wall, value = latest[tag]
         kind = metadata.kind_of(tag)
+        epoch = value.get("epoch", step)
+        if kind in ("epoch", "invariants") and (isinstance(epoch, bool)
+                                                or not isinstance(epoch, int)):
+            epoch = step  # a document without a usable epoch: its step says which
         if kind == "epoch":
-            per_epoch[int(value.get("epoch", step))] = value
+            per_epoch[epoch] = value
         elif kind == "invariants":
-            checks[int(value.get("epoch", step))].append(value)
+            checks[epoch].append(value)
         elif kind == "plan":
             plan = value
         elif kind == "leaves":
@@ -321,5 +343,4 @@ def _names(doc: dict) -> List[str]:
 
 def _wrappers_label(kind: str) -> str:
     """The phase shown for an epoch no plan covers, from what the model's wrappers do."""
-    return {"none": "no wrappers", "prune": "prune", "cluster": "cluster",
-            "cluster+prune": "prune + cluster"}.get(kind, kind)
+    return {"none": "no wrappers"}.get(kind, kind)

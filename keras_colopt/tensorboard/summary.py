@@ -108,6 +108,9 @@ def _plain(value):
 def write(log_dir, tag: str, value: dict, step: int, unique: bool = False) -> str:
     """Writes one dashboard summary of the run logged to `log_dir` and flushes it.
 
+    The functions below (`epoch`, `invariants`, `plan`, `tflite`, `leaves`) are what the
+    library calls; this is the one place they go through.
+
     Args:
         log_dir: the run's log directory (the one given to `CompressionMetrics`).
         tag: a tag of `metadata` (`metadata.epoch_tag(3)`, ...).
@@ -118,6 +121,10 @@ def write(log_dir, tag: str, value: dict, step: int, unique: bool = False) -> st
 
     Returns:
         The tag written.
+
+    Example:
+        >>> write("logs/run1", metadata.epoch_tag(3), {"epoch": 3, "layers": []}, 3)
+        'epoch/000003'
     """
     kind = metadata.kind_of(tag.split("~")[0])
     if kind is None:
@@ -159,10 +166,15 @@ def epoch(log_dir, epoch: int, layer_stats: dict, per_channel: Iterable[str] = (
     """One epoch's per-layer statistics (`callbacks.layer_stats`), in model order.
 
     Args:
+        log_dir: the run's log directory.
+        epoch: the epoch (0-based, on the run's one axis across phases).
         layer_stats: `{layer path name: stats.TensorStats}` in model order.
         per_channel: the layers whose clusters count per output channel.
         wrappers: what the model's wrappers do ("prune", "PCQAT", "none", ...), the phase
             shown for an epoch no plan covers.
+
+    Returns:
+        The tag written (`epoch/000003`).
     """
     per_channel = set(per_channel)
     layers = [{"name": name, "size": s.size, "zeros": s.zeros, "sparsity": s.sparsity,
