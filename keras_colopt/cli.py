@@ -54,6 +54,20 @@ def new_log_dir(out: str) -> str:
     return path
 
 
+def dashboard_line(logs: str) -> str:
+    """The one command that opens the dashboard on `logs` (a folder of runs), and where.
+
+    Example:
+        >>> dashboard_line("colopt-demo/logs")
+        'Dashboard: tensorboard --logdir colopt-demo/logs  (then open http://localhost:6006/#keras_colopt)'
+    """
+    import shlex
+
+    shown = os.path.relpath(logs) if not os.path.relpath(logs).startswith("..") else logs
+    return (f"Dashboard: tensorboard --logdir {shlex.quote(shown)}  "
+            "(then open http://localhost:6006/#keras_colopt)")
+
+
 def write_summary(out: str, summary: dict, text: str) -> None:
     """Writes `out/summary.json` and `out/summary.md`, each atomically."""
     from keras_colopt._files import write_atomic
@@ -102,10 +116,12 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
         verbose=2 if verbose else 0)
     train_time = time.time() - t0
 
+    # Both files' per-layer tables also go to the dashboard (the run's "Deployed model").
     base_info = colopt.export.to_tflite(keep.baseline, os.path.join(out, "baseline_int8.tflite"),
-                                        quantization="int8", representative_data=x[:256])
+                                        quantization="int8", representative_data=x[:256],
+                                        log_dir=log_dir)
     opt_info = colopt.export.to_tflite(result.model, os.path.join(out, "pcqat_int8.tflite"),
-                                       quantization="int8")
+                                       quantization="int8", log_dir=log_dir)
     summary = {
         "dataset": f"scikit-learn digits 8x8: {len(x)} train / {len(xt)} test",
         "phases": [p.label for p in result.plan],
@@ -249,7 +265,7 @@ def _report_command(args) -> int:
     print(report.to_markdown())
     print(f"Files: {out} (report.md, report.csv, report.json, density.png, pareto.png, "
           "tflite/*.tflite)")
-    print(f"TensorBoard: tensorboard --logdir {os.path.join(out, 'logs')}")
+    print(dashboard_line(os.path.join(out, "logs")))
     failed = [r.name for r in report.leaves if r.status == "failed"]
     return 1 if failed and len(failed) == len(report.leaves) else 0
 
@@ -419,7 +435,8 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
     if not _same_file(recipe_path, outputs["recipe"]):
         shutil.copyfile(recipe_path, outputs["recipe"])
     info = colopt.export.to_tflite(result.model, outputs["tflite"], quantization=quant,
-                                   representative_data=x[:256] if quant == "int8" else None)
+                                   representative_data=x[:256] if quant == "int8" else None,
+                                   log_dir=log_dir)
     metrics, tflite_accuracy = {}, None
     if val is not None:
         xv, yv = val
@@ -517,7 +534,7 @@ def _run_command(args) -> int:
     names = ", ".join(os.path.basename(s["files"][k])
                       for k in ("summary_md", "summary_json", "tflite", "recipe"))
     print(f"Files: {out} ({names})")
-    print(f"TensorBoard: tensorboard --logdir {os.path.dirname(s['files']['log_dir'])}")
+    print(dashboard_line(os.path.dirname(s["files"]["log_dir"])))
     return 0
 
 
@@ -552,7 +569,7 @@ def main(argv=None) -> int:
         print(format_summary(summary))
         print()
         print(f"Files: {out} (summary.md, summary.json, baseline_int8.tflite, pcqat_int8.tflite)")
-        print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary['files']['log_dir'])}")
+        print(dashboard_line(os.path.dirname(summary["files"]["log_dir"])))
     return 0
 
 

@@ -151,8 +151,7 @@ class _Tree:
     def _fit(self, model, phases, start, log_name):
         result = collaborative_fit(model, self.x, self.y, phases=phases,
                                    validation_data=(self.xv, self.yv), initial_phase=start,
-                                   log_dir=os.path.join(self.out_dir, "logs", log_name),
-                                   **self.fit_args)
+                                   log_dir=self.log_dir(log_name), **self.fit_args)
         self.epochs_run += sum(p.epochs for p in result.plan.phases[start:])
         return result
 
@@ -227,10 +226,18 @@ class _Tree:
         result.seconds = time.time() - t0
         return result
 
+    def log_dir(self, run: str) -> str:
+        """The TensorBoard run folder of a node or QAT leaf (`logs/<name>`)."""
+        return os.path.join(self.out_dir, "logs", run)
+
     def _measure(self, name, model, fp32, sparse) -> LeafResult:
         folder = os.path.join(self.out_dir, "tflite")
+        node, how = LEAVES[name]
+        # The dashboard's "Deployed model" table goes to the run that trained the model: the
+        # QAT leaf's own, or the node's for a post-training leaf.
         info = export.to_tflite(model, os.path.join(folder, f"{_slug(name)}_int8.tflite"),
-                                quantization="int8", representative_data=self.rep)
+                                quantization="int8", representative_data=self.rep,
+                                log_dir=self.log_dir(name if how == "qat" else node))
         weights = export.inspect_tflite(info.path)
         zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
         size = sum(math.prod(w.shape) for w in weights)
@@ -323,7 +330,10 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
     that fails is reported with its reason and the others still run. The
     report (Markdown, CSV, JSON), the `.tflite` files, a weight density plot,
     a Pareto plot and TensorBoard logs are written under `out_dir`, the table
-    after every leaf.
+    after every leaf. `tensorboard --logdir <out_dir>/logs` shows them in the
+    keras_colopt dashboard: a run per trained node and QAT leaf (its per-layer
+    heatmaps, invariant checks and the `.tflite` files made from it) and the
+    run `report` (every leaf, the accuracy-against-size chart, the chosen leaf).
 
     With targets, the tree is walked level by level (see `walk`): a branch is
     not descended below a node one of whose leaves meets every target, and
@@ -445,6 +455,7 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
         log.info("explore [%d/%d] %s", i + 1, len(leaves), r.progress_line())
         report.epochs_run = tree.epochs_run
         report.save(out_dir, plots=False)
+        _dashboard(report, out_dir)
         return r
 
     try:
@@ -458,6 +469,7 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
         report.epochs_run = tree.epochs_run
         report.wall_seconds = time.time() - t0
         report.save(out_dir, plots=False)
+        _dashboard(report, out_dir)
         raise
     report.epochs_run = tree.epochs_run
     report.epochs_naive = sum(r.epochs or 0 for r in results if r.status in ("ok", "failed"))
@@ -466,10 +478,23 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
     report.plot_layer = plot_layer or _default_plot_layer(tree, prune)
     report.wall_seconds = time.time() - t0
     report.save(out_dir, plots=True)
+    _dashboard(report, out_dir)
     log.info("explore: done in %.1f s; %d epochs trained (a separate run per leaf would train "
              "%d); chosen: %s", report.wall_seconds, report.epochs_run, report.epochs_naive,
              report.chosen)
     return report
+
+
+REPORT_RUN = "report"  # <out_dir>/logs/report: the report's TensorBoard run, the leaves' table
+
+
+def _dashboard(report: Report, out_dir: str) -> None:
+    """The leaves so far, for the keras_colopt dashboard (`<out_dir>/logs/report`); the step
+    counts the leaves done, so the latest summary is the newest table."""
+    from keras_colopt.tensorboard import summary
+
+    done = sum(r.status not in ("pending",) for r in report.leaves)
+    summary.leaves(os.path.join(out_dir, "logs", REPORT_RUN), report.as_dict(), step=done)
 
 
 def _baseline(tree: _Tree, out_dir: str) -> Baseline:
@@ -478,7 +503,7 @@ def _baseline(tree: _Tree, out_dir: str) -> Baseline:
     except _NodeFailed as e:
         return Baseline(status="failed", reason=_reason(e.error))
     info = export.to_tflite(node.model, os.path.join(out_dir, "tflite", "baseline_float.tflite"),
-                            quantization="none")
+                            quantization="none", log_dir=tree.log_dir("Baseline"))
     return Baseline(fp32_accuracy=node.fp32_accuracy, tflite=info.path,
                     tflite_bytes=info.tflite_bytes, gzip_bytes=info.gzip_bytes,
                     latency_ms=export.latency_ms(info.path, tree.xv[:1], runs=tree.latency_runs),
