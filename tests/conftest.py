@@ -121,3 +121,59 @@ class Recorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.log_keys.append(sorted(logs or {}))
+
+
+@pytest.fixture(scope="session")
+def dashboard_logs(tmp_path_factory, digits):
+    """A log directory as the keras_colopt dashboard reads it, made once per session.
+
+    - `run1`: collaborative_fit of `tiny_sequential` through Train, Prune 50%, Cluster 4 and
+      PCQAT (one epoch each), then `to_tflite(..., log_dir=run1)`; `kernels[epoch]` holds
+      the effective kernels a user callback saw at each epoch's end.
+    - `violation`: a plain fit of a model with a nested backbone (`backbone/conv`, ...)
+      with `CompressionMetrics` and an `InvariantGuard` in warn mode whose target the
+      model does not meet (`logits` at 50% sparsity, never pruned).
+    - `explore/logs`: `explore` with two leaves (PTQ, QAT) and a target every leaf meets.
+    """
+    import types
+
+    import keras_colopt as colopt
+    from keras_colopt import callbacks as cbs
+    from keras_colopt.engines.base import Callback
+    from test_nested import fine_tuning_model
+
+    (x, y), (xt, yt) = digits
+    x, y, xt, yt = x[:256], y[:256], xt[:64], yt[:64]
+    root = tmp_path_factory.mktemp("dashboard") / "logs"
+    kernels = {}
+
+    class Snapshot(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            kernels[epoch] = {name: [np.array(w) for _, w, _ in ks]
+                              for name, ks in cbs.effective_kernels(self.model).items()}
+
+    run1 = root / "run1"
+    result = colopt.collaborative_fit(
+        tiny_sequential(), x, y,
+        phases=[colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=1),
+                colopt.Cluster(clusters=4, epochs=1), colopt.Quantize(epochs=1)],
+        validation_data=(xt, yt), batch_size=64, log_dir=run1, callbacks=[Snapshot()],
+        verbose=0)
+    tflite = root.parent / "run1_int8.tflite"
+    colopt.export.to_tflite(result.model, tflite, quantization="int8", log_dir=run1)
+
+    violation = root / "violation"
+    nested = fine_tuning_model()
+    guard = cbs.InvariantGuard(sparsity={"logits": 0.5}, mode="warn", log_dir=violation)
+    with pytest.warns(RuntimeWarning, match="logits"):
+        nested.fit(x, y, batch_size=64, epochs=2, verbose=0,
+                   callbacks=[cbs.CompressionMetrics(log_dir=violation), guard])
+
+    explore_out = root / "explore"
+    report = colopt.explore(
+        tiny_sequential(), x, y, validation_data=(xt, yt), out_dir=explore_out,
+        leaves=["PTQ", "QAT"], quantize=colopt.Quantize(epochs=1), max_accuracy_drop=1.0,
+        latency_runs=2, batch_size=64)
+    return types.SimpleNamespace(root=root, run1=run1, result=result, kernels=kernels,
+                                 tflite=tflite, violation=violation, guard=guard,
+                                 nested=nested, explore=explore_out, report=report)

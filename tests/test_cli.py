@@ -7,6 +7,8 @@ import sys
 
 from keras_colopt import cli
 
+from test_dashboard import read_dashboard
+
 
 def test_demo_writes_models_summary_and_logs(tmp_path):
     out = tmp_path / "demo"
@@ -16,6 +18,10 @@ def test_demo_writes_models_summary_and_logs(tmp_path):
         assert (out / name).is_file(), name
     (run,) = os.listdir(out / "logs")
     assert os.listdir(out / "logs" / run / "compression")
+    # The dashboard's data: the plan, every epoch, and both .tflite files' tables.
+    tags = read_dashboard(out / "logs" / run)
+    assert {"plan", "tflite/baseline_int8.tflite", "tflite/pcqat_int8.tflite"} <= set(tags)
+    assert sum(t.startswith("epoch/") for t in tags) == 6
     assert json.loads((out / "summary.json").read_text())["layers"] == s["layers"]
     assert s["phases"] == ["Train", "Prune", "Cluster (sparsity-preserving)", "PCQAT"]
     assert [L["layer"] for L in s["layers"]] == ["conv1", "conv2", "dense1", "logits"]
@@ -75,3 +81,12 @@ def test_the_command_line_drops_native_noise_and_keeps_everything_else():
     assert "a real error" in err and "Traceback: ValueError: ours" in err
     for noise in ("I0000", "cuInit", "absl::InitializeLog", "XNNPACK", "fully_quantize"):
         assert noise not in err, err
+
+
+def test_dashboard_line_names_the_logs_folder_and_the_tab(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.dashboard_line(str(tmp_path / "colopt-demo" / "logs")) == (
+        "Dashboard: tensorboard --logdir colopt-demo/logs  "
+        "(then open http://localhost:6006/#keras_colopt)")
+    elsewhere = "/some where/logs"  # outside the working folder: as given, quoted
+    assert "tensorboard --logdir '/some where/logs'" in cli.dashboard_line(elsewhere)

@@ -14,6 +14,7 @@ import keras_colopt as colopt
 from keras_colopt import Cluster, Prune, Quantize, Train, cli, recipe
 
 from conftest import tiny_sequential
+from test_dashboard import read_dashboard
 
 
 def _fingerprint(*paths):
@@ -76,6 +77,10 @@ def test_run_end_to_end_writes_everything_under_out_and_keeps_inputs(inputs, tmp
     assert "| hidden | 4608 |" in printed and (out / "summary.md").read_text() in printed + "\n"
     assert f"Files: {out} (summary.md, summary.json, model_int8.tflite, recipe.yaml)" in printed
     assert f"tensorboard --logdir {out / 'logs'}" in printed
+    # The dashboard's "Deployed model" table of the exported file, in the run's log dir.
+    (table,) = read_dashboard(out / "logs" / run)["tflite/model_int8.tflite"]
+    assert table["file"] == str(out / "model_int8.tflite")
+    assert [r["layer"] for r in table["layers"]] == ["conv", "hidden", "logits"]
 
 
 def test_run_interrupted_then_rerun_resumes_into_the_same_tensorboard_run(inputs, tmp_path,
