@@ -334,8 +334,9 @@ class InvariantGuard(Callback):
         if logs is not None:
             logs["invariants/violations"] = len(found)
         if self.log_dir is not None:
-            dashboard.invariants(self.log_dir, epoch, self.phase or phase or "guard", phase,
-                                 rows, self.tolerance)
+            shown = phase if phase not in (None, "none") else None  # "none": no wrappers
+            dashboard.invariants(self.log_dir, epoch, shown or "InvariantGuard", shown, rows,
+                                 self.tolerance)
         if not found:
             return
         err = invariants.InvariantViolation(found, model=self.model)

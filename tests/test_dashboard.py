@@ -160,6 +160,7 @@ def test_the_guard_writes_a_violation_with_nested_layer_names(dashboard_logs, cl
     # What the guard found is the final kernel's real sparsity, and what it raised.
     kernel = logs.nested.get_layer("logits").kernel.numpy()
     (row,) = inv["checks"]["1"]
+    assert row["source"] == "InvariantGuard" and row["phase"] is None  # no wrappers, no phase
     assert row["found"]["sparsity"] == pytest.approx(float((kernel == 0).mean()))
     assert row["expected"]["sparsity"] == 0.5
     assert row["violations"][0]["message"] == logs.guard.violations[-1].message()

@@ -54,7 +54,7 @@ const fmtPct = (v, digits = 1) =>
 function fmtCount(v) {  // compact, for a cell: 18432 -> 18k
   if (v === null || v === undefined) return "";
   if (v < 1000) return String(v);
-  if (v < 10000) return `${(v / 1000).toFixed(1)}k`;
+  if (v < 10000) return `${(v / 1000).toFixed(1).replace(/\.0$/, "")}k`;
   return `${Math.round(v / 1000)}k`;
 }
 function fmtTime(seconds) {
@@ -142,7 +142,7 @@ function layerEpochGrid(d, opts) {
   const layers = d.layers, epochs = d.epochs;
   const width = Math.max(480, (document.getElementById("colopt")?.clientWidth || 1200) - 8);
   const maxLabel = Math.min(width * 0.45, 12 + Math.max(40, ...layers.map(textWidth)));
-  const legendW = opts.legend ? 96 : 8;
+  const legendW = opts.legend ? 112 : 8;
   const cw = Math.max(6, Math.min(44, Math.floor((width - maxLabel - legendW - 8) / Math.max(1, epochs.length))));
   const ch = layers.length > 30 ? 13 : 19;
   const top = 44, left = Math.ceil(maxLabel);
@@ -221,8 +221,11 @@ function gradientLegend(scale) {
     g.append(s("defs", {}, grad));
     height = Math.max(height, 60);
     g.append(s("rect", {x, y, width: 12, height, fill: `url(#${id})`, stroke: "#9e9e9e"}));
+    let last = null;
     for (const [v, label] of scale.ticks) {
       const ty = y + height * (1 - scale.t(v));
+      if (last !== null && Math.abs(ty - last) < 12) continue;  // too close to the previous
+      last = ty;
       g.append(s("line", {x1: x + 12, x2: x + 16, y1: ty, y2: ty, stroke: "#616161"}));
       g.append(s("text", {x: x + 18, y: ty + 4, fill: "#424242"}, label));
     }
@@ -267,7 +270,9 @@ function metricSection(d) {
     return {fill: viridis(t), ink: inkOn(t), value: v, text: text(v), tip: tipOf(i, j, v)};
   };
   const sizeOf = (i) => d.weights[i];
-  sec.append(layerEpochGrid(d, {
+  const row = h("div", {class: "grids"});
+  sec.append(row);
+  row.append(layerEpochGrid(d, {
     kind: "sparsity", title: "Sparsity: fraction of zero weights", legend: gradientLegend(sp),
     cell: cell(sp, m.sparsity, (v) => `${Math.round(100 * v)}`, (i, j, v) => [
       ["sparsity", `${fmtPct(v, 2)} (${fmtInt(v * sizeOf(i))} of ${fmtInt(sizeOf(i))} weights are zero)`]]),
@@ -276,11 +281,11 @@ function metricSection(d) {
     ["unique values per tensor", fmtInt(m.unique[i][j])],
     ["unique values, max per output channel", fmtInt(m.unique_per_channel[i][j])],
     ["weights", fmtInt(sizeOf(i))]];
-  sec.append(layerEpochGrid(d, {
+  row.append(layerEpochGrid(d, {
     kind: "unique", title: "Unique weight values per tensor", legend: gradientLegend(cnt),
     cell: cell(cnt, m.unique, fmtCount, uniqueTip),
   }));
-  sec.append(layerEpochGrid(d, {
+  row.append(layerEpochGrid(d, {
     kind: "unique_per_channel", title: "Unique weight values: the most in one output channel",
     legend: gradientLegend(cnt), cell: cell(cnt, m.unique_per_channel, fmtCount, uniqueTip),
   }));
@@ -375,7 +380,7 @@ function invariantSection(d) {
       h("table", {class: "grid", id: "colopt-violation-table"},
         h("tr", {}, h("th", {}, "epoch"), h("th", {class: "text"}, "phase"), h("th", {class: "name"}, "layer"),
           h("th", {class: "text"}, "invariant"), h("th", {class: "text"}, "expected"), h("th", {class: "text"}, "found")),
-        shown.map((v) => h("tr", {class: "bad"}, h("td", {}, v.epoch), h("td", {class: "text"}, v.phase || ""),
+        shown.map((v) => h("tr", {class: "bad"}, h("td", {}, v.epoch), h("td", {class: "text"}, v.phase || "–"),
           h("td", {class: "name"}, v.layer), h("td", {class: "text"}, v.invariant),
           h("td", {class: "text"}, v.expected), h("td", {class: "text"}, v.found)))));
     if (n > shown.length) sec.append(h("p", {class: "note"}, `… and ${n - shown.length} more.`));
@@ -447,16 +452,18 @@ function leavesChart(report) {
   }
   const b = report.baseline || {};
   const t = report.targets || {};
+  const known = (v) => v !== null && v !== undefined;
   const ys = ok.map((r) => 100 * r.int8_accuracy);
-  if (b.fp32_accuracy !== null && b.fp32_accuracy !== undefined) ys.push(100 * b.fp32_accuracy);
-  if (t.max_accuracy_drop !== null && t.max_accuracy_drop !== undefined && b.fp32_accuracy !== null && b.fp32_accuracy !== undefined)
-    ys.push(100 * (b.fp32_accuracy - t.max_accuracy_drop));
+  if (known(b.fp32_accuracy)) ys.push(100 * b.fp32_accuracy);
+  const accuracyTarget = known(t.max_accuracy_drop) && known(b.fp32_accuracy)
+    ? 100 * (b.fp32_accuracy - t.max_accuracy_drop) : null;
+  if (accuracyTarget !== null && accuracyTarget > 0) ys.push(accuracyTarget);
   const xs = ok.map((r) => r.gzip_bytes);
   if (t.max_size_bytes) xs.push(t.max_size_bytes);
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   const px = (x1 - x0) * 0.08 || x0 * 0.1 || 1, py = (y1 - y0) * 0.12 || 1;
-  x0 = Math.max(0, x0 - px); x1 += px; y0 -= py; y1 = Math.min(100.5, y1 + py);
+  x0 = Math.max(0, x0 - px); x1 += px; y0 = Math.max(0, y0 - py); y1 = Math.min(100, y1 + py);
   const X = (v) => m.l + (v - x0) / (x1 - x0) * (W - m.l - m.r);
   const Y = (v) => H - m.b - (v - y0) / (y1 - y0) * (H - m.t - m.b);
   const axes = s("g", {class: "axes"});
@@ -464,9 +471,11 @@ function leavesChart(report) {
     axes.append(s("line", {x1: X(v), x2: X(v), y1: m.t, y2: H - m.b, stroke: "#eeeeee"}));
     axes.append(s("text", {x: X(v), y: H - m.b + 14, "text-anchor": "middle", fill: "#616161"}, fmtInt(v)));
   }
-  for (const v of niceTicks(y0, y1, 6)) {
+  const yTicks = niceTicks(y0, y1, 6);
+  const yDigits = yTicks.length > 1 && yTicks[1] - yTicks[0] < 1 ? 1 : 0;
+  for (const v of yTicks) {
     axes.append(s("line", {x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), stroke: "#eeeeee"}));
-    axes.append(s("text", {x: m.l - 6, y: Y(v) + 4, "text-anchor": "end", fill: "#616161"}, `${v.toFixed(1)}%`));
+    axes.append(s("text", {x: m.l - 6, y: Y(v) + 4, "text-anchor": "end", fill: "#616161"}, `${v.toFixed(yDigits)}%`));
   }
   axes.append(s("rect", {x: m.l, y: m.t, width: W - m.l - m.r, height: H - m.t - m.b, fill: "none", stroke: "#bdbdbd"}));
   axes.append(s("text", {x: (m.l + W - m.r) / 2, y: H - 8, "text-anchor": "middle", fill: "#424242"}, "gzipped int8 .tflite (bytes)"));
@@ -480,8 +489,8 @@ function leavesChart(report) {
   if (b.fp32_accuracy !== null && b.fp32_accuracy !== undefined)
     refLine({x1: m.l, x2: W - m.r, y1: Y(100 * b.fp32_accuracy), y2: Y(100 * b.fp32_accuracy), stroke: "#212121", "stroke-width": 1},
       `baseline FP32 ${fmtPct(b.fp32_accuracy, 2)}`, W - m.r + 4, Y(100 * b.fp32_accuracy) + 4);
-  if (t.max_accuracy_drop !== null && t.max_accuracy_drop !== undefined && b.fp32_accuracy !== null && b.fp32_accuracy !== undefined) {
-    const yv = Y(100 * (b.fp32_accuracy - t.max_accuracy_drop));
+  if (accuracyTarget !== null && accuracyTarget >= y0) {
+    const yv = Y(accuracyTarget);
     refLine({x1: m.l, x2: W - m.r, y1: yv, y2: yv, stroke: "#d32f2f", "stroke-dasharray": "5 3"},
       "accuracy target", W - m.r + 4, yv + 4);
   }
@@ -530,7 +539,7 @@ function leavesSection(d) {
     b.fp32_accuracy !== undefined && b.fp32_accuracy !== null ? `Baseline FP32 ${fmtPct(b.fp32_accuracy, 2)}. ` : "",
     active.length ? `Targets: ${targetText.join(", ")}. ` : "No targets: every leaf is built, none chosen. ",
     report.chosen ? h("span", {class: "badge ok", id: "colopt-chosen"}, `chosen: ${report.chosen}`) : "",
-    report.epochs_naive ? ` ${report.epochs_run} epochs trained (a separate run per leaf: ${report.epochs_naive}).` : ""));
+    report.epochs_naive ? ` Epochs trained: ${report.epochs_run} (a separate run per leaf: ${report.epochs_naive}).` : ""));
   for (const v of Object.values(report.missed || {})) sec.append(h("p", {class: "note"}, v));
   sec.append(leavesChart(report));
   sec.append(h("table", {class: "grid", id: "colopt-leaves"},
@@ -605,11 +614,15 @@ function draw() {
   } else if (state.data) {
     const d = state.data;
     parts.push(h("div", {class: "muted"}, `Run ${d.label}`), phaseChips(d));
-    parts.push(metricSection(d), invariantSection(d), tfliteSection(d), leavesSection(d));
+    // Sections with data first; those without are one line each, at the end.
+    const sections = [metricSection(d), invariantSection(d), tfliteSection(d), leavesSection(d)];
+    const empty = (sec) => sec.children.length === 2 && sec.lastChild.classList.contains("note");
+    parts.push(...sections.filter((sec) => !empty(sec)), ...sections.filter(empty));
     if (d.unreadable && d.unreadable.length)
       parts.push(h("p", {class: "note"}, `Unreadable summaries skipped: ${d.unreadable.join(", ")}`));
   }
   const y = window.scrollY;
+  hideTip();
   root.replaceChildren(...parts);
   window.scrollTo(0, y);
   document.body.dataset.state = "ready";
