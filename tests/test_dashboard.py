@@ -217,6 +217,34 @@ def test_explore_writes_its_leaves_and_each_models_tflite(dashboard_logs, client
         "baseline_float.tflite", "ptq_int8.tflite"]
 
 
+def test_one_plain_keras3_fit_writes_its_plan_and_checks(digits, tmp_path):
+    import keras
+
+    import keras_colopt as colopt
+    from keras_colopt import callbacks as cbs
+    from conftest import tiny_sequential
+
+    (x, y), _ = digits
+    model = tiny_sequential(keras=keras)
+    logs = tmp_path / "logs" / "plain"
+    co = cbs.CollaborativeOptimization(
+        [colopt.Train(epochs=1), colopt.Prune(sparsity=0.5, epochs=1),
+         colopt.Cluster(clusters=4, epochs=1)], log_dir=logs)
+    model.fit(x[:128], y[:128], epochs=3, batch_size=64, verbose=0,
+              callbacks=[co, cbs.CompressionMetrics(log_dir=logs)])
+    d = run_data(dashboard_client(tmp_path / "logs"), "plain/colopt")
+    assert [(b["label"], b["start"], b["end"]) for b in d["phases"]] == [
+        (p.label, p.start_epoch, p.end_epoch) for p in co.plan.phases]
+    assert d["layers"] == ["conv", "hidden", "logits"]
+    assert d["invariants"]["epochs"] == [1, 2] and d["invariants"]["violations"] == []
+    assert [r["phase"] for r in d["invariants"]["checks"]["2"]] == [co.plan.phases[2].label] * 3
+    want = expected_stats(with_axes({n: [np.array(w) for _, w, _ in ks] for n, ks in
+                                     cbs.effective_kernels(model).items()}, model))
+    for i, name in enumerate(d["layers"]):
+        assert d["metrics"]["sparsity"][i][2] == pytest.approx(want[name][0])
+        assert d["metrics"]["unique"][i][2] == want[name][1] <= 4
+
+
 # ---------------------------------------------------------------------------- routes
 def test_runs_and_tags_routes(dashboard_logs, client):
     runs = {r["run"]: r for r in get_json(client, f"{PREFIX}/runs")["runs"]}

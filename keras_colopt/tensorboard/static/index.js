@@ -445,7 +445,7 @@ function leavesChart(report) {
   const W = Math.min(900, Math.max(520, (document.getElementById("colopt")?.clientWidth || 900) - 20));
   const H = 380, m = {l: 64, r: 150, t: 24, b: 44};
   const svg = s("svg", {width: W, height: H, id: "colopt-leaves-chart"});
-  svg.append(s("text", {x: 0, y: 14, class: "title"}, "INT8 accuracy (LiteRT) against gzipped size; hover a point"));
+  svg.append(s("text", {x: 0, y: 14, class: "title"}, "INT8 accuracy (LiteRT) against gzipped size · dotted: the Pareto front · hover a point for its figures"));
   if (!ok.length) {
     svg.append(s("text", {x: m.l, y: H / 2, fill: "#757575"}, "no leaf built yet"));
     return svg;
@@ -507,16 +507,33 @@ function leavesChart(report) {
     for (const r of front.slice(1)) path += ` H${X(r.gzip_bytes)} V${Y(100 * r.int8_accuracy)}`;
     svg.append(s("path", {d: path, fill: "none", stroke: "#9e9e9e", "stroke-dasharray": "2 3"}));
   }
+  // Labels beside their points, moved to the next free place when two points are close.
+  const placed = ok.map((r) => {
+    const cx = X(r.gzip_bytes), cy = Y(100 * r.int8_accuracy);
+    return {x0: cx - 7, x1: cx + 7, y0: cy - 7, y1: cy + 7};
+  });
+  const free = (box) => !placed.some((b) => box.x0 < b.x1 && b.x0 < box.x1 && box.y0 < b.y1 && b.y0 < box.y1);
   ok.forEach((r, i) => {
     const cx = X(r.gzip_bytes), cy = Y(100 * r.int8_accuracy);
     const g = s("g", {class: "leaf", "data-leaf": r.name});
     if (r.name === report.chosen) {
       g.append(s("circle", {cx, cy, r: 12, fill: "none", stroke: "#d32f2f", "stroke-width": 2.5, class: "chosen-ring"}));
       g.append(s("text", {x: cx, y: cy - 16, "text-anchor": "middle", fill: "#d32f2f", class: "title"}, "chosen"));
+      placed.push({x0: cx - 24, x1: cx + 24, y0: cy - 28, y1: cy - 12});
     }
     g.append(s("circle", {cx, cy, r: 6, fill: viridis(i / Math.max(1, ok.length - 1) * 0.85),
                           stroke: "#212121", class: "point", "data-leaf": r.name}));
-    g.append(s("text", {x: cx + 9, y: cy + 4, fill: "#212121"}, r.name));
+    const w = textWidth(r.name);
+    const spots = [[9, 4], [-9 - w, 4], [9, -10], [-9 - w, -10], [9, 18], [-9 - w, 18],
+                   [9, 32], [-9 - w, 32], [9, -24], [-9 - w, -24]];
+    const box = ([ox, oy]) => ({x0: cx + ox, x1: cx + ox + w, y0: cy + oy - 10, y1: cy + oy + 2});
+    const inside = (b) => b.x0 >= m.l && b.x1 <= W && b.y0 >= 0 && b.y1 <= H - m.b;
+    const [dx, dy] = spots.find((p) => inside(box(p)) && free(box(p))) || spots[0];
+    placed.push(box([dx, dy]));
+    if (dx !== 9 || dy !== 4)  // moved away from its point: a leader line says whose it is
+      g.append(s("line", {x1: cx, y1: cy, x2: dx > 0 ? cx + dx - 2 : cx + dx + w + 2, y2: cy + dy - 4,
+                          stroke: "#9e9e9e", "stroke-width": 0.8}));
+    g.append(s("text", {x: cx + dx, y: cy + dy, fill: "#212121", class: "leaf-label"}, r.name));
     hover(g, leafFigures(r, report));
     svg.append(g);
   });
