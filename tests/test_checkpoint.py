@@ -77,6 +77,14 @@ def test_sigkill_then_rerun_continues_exactly(reference, tmp_path, kill, resumed
     assert _epoch_steps(tmp_path / "logs", "validation") == list(range(EPOCHS))
     assert _epoch_steps(tmp_path / "logs", "compression", "sparsity/hidden") == list(
         range(EPOCHS))
+    # The dashboard: every epoch once, the plan's phases, each epoch's figures those of the
+    # resumed run (they equal the uninterrupted run's, whose weights are the same).
+    from test_dashboard import dashboard_client, run_data
+
+    d, want = (run_data(dashboard_client(out / "logs"), "colopt") for out in (tmp_path, reference))
+    assert d["epochs"] == list(range(EPOCHS)) and d["epoch_phase"] == LABELS
+    assert d["metrics"] == want["metrics"] and d["layers"] == want["layers"]
+    assert d["invariants"]["status"] == want["invariants"]["status"]
     left = sorted(os.listdir(tmp_path / "ckpt"))
     assert left == ["entry-3.npz", "manifest.json", f"state-{EPOCHS:05d}"]
 
