@@ -66,7 +66,7 @@ DEFAULT = "tenth"  # what the library does today, marked in the table
 
 # --------------------------------------------------------------------------- models (Keras 3)
 
-def demo_cnn(seed, classes=10, shape=(8, 8, 1)):
+def demo_cnn(seed, classes=10, shape=(8, 8, 1), keras=keras):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input(shape),
@@ -78,7 +78,7 @@ def demo_cnn(seed, classes=10, shape=(8, 8, 1)):
         keras.layers.Dense(classes, name="logits")], name="demo_cnn")
 
 
-def mobilenet(seed, classes=10, shape=(32, 32, 1)):
+def mobilenet(seed, classes=10, shape=(32, 32, 1), keras=keras):
     keras.utils.set_random_seed(seed)
     base = keras.applications.MobileNet(input_shape=shape, alpha=0.25, weights=None,
                                         include_top=False, pooling="avg")
@@ -86,7 +86,7 @@ def mobilenet(seed, classes=10, shape=(32, 32, 1)):
     return keras.Model(base.input, out, name="mobilenet_025")
 
 
-def ds_cnn(seed, classes=12, shape=(49, 10, 1)):
+def ds_cnn(seed, classes=12, shape=(49, 10, 1), keras=keras):
     import origin_tables
 
     m = origin_tables.ds_cnn(seed, classes=classes, keras=keras)
@@ -95,19 +95,16 @@ def ds_cnn(seed, classes=12, shape=(49, 10, 1)):
     return keras.Model(m.input, logits, name="ds_cnn")
 
 
-def _bn(x, name):
-    return keras.layers.BatchNormalization(name=name)(x)
-
-
-def _mbv2_block(x, expand, out, stride, name):
-    import origin_tables
-
-    return origin_tables.mbv2_block(x, expand, out, stride, name, _bn, keras=keras)
-
-
-def mobilenetv2(seed, classes=12, shape=(49, 10, 1)):
+def mobilenetv2(seed, classes=12, shape=(49, 10, 1), keras=keras):
     """MobileNetV2 at alpha 0.15 (channels 32/16/24/32/64/96/160/320 x 0.15, rounded to 8),
     the blocks of the published KWS model, strides fitted to a 49x10 MFCC map."""
+    import origin_tables
+
+    def _bn(x, name):
+        return keras.layers.BatchNormalization(name=name)(x)
+
+    def _mbv2_block(x, expand, out, stride, name):
+        return origin_tables.mbv2_block(x, expand, out, stride, name, _bn, keras=keras)
     keras.utils.set_random_seed(seed)
     inp = keras.Input(shape)
     x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name="conv1_pad")(inp)
@@ -127,7 +124,7 @@ def mobilenetv2(seed, classes=12, shape=(49, 10, 1)):
     return keras.Model(inp, out, name="mobilenetv2_015")
 
 
-def resnet8(seed, classes=10, shape=(32, 32, 1)):
+def resnet8(seed, classes=10, shape=(32, 32, 1), keras=keras):
     """ResNet-8 of MLPerf Tiny image classification: a 16-filter stem, three residual
     stacks (16, 32, 64; stride 1, 2, 2) with a 1x1 projection where the shape changes."""
     keras.utils.set_random_seed(seed)

@@ -168,17 +168,18 @@ EXPERIMENTS = {
 }
 
 
-def compiled(model, lr, keras=keras):
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+def compiled(model, lr, keras=keras, from_logits=False):
+    model.compile(optimizer=keras.optimizers.Adam(lr), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits))
     return model
 
 
 # --------------------------------------------------------------------------- hand-written
 
-def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=()):
+def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=(), from_logits=False, fine_lr=None):
     """Prune -> sparsity-preserving cluster -> PCQAT, as tfmot's tutorials write it.
-    `callbacks` are added to every phase's fit (pipeline_timing.py times the epochs)."""
+    `callbacks` are added to every phase's fit (pipeline_timing.py times the epochs);
+    `fine_lr`: the Cluster and PCQAT rate (default: collaborative_fit's default)."""
     model = keras.models.clone_model(baseline)
     model.set_weights(baseline.get_weights())
     ramp = max(1, cfg["prune_epochs"] - 1) * steps
@@ -192,7 +193,8 @@ def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=()):
         if type(layer) in prunable:
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
         return layer
-    pruned = compiled(keras.models.clone_model(model, clone_function=prune), cfg["lr"])
+    pruned = compiled(keras.models.clone_model(model, clone_function=prune), cfg["lr"],
+                      from_logits=from_logits)
     pruned.fit(x, y, batch_size=cfg["batch"], epochs=cfg["prune_epochs"], verbose=0,
                callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), *callbacks])
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
@@ -204,8 +206,10 @@ def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=()):
                 cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS)
         return layer
     # The rates collaborative_fit uses by default: clustering and QAT fine-tune at a tenth.
-    fine_lr = cfg["lr"] / colopt.phases.FINE_TUNE_DIVISOR
-    clustered = compiled(keras.models.clone_model(stripped, clone_function=cluster), fine_lr)
+    if fine_lr is None:
+        fine_lr = cfg["lr"] / colopt.phases.FINE_TUNE_DIVISOR
+    clustered = compiled(keras.models.clone_model(stripped, clone_function=cluster), fine_lr,
+                         from_logits=from_logits)
     clustered.fit(x, y, batch_size=cfg["batch"], epochs=cfg["cluster_epochs"], verbose=0,
                   callbacks=list(callbacks))
     stripped = tfmot.clustering.keras.strip_clustering(clustered)
@@ -213,8 +217,9 @@ def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=()):
         tfmot.quantization.keras.quantize_annotate_model(stripped),
         tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
             preserve_sparsity=True))
-    compiled(qat, fine_lr).fit(x, y, batch_size=cfg["batch"], epochs=cfg["qat_epochs"],
-                                 verbose=0, callbacks=list(callbacks))
+    compiled(qat, fine_lr, from_logits=from_logits).fit(
+        x, y, batch_size=cfg["batch"], epochs=cfg["qat_epochs"], verbose=0,
+        callbacks=list(callbacks))
     return qat
 
 
