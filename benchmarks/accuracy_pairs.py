@@ -23,10 +23,7 @@ Run: python benchmarks/accuracy_pairs.py --pairs demo --seeds 2
 """
 
 import argparse
-import glob
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +38,6 @@ import origin_tables as ot  # noqa: E402  (tf_keras, tfmot)
 import numpy as np  # noqa: E402
 
 import keras  # noqa: E402
-import keras_colopt as colopt  # noqa: E402
 import tf_keras  # noqa: E402
 
 ROWS = ("ours", "ours_distill", "tfmot")
@@ -70,7 +66,6 @@ def run_pair(pair, args):
         raise SystemExit(f"{pair}: the tf_keras copy computes something else (max output "
                          f"difference {gap:.2e}): the two builders differ")
     epochs = (1, 1, 1) if args.smoke else (2, 2, 1)
-    p, c, q = fp.POLICIES[args.policy](lr)
     out = {"pair": pair, "about": about, "model": base.name, "compiled_rate": lr,
            "batch": batch, "baseline_epochs": base_epochs, "float_accuracy": float_acc,
            "phase_epochs": epochs, "policy": args.policy, "tf_keras_copy_gap": gap,
@@ -93,12 +88,9 @@ def run_pair(pair, args):
                 else:
                     student = fp.compiled(build(0), lr)
                     student.set_weights(weights)
-                    model = colopt.collaborative_fit(
-                        student, x, y, batch_size=batch, verbose=0,
-                        distill=True if row == "ours_distill" else None, phases=[
-                            colopt.Prune(sparsity=0.5, epochs=epochs[0], **p),
-                            colopt.Cluster(clusters=8, epochs=epochs[1], **c),
-                            colopt.Quantize(epochs=epochs[2], **q)]).model
+                    model = fp.compress(
+                        student, x, y, batch, epochs, fp.POLICIES[args.policy](lr),
+                        distill=True if row == "ours_distill" else None).model
                 acc, gz = fp.int8_accuracy(model, xt, yt, d, f"{row}_{seed}")
                 out["rows"][row].append({"seed": seed, "int8_accuracy": acc, "gzip_bytes": gz})
                 print(pair, row, seed, round(acc, 4), gz, flush=True)
@@ -107,11 +99,7 @@ def run_pair(pair, args):
 
 
 def table(results_dir):
-    pairs = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "accuracy_pairs_*.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        pairs[r["pair"]] = r
+    pairs = fp.read_pairs(results_dir, "accuracy_pairs")
     if not pairs:
         return ""
 
@@ -124,11 +112,13 @@ def table(results_dir):
              "validation split); int8 accuracy in LiteRT on the test split, mean over seeds "
              "(min-max); gzip of the int8 `.tflite`. ours: collaborative_fit; + distill: "
              "`distill=True`; tfmot: the same plan hand-written with tfmot at the compiled "
-             "rate. Command: `python benchmarks/accuracy_pairs.py` (each pair's file says how "
+             "rate; policy: the rates of our rows (finetune_policy.py's names; `tenth` is the "
+             "library's default to date). Command: `python benchmarks/accuracy_pairs.py` (each pair's file says how "
              "it was run).", "",
-             "| pair | FP32 (epochs) | FP32 PTQ int8 | ours int8 | ours + distill int8 | "
-             "tfmot int8 | ours - FP32 | best ours - tfmot | gzip ours / tfmot |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| pair | FP32 (epochs) | FP32 PTQ int8 | ours: policy | ours int8 | "
+             "ours + distill int8 | tfmot int8 | ours - FP32 | best ours - tfmot | "
+             "gzip ours / tfmot |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for pair, r in pairs.items():
         cells = []
         for row in ROWS:
@@ -139,7 +129,7 @@ def table(results_dir):
         lines.append(
             f"| {pair}: {r['model']}, {r['about']} | {r['float_accuracy'] * 100:.2f} "
             f"({r['baseline_epochs']}) | {r['float_int8_accuracy'] * 100:.2f} | "
-            + " | ".join(cells)
+            f"{r['policy']} | " + " | ".join(cells)
             + f" | {(mean(r, 'ours') - r['float_accuracy']) * 100:+.2f} | "
             f"{(best - mean(r, 'tfmot')) * 100:+.2f} | "
             f"{mean(r, 'ours', 'gzip_bytes'):.0f} / {mean(r, 'tfmot', 'gzip_bytes'):.0f} B |")
@@ -151,27 +141,11 @@ def table(results_dir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", nargs="+", choices=sorted(fp.PAIRS), default=["demo"])
+    fp.pair_arguments(ap)
     ap.add_argument("--policy", choices=list(fp.POLICIES), default="tenth",
                     help="the fine-tuning policy of our rows (default: the library's, "
                          "no rate given)")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--kws", help="the keyword set (benchmarks/kws_data.py --out F)")
-    ap.add_argument("--fashion-train", type=int, default=60000)
-    ap.add_argument("--smoke", action="store_true",
-                    help="1 epoch each on 512 samples, results to a temporary folder")
-    args = ap.parse_args()
-    if {"dscnn", "mobilenetv2"} & set(args.pairs) and not args.kws:
-        ap.error("the keyword pairs need --kws F (python benchmarks/kws_data.py --out F)")
-    results = tempfile.mkdtemp() if args.smoke else os.path.join(HERE, "results")
-    for pair in args.pairs:
-        r = run_pair(pair, args)
-        r.update(command=" ".join(["python"] + sys.argv), seeds=args.seeds,
-                 machine={"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "keras": keras.__version__})
-        with open(os.path.join(results, f"accuracy_pairs_{pair}.json"), "w") as f:
-            json.dump(r, f, indent=2)
-    print(table(results))
+    fp.run_pairs(ap, "accuracy_pairs", run_pair, table)
 
 
 if __name__ == "__main__":

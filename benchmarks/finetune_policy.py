@@ -220,6 +220,17 @@ def int8_accuracy(model, xt, yt, folder, name, representative=None):
     return colopt.export.evaluate_tflite(info.path, xt, yt), info.gzip_bytes
 
 
+def compress(model, x, y, batch, epochs, policy, distill=None):
+    """The plan of every pair: Prune 50 % -> Cluster 8 -> PCQAT, `epochs` each, the phases'
+    keyword arguments from `policy` (a POLICIES entry's value)."""
+    p, c, q = policy
+    return colopt.collaborative_fit(
+        model, x, y, batch_size=batch, verbose=0, distill=distill, phases=[
+            colopt.Prune(sparsity=0.5, epochs=epochs[0], **p),
+            colopt.Cluster(clusters=8, epochs=epochs[1], **c),
+            colopt.Quantize(epochs=epochs[2], **q)])
+
+
 def run_pair(pair, args):
     load, build, lr, batch, max_epochs = PAIRS[pair]
     (x, y), (xt, yt), about = load(args)
@@ -244,12 +255,7 @@ def run_pair(pair, args):
                 model = compiled(build(0), lr)
                 model.set_weights(weights)
                 keras.utils.set_random_seed(seed + 1)  # data order, centroid initialization
-                p, c, q = POLICIES[name](lr)
-                r = colopt.collaborative_fit(
-                    model, x, y, batch_size=batch, verbose=0, phases=[
-                        colopt.Prune(sparsity=0.5, epochs=epochs[0], **p),
-                        colopt.Cluster(clusters=8, epochs=epochs[1], **c),
-                        colopt.Quantize(epochs=epochs[2], **q)])
+                r = compress(model, x, y, batch, epochs, POLICIES[name](lr))
                 acc, gz = int8_accuracy(r.model, xt, yt, d, f"{name}_{seed}")
                 runs.append({"seed": seed, "int8_accuracy": acc, "gzip_bytes": gz})
                 print(pair, name, seed, round(acc, 4), flush=True)
@@ -258,13 +264,19 @@ def run_pair(pair, args):
     return out
 
 
-def table(results_dir):
-    """The table over every pair's file present."""
+def read_pairs(results_dir, stem):
+    """`{pair: result}` from every `<stem>_<pair>.json` in `results_dir`."""
     pairs = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "finetune_policy_*.json"))):
+    for path in sorted(glob.glob(os.path.join(results_dir, f"{stem}_*.json"))):
         with open(path) as f:
             r = json.load(f)
         pairs[r["pair"]] = r
+    return pairs
+
+
+def table(results_dir):
+    """The table over every pair's file present."""
+    pairs = read_pairs(results_dir, "finetune_policy")
     if not pairs:
         return ""
     policies = [p for p in POLICIES if all(p in r["policies"] for r in pairs.values())]
@@ -302,29 +314,40 @@ def table(results_dir):
     return text
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def pair_arguments(ap):
+    """The options every per-pair benchmark takes (this one and accuracy_pairs.py)."""
     ap.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["demo"])
-    ap.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
-    ap.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per policy")
+    ap.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds")
     ap.add_argument("--kws", help="the keyword set (benchmarks/kws_data.py --out F)")
     ap.add_argument("--fashion-train", type=int, default=60000,
                     help="Fashion-MNIST training images (default: all 60,000)")
     ap.add_argument("--smoke", action="store_true",
                     help="1 epoch each on 512 samples, results to a temporary folder")
+
+
+def run_pairs(ap, stem, run_one, make_table):
+    """Parses the options, runs `run_one(pair, args)` for each pair, writes each result to
+    `<stem>_<pair>.json` and prints `make_table(results folder)`."""
     args = ap.parse_args()
     if {"dscnn", "mobilenetv2"} & set(args.pairs) and not args.kws:
         ap.error("the keyword pairs need --kws F (python benchmarks/kws_data.py --out F)")
     results = tempfile.mkdtemp() if args.smoke else os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
     for pair in args.pairs:
-        r = run_pair(pair, args)
+        r = run_one(pair, args)
         r.update(command=" ".join(["python"] + sys.argv), seeds=args.seeds,
                  machine={"platform": platform.platform(), "cpus": os.cpu_count(),
                           "keras": keras.__version__})
-        with open(os.path.join(results, f"finetune_policy_{pair}.json"), "w") as f:
+        with open(os.path.join(results, f"{stem}_{pair}.json"), "w") as f:
             json.dump(r, f, indent=2)
-    print(table(results))
+    print(make_table(results))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    pair_arguments(ap)
+    ap.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
+    run_pairs(ap, "finetune_policy", run_pair, table)
 
 
 if __name__ == "__main__":
