@@ -77,6 +77,10 @@ def run_pair(pair, args):
               flush=True)
         for seed in range(args.seeds):
             for row in ROWS:
+                student = None
+                if row != "tfmot":  # built first: a builder sets its own seed
+                    student = fp.compiled(build(0), lr)
+                    student.set_weights(weights)
                 keras.utils.set_random_seed(seed + 1)  # data order, centroid initialization
                 tf_keras.utils.set_random_seed(seed + 1)
                 if row == "tfmot":
@@ -86,8 +90,6 @@ def run_pair(pair, args):
                     model = ot.tfmot_pcqat(twin, x, y, cfg, steps, from_logits=True,
                                            fine_lr=lr)
                 else:
-                    student = fp.compiled(build(0), lr)
-                    student.set_weights(weights)
                     model = fp.compress(
                         student, x, y, batch, epochs, fp.POLICIES[args.policy](lr),
                         distill=True if row == "ours_distill" else None).model
@@ -133,6 +135,7 @@ def table(results_dir):
             + f" | {(mean(r, 'ours') - r['float_accuracy']) * 100:+.2f} | "
             f"{(best - mean(r, 'tfmot')) * 100:+.2f} | "
             f"{mean(r, 'ours', 'gzip_bytes'):.0f} / {mean(r, 'tfmot', 'gzip_bytes'):.0f} B |")
+    lines += [f"\n{pair}: {r['note']}" for pair, r in pairs.items() if r.get("note")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(results_dir, "accuracy_pairs.md"), "w") as f:
         f.write(text)
