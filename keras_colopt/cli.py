@@ -11,8 +11,6 @@ import time
 
 import numpy as np
 
-from keras_colopt.export import layer_of  # noqa: F401 (public here too)
-
 
 def _setup_logging(verbose: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,7 +31,7 @@ def layer_summary(model, tflite_path) -> list:
     deployed = export.inspect_tflite(tflite_path)
     layers = []
     for name, s in keras_stats.items():
-        tfl = [w for w in deployed if layer_of(w.name, keras_stats) == name]
+        tfl = [w for w in deployed if export.layer_of(w.name, keras_stats) == name]
         layers.append({
             "layer": name, "weights": s.size, "keras_sparsity": s.sparsity,
             "keras_unique": s.unique, "keras_unique_per_channel": s.unique_per_channel_max,
@@ -63,7 +61,8 @@ def dashboard_line(logs: str) -> str:
     """
     import shlex
 
-    shown = os.path.relpath(logs) if not os.path.relpath(logs).startswith("..") else logs
+    rel = os.path.relpath(logs)
+    shown = logs if rel.startswith("..") else rel
     return (f"Dashboard: tensorboard --logdir {shlex.quote(shown)}  "
             "(then open http://localhost:6006/#keras_colopt)")
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from keras_colopt import cli
+from keras_colopt import cli, export
 
 from test_dashboard import read_dashboard
 
@@ -37,14 +37,14 @@ def test_demo_writes_models_summary_and_logs(tmp_path):
 
 def test_layer_of_maps_tflite_names_to_layers():
     names = ["conv1", "conv", "dense1"]
-    assert cli.layer_of("net/quant_conv1/Conv2D;net/quant_conv1/LastValueQuant/X", names) == "conv1"
-    assert cli.layer_of("net/conv/Conv2D", names) == "conv"
-    assert cli.layer_of("net/other/MatMul", names) == ""
+    assert export.layer_of("net/quant_conv1/Conv2D;net/quant_conv1/LastValueQuant/X", names) == "conv1"
+    assert export.layer_of("net/conv/Conv2D", names) == "conv"
+    assert export.layer_of("net/other/MatMul", names) == ""
     # Keras 3's export scopes each layer as <name>_<n>; nested layers by their own name.
-    assert cli.layer_of("digits_cnn_1/conv1_1/convolution", names) == "conv1"
-    assert cli.layer_of("outer_1/backbone_1/conv_1/convolution", ["backbone/conv"]) == \
+    assert export.layer_of("digits_cnn_1/conv1_1/convolution", names) == "conv1"
+    assert export.layer_of("outer_1/backbone_1/conv_1/convolution", ["backbone/conv"]) == \
         "backbone/conv"
-    assert cli.layer_of("net/conv1x/Conv2D", names) == ""
+    assert export.layer_of("net/conv1x/Conv2D", names) == ""
 
 
 def test_module_entry_point_lists_demo():
