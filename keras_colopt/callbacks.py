@@ -54,16 +54,21 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
     """
     if kernels is None:
         kernels = effective_kernels(model, engine)
-    out = {}
-    for name, ks in kernels.items():
-        parts = [stats.tensor_stats(n, w, axis) for n, w, axis in ks]
-        out[name] = stats.TensorStats(
-            name=name, shape=parts[0].shape,
-            sparsity=(sum(p.zeros for p in parts) / max(1, sum(p.size for p in parts))),
-            zeros=sum(p.zeros for p in parts), size=sum(p.size for p in parts),
-            unique=max(p.unique for p in parts),
-            unique_per_channel_max=max((p.unique_per_channel_max or 0) for p in parts) or None)
-    return out
+    return {name: _pooled(name, _parts(ks)) for name, ks in kernels.items()}
+
+
+def _parts(kernels) -> list:
+    """`stats.TensorStats` of each of a layer's `(weight name, array, channel axis)`."""
+    return [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
+
+
+def _pooled(name, parts) -> stats.TensorStats:
+    """One layer's statistics from its kernels' (see `layer_stats`)."""
+    zeros, size = sum(p.zeros for p in parts), sum(p.size for p in parts)
+    return stats.TensorStats(
+        name=name, shape=parts[0].shape, sparsity=zeros / max(1, size), zeros=zeros,
+        size=size, unique=max(p.unique for p in parts),
+        unique_per_channel_max=max((p.unique_per_channel_max or 0) for p in parts) or None)
 
 
 class CompressionMetrics(Callback):
@@ -106,6 +111,7 @@ class CompressionMetrics(Callback):
         self.layer_stats: Dict[str, stats.TensorStats] = {}
         self._writer = None
         self._engine = None
+        self._epoch_kernels = None  # (epoch, effective kernels, their per-kernel stats)
 
     def get_config(self):
         return {"log_dir": self.log_dir, "histograms": self.histograms}
@@ -113,13 +119,16 @@ class CompressionMetrics(Callback):
     def on_train_begin(self, logs=None):
         self._engine = get_engine(self.model, compiled=False)
         self.layer_stats = {}
+        self._epoch_kernels = None
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(
                 os.path.join(self.log_dir, "compression"))
 
     def on_epoch_end(self, epoch, logs=None):
         kernels = effective_kernels(self.model, self._engine)
-        self.layer_stats = layer_stats(self.model, kernels=kernels)
+        parts = {name: _parts(ks) for name, ks in kernels.items()}
+        self.layer_stats = {name: _pooled(name, p) for name, p in parts.items()}
+        self._epoch_kernels = (epoch, kernels, parts)
         agg = stats.summarize(self.layer_stats.values())
         if logs is not None:
             logs["compression/sparsity"] = agg["sparsity"]
@@ -144,6 +153,7 @@ class CompressionMetrics(Callback):
                         wrappers=self._engine.wrapper_kind(self.model))
 
     def on_train_end(self, logs=None):
+        self._epoch_kernels = None  # a guard in a later fit must not take them as its own
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -251,6 +261,10 @@ class InvariantGuard(Callback):
         self.phase = phase
         self.violations = []
         self._engine = None
+        # A CompressionMetrics that runs at every epoch end just before this guard, with
+        # no callback between them (collaborative_fit installs them so): its kernels and
+        # counts of the epoch are this guard's too, instead of being read and counted twice.
+        self._kernels_from = None
 
     def get_config(self):
         return {"sparsity": self.sparsity, "clusters": self.clusters, "mode": self.mode,
@@ -322,14 +336,22 @@ class InvariantGuard(Callback):
         exp = self.expectations()
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
         rows = []
+        metrics = self._kernels_from
+        shared = (metrics._epoch_kernels if metrics is not None and metrics.model is self.model
+                  and metrics._epoch_kernels is not None and metrics._epoch_kernels[0] == epoch
+                  else (epoch, {}, {}))
         for name, layer in eng.walk(self.model):
             if name in exp:
-                kernels = eng.kernels(layer)
+                if name in shared[1]:
+                    kernels, parts = shared[1][name], shared[2][name]
+                else:
+                    kernels = eng.kernels(layer)
+                    parts = _parts(kernels)
                 broken = invariants.check_layer(name, kernels, exp[name], self.tolerance,
-                                                phase=phase, epoch=epoch)
+                                                phase=phase, epoch=epoch, parts=parts)
                 found += broken
                 if self.log_dir is not None:
-                    rows.append(_checked(name, kernels, exp[name], broken))
+                    rows.append(_checked(name, parts, exp[name], broken))
         self.violations += found
         if logs is not None:
             logs["invariants/violations"] = len(found)
@@ -351,11 +373,11 @@ class InvariantGuard(Callback):
             dashboard.close(self.log_dir)
 
 
-def _checked(name, kernels, expectation, broken) -> dict:
+def _checked(name, parts, expectation, broken) -> dict:
     """One layer's row of the dashboard's invariants table: what is expected, what its
-    kernels show (zeros, unique values per tensor and the most in one output channel,
-    pooled over its kernels as `layer_stats` pools them), and the violations."""
-    parts = [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
+    kernels show (`parts`, their `stats.TensorStats`: zeros, unique values per tensor and
+    the most in one output channel, pooled as `layer_stats` pools them), and the
+    violations."""
     size = sum(p.size for p in parts)
     zeros = sum(p.zeros for p in parts)
     return {

@@ -631,11 +631,13 @@ def _phase_callbacks(run: _Run, planned: PlannedPhase, shared: _SharedCallbacks,
         hsp, hcl = _held_expectations(run.plan, planned, held, run.pruned, run.clustered)
         sp, cl = {**hsp, **sp}, {**hcl, **cl}
         if sp or cl:
-            phase_cbs.append(cbs.InvariantGuard(
+            guard = cbs.InvariantGuard(
                 sparsity=sp or None, clusters=cl or None,
                 mode="warn" if shared.guard == "warn" else "raise",
                 tolerance=shared.tolerance, phase=planned.label, log_dir=shared.log_dir,
-                per_channel=planned.per_channel or _held_per_channel(run.plan, planned, hcl)))
+                per_channel=planned.per_channel or _held_per_channel(run.plan, planned, hcl))
+            guard._kernels_from = shared.metrics  # right after it: reads the kernels once
+            phase_cbs.append(guard)
     if shared.progbar:
         phase_cbs.append(run.engine.progbar_callback())
     phase_cbs += shared.user

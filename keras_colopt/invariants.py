@@ -73,7 +73,7 @@ class Violation:
 
 
 def check_layer(name: str, kernels, expectation: Expectation, tolerance: float = 0.005,
-                phase=None, epoch=None) -> List[Violation]:
+                phase=None, epoch=None, parts=None) -> List[Violation]:
     """Checks one layer's effective kernels against its expectation.
 
     Args:
@@ -84,6 +84,9 @@ def check_layer(name: str, kernels, expectation: Expectation, tolerance: float =
         tolerance: how far below the target sparsity a layer may be (absolute,
             e.g. 0.005 = half a percentage point), on top of one weight of
             rounding.
+        parts: the kernels' `stats.tensor_stats(name, array, channel_axis)`, one per
+            kernel in order, when already computed (a callback's per-epoch statistics):
+            the counts are read from them instead of being counted again.
 
     Returns:
         A list of `Violation` (empty when everything holds).
@@ -94,21 +97,23 @@ def check_layer(name: str, kernels, expectation: Expectation, tolerance: float =
             out.append(Violation(name, "kernel", "a kernel the layer computes with",
                                  "none (the layer is not wrapped for preservation)", phase, epoch))
         return out
+    if parts is None:
+        parts = [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
     if expectation.sparsity is not None:
-        zeros = sum(int(np.count_nonzero(np.asarray(w) == 0)) for _, w, _ in kernels)
-        size = sum(int(np.asarray(w).size) for _, w, _ in kernels)
+        zeros, size = sum(p.zeros for p in parts), sum(p.size for p in parts)
         found = zeros / size if size else 0.0
         if found < expectation.sparsity - tolerance - 1.0 / max(size, 1):
             out.append(Violation(name, "sparsity", f">= {expectation.sparsity:.4f}",
                                  f"{found:.4f} ({zeros}/{size} zeros)", phase, epoch))
     if expectation.clusters is not None:
-        for wname, w, axis in kernels:
-            w = np.asarray(w)
-            if expectation.per_channel and axis is not None and w.ndim > 1:
-                per = stats.unique_values(w, axis=axis)
-                found, where = int(per.max()), f" in channel {int(per.argmax())} of {wname}"
+        for (wname, w, axis), p in zip(kernels, parts):
+            if expectation.per_channel and p.unique_per_channel_max is not None:
+                found = p.unique_per_channel_max
+                if found > expectation.clusters:  # which channel, for the message
+                    per = stats.unique_values(np.asarray(w), axis=axis)
+                    where = f" in channel {int(per.argmax())} of {wname}"
             else:
-                found, where = stats.unique_values(w), f" in {wname}"
+                found, where = p.unique, f" in {wname}"
             if found > expectation.clusters:
                 unit = "per channel" if expectation.per_channel else "per tensor"
                 out.append(Violation(name, "clusters",

@@ -52,7 +52,18 @@ def unique_values(weights, axis: Optional[int] = None):
     if axis is None:
         return int(np.unique(w).size)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    return np.array([np.unique(row).size for row in moved], dtype=np.int64)
+    if moved.shape[1] == 0:
+        return np.zeros(moved.shape[0], dtype=np.int64)
+    # All channels at once (one sort instead of a np.unique per channel: a callback
+    # counts every layer's channels each epoch), counted as np.unique counts: sorted
+    # neighbours that differ, NaNs as one value.
+    s = np.sort(moved, axis=1)
+    new_value = s[:, 1:] != s[:, :-1]
+    if s.dtype.kind in "fc":
+        nan = np.isnan(s)
+        if nan.any():
+            new_value &= ~(nan[:, 1:] & nan[:, :-1])
+    return (new_value.sum(axis=1) + 1).astype(np.int64)
 
 
 def entropy_bits(weights, axis: Optional[int] = None) -> float:

@@ -140,6 +140,42 @@ def test_guard_checks_clusters_per_channel_when_asked():
     assert invariants.check_layer("d", [("kernel", k, -1)], e_channel) == []
     (v,) = invariants.check_layer("d", [("kernel", k, -1)], e_tensor)
     assert v.found.startswith("4")
+    (v,) = invariants.check_layer("d", [("kernel", k, -1)],
+                                  invariants.Expectation(clusters=1, per_channel=True))
+    assert v.found == "2 in channel 0 of kernel"  # the channel with the most values
+
+
+def test_guard_after_metrics_uses_their_kernels_of_the_same_fit_only(digits):
+    # collaborative_fit puts the guard right after CompressionMetrics and lets it take the
+    # kernels they read at the same epoch end. A tampered kernel is still caught through
+    # them, and a guard in a later fit does not take an earlier fit's kernels for its own.
+    (x, y), _ = digits
+    pruned = compile_(tfmot.sparsity.keras.prune_low_magnitude(
+        tiny_sequential(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(
+            0.5, begin_step=0, frequency=1)))
+    metrics = CompressionMetrics()
+
+    def guard():
+        g = InvariantGuard()
+        g._kernels_from = metrics
+        return g
+    with pytest.raises(colopt.InvariantViolation) as info:
+        pruned.fit(x, y, batch_size=64, epochs=3, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), Tamper("hidden", at=1),
+                              metrics, guard()])
+    assert [(v.layer, v.epoch) for v in info.value.violations] == [("hidden", 1)]
+    assert metrics.layer_stats["hidden"].sparsity < 0.5  # the guard saw what they saw
+
+    pruned = compile_(tfmot.sparsity.keras.prune_low_magnitude(
+        tiny_sequential(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(
+            0.5, begin_step=0, frequency=1)))
+    pruned.fit(x, y, batch_size=64, epochs=2, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), metrics, guard()])
+    with pytest.raises(colopt.InvariantViolation) as info:  # the metrics are not in this fit
+        pruned.fit(x, y, batch_size=64, epochs=2, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), Tamper("hidden", at=1),
+                              guard()])
+    assert [(v.layer, v.epoch) for v in info.value.violations] == [("hidden", 1)]
 
 
 @pytest.mark.parametrize("kwargs,match", [

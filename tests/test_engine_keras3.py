@@ -570,3 +570,19 @@ def test_decay_cosine_in_collaborative_fit_and_in_one_plain_fit(digits):
         model().fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[
             colopt.callbacks.CollaborativeOptimization([colopt.Train(epochs=1, decay="cosine"),
                                                         colopt.Prune(epochs=1)])])
+
+
+def test_activation_range_takes_the_first_batch_then_a_moving_average():
+    # LiteRT's int8 range of an activation: the first training batch's (min <= 0 <= max),
+    # then 0.999 * range + 0.001 * the batch's (tfmot's MovingAverageQuantizer); inference
+    # reads it and leaves it as it is.
+    var = keras.Variable(np.array(compress.INITIAL_RANGE, "float32"), trainable=False)
+    compress.fake_quant_range(np.array([[1.0, 2.0, 4.0]], "float32"), var, training=True)
+    np.testing.assert_allclose(var.numpy(), [0.0, 4.0, 1.0])  # min clamped up to 0
+    compress.fake_quant_range(np.array([[-2.0, 8.0]], "float32"), var, training=True)
+    np.testing.assert_allclose(var.numpy(), [0.999 * 0 + 0.001 * -2, 0.999 * 4 + 0.001 * 8,
+                                             1.0], rtol=1e-6)
+    before = var.numpy().copy()
+    y = compress.fake_quant_range(np.array([[-100.0, 100.0]], "float32"), var, training=False)
+    np.testing.assert_array_equal(var.numpy(), before)
+    np.testing.assert_allclose(np.asarray(y), [[before[0], before[1]]], atol=0.02)

@@ -18,6 +18,27 @@ def test_unique_values_per_tensor_and_per_channel():
     assert stats.unique_values(np.moveaxis(w, -1, 0), axis=0).tolist() == [2, 1]
 
 
+
+def test_unique_values_per_channel_counts_as_numpy_unique_per_channel():
+    # The count of all channels at once must equal np.unique channel by channel, for
+    # every axis, with NaNs (one value, as np.unique counts them), -0.0 beside 0.0 (equal)
+    # and empty channels.
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        shape = tuple(int(d) for d in rng.integers(1, 6, size=rng.integers(2, 5)))
+        w = rng.integers(-3, 3, size=shape).astype(np.float32)
+        if trial % 3 == 0:
+            w[rng.random(shape) < 0.2] = np.nan
+        if trial % 4 == 0:
+            w[w == 0] = -0.0
+            w.flat[0] = 0.0
+        for axis in range(-w.ndim, w.ndim):
+            rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+            assert stats.unique_values(w, axis=axis).tolist() == [
+                np.unique(r).size for r in rows], (w, axis)
+    assert stats.unique_values(np.zeros((0, 3)), axis=-1).tolist() == [0, 0, 0]
+    assert stats.unique_values(np.array([[1, 1], [2, 3]], np.int8), axis=0).tolist() == [1, 2]
+
 def test_tensor_stats_and_summary():
     a = stats.tensor_stats("a", np.array([[0.0, 1.0], [0.0, 1.0]]), channel_axis=-1)
     b = stats.tensor_stats("b", np.array([0.0, 5.0, 6.0, 7.0]))
