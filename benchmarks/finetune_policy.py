@@ -181,16 +181,11 @@ def compiled(model, lr):
 def converged_baseline(build, x, y, lr, batch, max_epochs, seed, smoke):
     """Trained until validation accuracy (a 10 % split held out of the training data, not
     the test set) stops improving: EarlyStopping(patience 5), best weights restored."""
+    import origin_tables
+
     model = compiled(build(seed), lr)
-    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
-                                         restore_best_weights=True)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    cut = len(x) // 10
-    val, train = order[:cut], order[cut:]
-    h = model.fit(x[train], y[train], validation_data=(x[val], y[val]), batch_size=batch,
-                  epochs=1 if smoke else max_epochs, callbacks=[stop], verbose=0)
-    return model, len(h.history["loss"])
+    return model, origin_tables.fit_converged(model, x, y, batch, 1 if smoke else max_epochs,
+                                              seed, keras=keras)
 
 
 def cached_baseline(pair, build, x, y, lr, batch, max_epochs, args):

@@ -19,9 +19,18 @@ hand-written with tfmot (A), with collaborative_fit without its callbacks (B) an
 through the Keras 3 engine (no hand-written tfmot timing: tfmot has no Keras 3); writes
 origin_<experiment>_keras3.{md,json}.
 
+`--converged`: the baseline trains until its validation accuracy stops improving
+(EarlyStopping, patience 5, best weights; the validation split is 10 % of the training data,
+never the test split) instead of a fixed number of epochs, so that a leaf above FP32 shows a
+baseline that was not done rather than compression that helps; the baseline is kept in
+benchmarks/out/ so that `--distill` starts from the very same one. `--distill`: every
+compression phase distils from the baseline (`explore(..., distill=True)`). Both add to the
+output's name (origin_<experiment>[_keras3][_converged][_distill]).
+
 Run: python benchmarks/origin_tables.py fashion [--train 10000] [--reps 1]
      python benchmarks/origin_tables.py kws
      python benchmarks/origin_tables.py fashion --engine keras3 --reps 0
+     python benchmarks/origin_tables.py fashion --engine keras3 --reps 0 --converged [--distill]
 """
 
 import argparse
@@ -174,6 +183,19 @@ def compiled(model, lr, keras=keras, from_logits=False):
     return model
 
 
+def fit_converged(model, x, y, batch, max_epochs, seed=0, keras=keras, verbose=0) -> int:
+    """Trains the compiled `model` until its validation accuracy stops improving
+    (EarlyStopping, patience 5, best weights restored) on a 10 % split held out of the
+    training data (never the test split); returns the epochs run."""
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
+                                         restore_best_weights=True)
+    order = np.random.default_rng(seed).permutation(len(x))
+    val, train = order[:len(x) // 10], order[len(x) // 10:]
+    h = model.fit(x[train], y[train], validation_data=(x[val], y[val]), batch_size=batch,
+                  epochs=max_epochs, callbacks=[stop], verbose=verbose)
+    return len(h.history["loss"])
+
+
 # --------------------------------------------------------------------------- hand-written
 
 def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=(), from_logits=False, fine_lr=None):
@@ -254,13 +276,19 @@ def main():
     ap.add_argument("--baseline-epochs", type=int)
     ap.add_argument("--engine", choices=["tfmot", "keras3"], default="tfmot",
                     help="the Keras the models are built in: tf_keras (tfmot engine) or Keras 3")
+    ap.add_argument("--converged", action="store_true",
+                    help="train the baseline until validation stops improving (at most 60 "
+                         "epochs), kept for a later --distill run")
+    ap.add_argument("--distill", action="store_true",
+                    help="every compression phase distils from the baseline")
     ap.add_argument("--smoke", action="store_true",
                     help="1 epoch per phase on 512 samples: checks the script, not the numbers")
     args = ap.parse_args()
     if args.engine == "keras3" and args.reps:
         ap.error("--engine keras3 has no hand-written tfmot pipeline to time: pass --reps 0")
     model_keras = keras if args.engine == "tfmot" else __import__("keras")
-    suffix = "" if args.engine == "tfmot" else "_keras3"
+    suffix = ("" if args.engine == "tfmot" else "_keras3") + (
+        "_converged" if args.converged else "") + ("_distill" if args.distill else "")
     cfg = dict(EXPERIMENTS[args.experiment])
     if args.baseline_epochs:
         cfg["baseline_epochs"] = args.baseline_epochs
@@ -278,15 +306,32 @@ def main():
 
     t = time.time()
     baseline = compiled(cfg["model"](keras=model_keras), cfg["lr"], keras=model_keras)
-    baseline.fit(x, y, batch_size=cfg["batch"], epochs=cfg["baseline_epochs"], verbose=2,
-                 validation_data=(xt, yt))
+    kept = os.path.join(OUT, f"origin_{args.experiment}_{args.engine}_{len(x)}"
+                             "_converged.weights.h5")
+    if args.converged and os.path.exists(kept) and not args.smoke:
+        baseline.load_weights(kept)
+        with open(kept + ".json") as f:
+            cfg["baseline_epochs"] = json.load(f)["baseline_epochs"]
+        print("baseline read from", kept, flush=True)
+    elif args.converged:
+        cfg["baseline_epochs"] = fit_converged(baseline, x, y, cfg["batch"],
+                                               1 if args.smoke else 60, keras=model_keras,
+                                               verbose=2)
+        if not args.smoke:
+            baseline.save_weights(kept)
+            with open(kept + ".json", "w") as f:
+                json.dump({"baseline_epochs": cfg["baseline_epochs"]}, f)
+    else:
+        baseline.fit(x, y, batch_size=cfg["batch"], epochs=cfg["baseline_epochs"], verbose=2,
+                     validation_data=(xt, yt))
     baseline_s = time.time() - t
     phases = dict(prune=colopt.Prune(sparsity=0.5, epochs=cfg["prune_epochs"]),
                   cluster=colopt.Cluster(clusters=cfg["clusters"],
                                          epochs=cfg["cluster_epochs"]),
                   quantize=colopt.Quantize(epochs=cfg["qat_epochs"]))
     common = dict(validation_data=(xt, yt), batch_size=cfg["batch"], latency_runs=30,
-                  representative_data=x[:256], verbose=0)
+                  representative_data=x[:256], verbose=0,
+                  **({"distill": True} if args.distill else {}))
 
     t = time.time()
     tree = colopt.explore(baseline, x, y, out_dir=os.path.join(work, "tree"), **phases,
@@ -306,7 +351,7 @@ def main():
         baseline, x, y, phases=[phases["prune"], colopt.Cluster(
             clusters=cfg["clusters"], epochs=cfg["cluster_epochs"], preserve_sparsity=False),
             colopt.Quantize(epochs=cfg["qat_epochs"], preserve="none")],
-        batch_size=cfg["batch"], verbose=0)
+        batch_size=cfg["batch"], verbose=0, distill=True if args.distill else None)
     info = colopt.export.to_tflite(plain.model, os.path.join(work, "pcqat_no_preservation.tflite"),
                                    representative_data=x[:256])
     no_pres = {"int8_accuracy": colopt.export.evaluate_tflite(info.path, xt, yt),
@@ -411,7 +456,11 @@ def main():
              f"Command: `python benchmarks/{' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}`"
              f" ({result['wall_seconds'] / 60:.1f} min on {os.cpu_count()} CPUs, TensorFlow "
              f"{tf.__version__}, tfmot 0.8.1). {about['dataset']}. Baseline trained "
-             f"{cfg['baseline_epochs']} epochs; Prune 50 % {cfg['prune_epochs']} epochs, "
+             f"{cfg['baseline_epochs']} epochs"
+             + (" (until validation accuracy stopped improving: EarlyStopping, patience 5, "
+                "on 10 % of the training data)" if args.converged else "")
+             + ("; every compression phase distils from the baseline (distill=True)"
+                if args.distill else "") + f"; Prune 50 % {cfg['prune_epochs']} epochs, "
              f"Cluster {cfg['clusters']} {cfg['cluster_epochs']} epochs, QAT "
              f"{cfg['qat_epochs']} epochs, batch {cfg['batch']}, Adam {cfg['lr']} (the library's "
              f"defaults: Cluster and QAT fine-tune at {cfg['lr'] / colopt.phases.FINE_TUNE_DIVISOR:g}"
