@@ -586,3 +586,16 @@ def test_activation_range_takes_the_first_batch_then_a_moving_average():
     y = compress.fake_quant_range(np.array([[-100.0, 100.0]], "float32"), var, training=False)
     np.testing.assert_array_equal(var.numpy(), before)
     np.testing.assert_allclose(np.asarray(y), [[before[0], before[1]]], atol=0.02)
+
+
+def test_a_run_logs_no_tensorflow_warning_about_our_kernel_reads(caplog):
+    # The callbacks read each layer's effective kernel through a function traced once per
+    # layer and compression state; TensorFlow counts those traces together and, unsilenced,
+    # told the user of "retracing" (and AutoGraph of source it could not parse).
+    x, y = _data()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        colopt.collaborative_fit(_model(), x, y, batch_size=16, verbose=0, phases=[
+            colopt.Prune(sparsity=0.5, epochs=1), colopt.Cluster(clusters=4, epochs=1),
+            colopt.Quantize(epochs=1)])
+    noisy = [m for m in caplog.messages if "retracing" in m or "AutoGraph" in m]
+    assert not noisy, noisy

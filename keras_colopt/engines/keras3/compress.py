@@ -554,7 +554,12 @@ def effective_numpy(layer) -> np.ndarray:
     if cached is None or cached[0] != key:
         from keras_colopt.engines.keras3._deps import tf
 
-        cached = (key, tf.function(lambda: effective(layer, raw_kernel(layer))))
+        fn = tf.function(lambda: effective(layer, raw_kernel(layer)),
+                         autograph=False)  # no tensor-dependent Python flow to convert
+        # Each of these functions is traced once; TensorFlow counts the traces of all of
+        # them together (one lambda's code) and would warn of "retracing" to the user.
+        fn._omit_frequent_tracing_warning = True
+        cached = (key, fn)
         object.__setattr__(layer, "_colopt_effective_fn", cached)
     return np.asarray(cached[1]())
 
