@@ -6,7 +6,7 @@ tf_keras.applications.MobileNetV2) -> ReLU6, DepthwiseConv2D, ZeroPadding2D, Add
 the embedded digits, upsampled to 16x16x1. The float baseline is trained, then its BN moving
 statistics are calibrated (a few training-mode passes at momentum 0.9), so that it starts right in
 inference mode. Then Prune 50 % (2 epochs) -> sparsity-preserving Cluster 8 (2 epochs, at the
-compiled rate / 10, as collaborative_fit does), three ways:
+compiled rate / 10, as collaborative_fit did when this was measured), three ways:
 
   ours            collaborative_fit(phases=[Prune, Cluster])
   tfmot (model)   prune_low_magnitude(model), strip, cluster_weights(model, preserve_sparsity)
@@ -144,7 +144,8 @@ def ours(baseline, digits):
     cb = PhaseEnds(digits)
     r = colopt.collaborative_fit(
         baseline, x, y, phases=[colopt.Prune(sparsity=0.5, epochs=PRUNE_EPOCHS),
-                                colopt.Cluster(clusters=CLUSTERS, epochs=CLUSTER_EPOCHS)],
+                                colopt.Cluster(clusters=CLUSTERS, epochs=CLUSTER_EPOCHS,
+                                               learning_rate=LR / 10)],  # as the tfmot rows
         batch_size=BATCH, verbose=0, callbacks=[cb])
     rows = cb.rows
     rows["cluster"]["bn_mean_moved"] = float(np.abs(cb.bn["end"] - cb.bn["start"]).max())
@@ -182,7 +183,7 @@ def tfmot_pipelines(baseline, digits):
             clustered = keras.models.clone_model(start, clone_function=lambda l: (
                 tfmot.clustering.keras.cluster_weights(l, **params)
                 if type(l) in (keras.layers.Conv2D, keras.layers.Dense) else l))
-        compiled(clustered, LR / colopt.phases.FINE_TUNE_DIVISOR)
+        compiled(clustered, LR / 10)  # collaborative_fit's default Cluster rate then
         before = first_bn_mean(clustered)
         h = clustered.fit(x, y, batch_size=BATCH, epochs=CLUSTER_EPOCHS, verbose=0)
         row = measure(clustered, x, y, xt, yt)

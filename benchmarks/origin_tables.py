@@ -227,9 +227,9 @@ def tfmot_pcqat(baseline, x, y, cfg, steps, callbacks=(), from_logits=False, fin
                 layer, number_of_clusters=cfg["clusters"], preserve_sparsity=True,
                 cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS)
         return layer
-    # The rates collaborative_fit uses by default: clustering and QAT fine-tune at a tenth.
+    # The rate collaborative_fit uses by default: every phase at the compiled rate.
     if fine_lr is None:
-        fine_lr = cfg["lr"] / colopt.phases.FINE_TUNE_DIVISOR
+        fine_lr = cfg["lr"]
     clustered = compiled(keras.models.clone_model(stripped, clone_function=cluster), fine_lr,
                          from_logits=from_logits)
     clustered.fit(x, y, batch_size=cfg["batch"], epochs=cfg["cluster_epochs"], verbose=0,
@@ -462,9 +462,8 @@ def main():
              + ("; every compression phase distils from the baseline (distill=True)"
                 if args.distill else "") + f"; Prune 50 % {cfg['prune_epochs']} epochs, "
              f"Cluster {cfg['clusters']} {cfg['cluster_epochs']} epochs, QAT "
-             f"{cfg['qat_epochs']} epochs, batch {cfg['batch']}, Adam {cfg['lr']} (the library's "
-             f"defaults: Cluster and QAT fine-tune at {cfg['lr'] / colopt.phases.FINE_TUNE_DIVISOR:g}"
-             "). Accuracies "
+             f"{cfg['qat_epochs']} epochs, batch {cfg['batch']}, Adam {cfg['lr']} (every phase "
+             "at the compiled rate, the library's default since December 2026). Accuracies "
              "on the full test split; INT8 = the int8 .tflite run with LiteRT.", ""]
     lines += table("PQAT", ["Baseline", "Pruned", "QAT", "PQAT"],
                    [base, col(L["Pruned+PTQ"]), col(L["QAT"], fake=True),

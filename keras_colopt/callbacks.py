@@ -398,8 +398,8 @@ class CollaborativeOptimization(Callback):
     On a Keras 3 model (whose engine compresses layers in place), each phase starts at its
     epoch: the previous phase's compression is baked into the kernels, the phase is applied
     to the same model object, and training goes on with a fresh optimizer like the compiled
-    one (at the phase's `learning_rate`, or a tenth of the compiled rate for Cluster, as in
-    `collaborative_fit`; a compiled schedule runs on the global step). One History, the
+    one (at the phase's `learning_rate`, or the compiled rate, as in `collaborative_fit`; a
+    compiled schedule runs on the global step). One History, the
     user's other callbacks untouched; after `fit` the model is ready for
     `export.to_tflite`. At every epoch end the plan's invariants are checked (an
     `InvariantGuard` with the plan's expectations), unless `guard=False`.

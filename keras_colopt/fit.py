@@ -330,8 +330,8 @@ def _rate_text(phase, rate, compiled_rate) -> str:
                 + f", decaying along a cosine to 0 over the phase's {rate.steps} steps")
     if rate is None:
         return "as compiled (a schedule)"
-    if phase.learning_rate is None and phase.rate_divisor != 1:
-        return f"{rate:g} (the compiled {compiled_rate:g} / {phase.rate_divisor}: fine-tuning)"
+    if phase.learning_rate is None:
+        return f"{rate:g} (as compiled)"
     return f"{rate:g}"
 
 

@@ -82,10 +82,10 @@ def _check_layers(cls: str, layers) -> None:
               "predicate `layer -> bool`", "Pass e.g. layers=['dense_1'].", layers=layers)
 
 
-# With learning_rate=None, Cluster and Quantize fine-tune already-trained weights at the
-# compiled rate divided by this. At the full rate, clustering a DS-CNN lost 7.6 points of
-# int8 accuracy against a tenth of it (benchmarks/results/finetune_lr_kws*.md).
-FINE_TUNE_DIVISOR = 10
+# With learning_rate=None every phase trains at the compiled rate. Cluster and Quantize took a
+# tenth of it until December 2026 (from one DS-CNN sweep); measured on five model/data pairs
+# from converged baselines (benchmarks/results/finetune_policy.md), the compiled rate is the
+# best policy or within 0.6 point of it on every pair, a tenth up to 5.2 points below.
 
 
 class Phase:
@@ -97,7 +97,6 @@ class Phase:
     """
 
     kind = "phase"
-    rate_divisor = 1  # learning_rate=None: the compiled rate divided by this
 
     def __init__(self, epochs, learning_rate=None, layers: LayerSelector = None, decay=None):
         name = type(self).__name__
@@ -135,19 +134,21 @@ class Phase:
     def rate_for(self, compiled) -> Optional[float]:
         """The learning rate this phase trains at, given the compiled optimizer's rate.
 
-        `learning_rate` when given; otherwise the compiled rate as it is for Train
-        and Prune, divided by `FINE_TUNE_DIVISOR` (10) for Cluster and Quantize.
+        `learning_rate` when given; otherwise the compiled rate, for every phase
+        (Cluster and Quantize too: see `benchmarks/results/finetune_policy.md`).
         `None` (keep the compiled optimizer's) when the compiled rate is a schedule,
         not a number.
 
         Example:
             >>> Quantize(epochs=1).rate_for(1e-3)
+            0.001
+            >>> Quantize(epochs=1, learning_rate=1e-4).rate_for(1e-3)
             0.0001
         """
         if self.learning_rate is not None:
             return self.learning_rate
         if isinstance(compiled, numbers.Real) and not isinstance(compiled, bool):
-            return float(compiled) / self.rate_divisor
+            return float(compiled)
         return None
 
     @classmethod
@@ -296,9 +297,8 @@ class Cluster(Phase):
             Dense layers are always clustered per tensor. Defaults to `False`.
         preserve_sparsity: `"auto"` (preserve when a Prune phase comes
             before), `True` or `False`. Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`: a tenth of
-            the compiled optimizer's rate (`FINE_TUNE_DIVISOR`), as this phase
-            fine-tunes trained weights; a compiled schedule is kept as it is.
+        learning_rate: per-phase learning rate. Defaults to `None`: the
+            compiled optimizer's rate (a compiled schedule is kept as it is).
         layers: names of the layers to cluster, or a predicate. Defaults to
             `None` (every layer that can be clustered).
 
@@ -308,7 +308,6 @@ class Cluster(Phase):
     """
 
     kind = "cluster"
-    rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, clusters=8, epochs=None, init="kmeans++", per_channel=False,
                  preserve_sparsity="auto", learning_rate=None, layers=None, decay=None):
@@ -352,9 +351,8 @@ class Quantize(Phase):
         preserve: `"auto"` (from the phase order), `"none"` (plain QAT),
             `"sparsity"` (PQAT), `"clusters"` (CQAT) or `"sparsity+clusters"`
             (PCQAT). Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`: a tenth of
-            the compiled optimizer's rate (`FINE_TUNE_DIVISOR`), as this phase
-            fine-tunes trained weights; a compiled schedule is kept as it is.
+        learning_rate: per-phase learning rate. Defaults to `None`: the
+            compiled optimizer's rate (a compiled schedule is kept as it is).
         layers: names of the layers to quantize-annotate, or a predicate.
             Defaults to `None` (the whole model).
         quantize_configs: `{layer name: QuantizeConfig instance}`: how to
@@ -374,7 +372,6 @@ class Quantize(Phase):
     """
 
     kind = "quantize"
-    rate_divisor = FINE_TUNE_DIVISOR
 
     def __init__(self, epochs=None, preserve="auto", learning_rate=None, layers=None,
                  quantize_configs=None, decay=None):

@@ -176,8 +176,8 @@ def test_pqat_leaf_equals_the_tfmot_tutorial_flow(digits, tmp_path):
     pqat = tfmot.quantization.keras.quantize_apply(
         tfmot.quantization.keras.quantize_annotate_model(stripped),
         tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
-    # Quantize fine-tunes at a tenth of the compiled rate (Quantize.rate_for).
-    pqat.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
+    # Quantize trains at the compiled rate (Quantize.rate_for).
+    pqat.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pqat.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
 

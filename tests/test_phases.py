@@ -70,7 +70,7 @@ def test_decay_is_none_or_cosine_and_a_cosine_spans_the_phase():
         with pytest.raises(ValueError, match="unknown `decay`.*Received: decay='linear'"):
             cls(epochs=1, decay="linear")
         assert cls(epochs=3, decay="cosine").get_config()["decay"] == "cosine"
-    assert colopt.Cluster(epochs=3, decay="cosine").schedule_for(1e-3, 7) == CosineDecay(1e-4, 21)
-    assert colopt.Cluster(epochs=3).schedule_for(1e-3, 7) == pytest.approx(1e-4)
+    assert colopt.Cluster(epochs=3, decay="cosine").schedule_for(1e-3, 7) == CosineDecay(1e-3, 21)
+    assert colopt.Cluster(epochs=3).schedule_for(1e-3, 7) == pytest.approx(1e-3)
     assert colopt.Prune(epochs=2, learning_rate=5e-3, decay="cosine").schedule_for(
         {"class_name": "ExponentialDecay"}, 4) == CosineDecay(5e-3, 8)
