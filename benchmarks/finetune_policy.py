@@ -285,8 +285,10 @@ def table(results_dir):
              "Prune 50 % (2) -> Cluster 8 sparsity-preserving (2) -> PCQAT (1), int8 accuracy "
              "in LiteRT on each pair's test split, mean over fine-tuning seeds (min-max), from "
              "one converged float baseline per pair (EarlyStopping on a 10 % validation split "
-             "of the training data). `*` marks the best policy of a pair; the default today is "
-             f"`{DEFAULT}`. Command: `python benchmarks/finetune_policy.py` "
+             "of the training data). `*` marks the best policy of a pair; the library's default "
+             f"(no learning_rate) is `{DEFAULT}`, chosen from this table (`tenth` before). "
+             "Every policy names its rates, so a pair measured before the change reads the "
+             "same. Command: `python benchmarks/finetune_policy.py` "
              "(see its docstring); each pair's file says how it was run.", "",
              "| pair | float (epochs) | float PTQ int8 | " + " | ".join(policies) + " |",
              "|---|---:|---:|" + "---:|" * len(policies)]
@@ -306,7 +308,8 @@ def table(results_dir):
               + ", ".join(f"{p} {g * 100:.2f}" for p, g in gaps.items())
               + " points. A default must be within 0.5 point on every pair: "
               + (", ".join(p for p, g in gaps.items() if g <= 0.005) or "none is")
-              + f" ({len(pairs)} pair(s) measured; the issue asks for at least four)."]
+              + f" ({len(pairs)} pair(s) measured; the issue asks for at least four). The "
+              f"smallest largest distance: {min(gaps, key=gaps.get)}."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(results_dir, "finetune_policy.md"), "w") as f:
         f.write(text)
