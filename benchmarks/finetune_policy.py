@@ -49,8 +49,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
-
 import keras  # noqa: E402
 import keras_colopt as colopt  # noqa: E402
 from keras_colopt import data as colopt_data  # noqa: E402
