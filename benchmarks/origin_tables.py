@@ -331,7 +331,7 @@ def main():
                   quantize=colopt.Quantize(epochs=cfg["qat_epochs"]))
     common = dict(validation_data=(xt, yt), batch_size=cfg["batch"], latency_runs=30,
                   representative_data=x[:256], verbose=0,
-                  **({"distill": True} if args.distill else {}))
+                  distill=True if args.distill else None)
 
     t = time.time()
     tree = colopt.explore(baseline, x, y, out_dir=os.path.join(work, "tree"), **phases,

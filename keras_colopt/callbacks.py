@@ -54,12 +54,7 @@ def layer_stats(model, engine=None, kernels=None) -> Dict[str, stats.TensorStats
     """
     if kernels is None:
         kernels = effective_kernels(model, engine)
-    return {name: _pooled(name, _parts(ks)) for name, ks in kernels.items()}
-
-
-def _parts(kernels) -> list:
-    """`stats.TensorStats` of each of a layer's `(weight name, array, channel axis)`."""
-    return [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
+    return {name: _pooled(name, stats.kernel_stats(ks)) for name, ks in kernels.items()}
 
 
 def _pooled(name, parts) -> stats.TensorStats:
@@ -126,7 +121,7 @@ class CompressionMetrics(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         kernels = effective_kernels(self.model, self._engine)
-        parts = {name: _parts(ks) for name, ks in kernels.items()}
+        parts = {name: stats.kernel_stats(ks) for name, ks in kernels.items()}
         self.layer_stats = {name: _pooled(name, p) for name, p in parts.items()}
         self._epoch_kernels = (epoch, kernels, parts)
         agg = stats.summarize(self.layer_stats.values())
@@ -336,17 +331,14 @@ class InvariantGuard(Callback):
         exp = self.expectations()
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
         rows = []
-        metrics = self._kernels_from
-        shared = (metrics._epoch_kernels if metrics is not None and metrics.model is self.model
-                  and metrics._epoch_kernels is not None and metrics._epoch_kernels[0] == epoch
-                  else (epoch, {}, {}))
+        kernels_of, parts_of = self._metrics_kernels(epoch)
         for name, layer in eng.walk(self.model):
             if name in exp:
-                if name in shared[1]:
-                    kernels, parts = shared[1][name], shared[2][name]
+                if name in kernels_of:
+                    kernels, parts = kernels_of[name], parts_of[name]
                 else:
                     kernels = eng.kernels(layer)
-                    parts = _parts(kernels)
+                    parts = stats.kernel_stats(kernels)
                 broken = invariants.check_layer(name, kernels, exp[name], self.tolerance,
                                                 phase=phase, epoch=epoch, parts=parts)
                 found += broken
@@ -371,6 +363,16 @@ class InvariantGuard(Callback):
     def on_train_end(self, logs=None):
         if self.log_dir is not None:
             dashboard.close(self.log_dir)
+
+    def _metrics_kernels(self, epoch):
+        """`({layer: kernels}, {layer: their stats})` that `_kernels_from` read at this
+        epoch's end on this model, or two empty dicts."""
+        metrics = self._kernels_from
+        read = None if metrics is None or metrics.model is not self.model \
+            else metrics._epoch_kernels
+        if read is None or read[0] != epoch:
+            return {}, {}
+        return read[1], read[2]
 
 
 def _checked(name, parts, expectation, broken) -> dict:
@@ -507,8 +509,7 @@ class CollaborativeOptimization(Callback):
         touched = self._engine.switch_phase(self.model, planned, self._steps, held, self._cfg,
                                             rate, step_offset=planned.start_epoch * self._steps)
         log.info("CollaborativeOptimization: epoch %d, %s on %d layer(s), learning rate %s",
-                 epoch, planned.label, len(touched), _fit._rate_text(planned.phase, rate,
-                                                                     compiled))
+                 epoch, planned.label, len(touched), _fit._rate_text(planned.phase, rate))
         held = sorted(set(held) - set(touched))
         if planned.phase.kind == "prune":
             self._pruned = list(touched)

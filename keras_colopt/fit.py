@@ -323,10 +323,10 @@ def _check_schedules(plan: Plan, compiled_rate, steps_per_epoch: int) -> None:
         planned.phase.schedule_for(compiled_rate, steps_per_epoch)
 
 
-def _rate_text(phase, rate, compiled_rate) -> str:
+def _rate_text(phase, rate) -> str:
     """How a phase's learning rate reads in its log line."""
     if isinstance(rate, CosineDecay):
-        return (_rate_text(phase, rate.initial, compiled_rate)
+        return (_rate_text(phase, rate.initial)
                 + f", decaying along a cosine to 0 over the phase's {rate.steps} steps")
     if rate is None:
         return "as compiled (a schedule)"
@@ -448,7 +448,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
             phase_cbs = _phase_callbacks(run, planned, shared, touched, held, companions)
             log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1,
                      len(plan), planned.label, run.epoch, planned.end_epoch - 1,
-                     _rate_text(planned.phase, rate, _compiled_rate(run)))
+                     _rate_text(planned.phase, rate))
             _train_phase(run, planned, phase_cbs, x, y, batch_size, validation_data, verbose,
                          fit_kwargs)
             after = cbs.layer_stats(run.model, engine)

@@ -84,8 +84,7 @@ def check_layer(name: str, kernels, expectation: Expectation, tolerance: float =
         tolerance: how far below the target sparsity a layer may be (absolute,
             e.g. 0.005 = half a percentage point), on top of one weight of
             rounding.
-        parts: the kernels' `stats.tensor_stats(name, array, channel_axis)`, one per
-            kernel in order, when already computed (a callback's per-epoch statistics):
+        parts: the kernels' `stats.kernel_stats(kernels)`, when already computed (a callback's per-epoch statistics):
             the counts are read from them instead of being counted again.
 
     Returns:
@@ -98,7 +97,7 @@ def check_layer(name: str, kernels, expectation: Expectation, tolerance: float =
                                  "none (the layer is not wrapped for preservation)", phase, epoch))
         return out
     if parts is None:
-        parts = [stats.tensor_stats(n, w, axis) for n, w, axis in kernels]
+        parts = stats.kernel_stats(kernels)
     if expectation.sparsity is not None:
         zeros, size = sum(p.zeros for p in parts), sum(p.size for p in parts)
         found = zeros / size if size else 0.0

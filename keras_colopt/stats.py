@@ -147,6 +147,12 @@ def tensor_stats(name: str, weights, channel_axis: Optional[int] = None) -> Tens
     )
 
 
+def kernel_stats(kernels) -> list:
+    """`tensor_stats` of each `(name, array, channel axis)` in `kernels` (an engine's
+    `kernels(layer)`), in order."""
+    return [tensor_stats(n, w, axis) for n, w, axis in kernels]
+
+
 def summarize(stats) -> dict:
     """Model-wide aggregates of a list of `TensorStats`.
 

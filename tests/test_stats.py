@@ -18,7 +18,6 @@ def test_unique_values_per_tensor_and_per_channel():
     assert stats.unique_values(np.moveaxis(w, -1, 0), axis=0).tolist() == [2, 1]
 
 
-
 def test_unique_values_per_channel_counts_as_numpy_unique_per_channel():
     # The count of all channels at once must equal np.unique channel by channel, for
     # every axis, with NaNs (one value, as np.unique counts them), -0.0 beside 0.0 (equal)
@@ -38,6 +37,7 @@ def test_unique_values_per_channel_counts_as_numpy_unique_per_channel():
                 np.unique(r).size for r in rows], (w, axis)
     assert stats.unique_values(np.zeros((0, 3)), axis=-1).tolist() == [0, 0, 0]
     assert stats.unique_values(np.array([[1, 1], [2, 3]], np.int8), axis=0).tolist() == [1, 2]
+
 
 def test_tensor_stats_and_summary():
     a = stats.tensor_stats("a", np.array([[0.0, 1.0], [0.0, 1.0]]), channel_axis=-1)
