@@ -7,6 +7,12 @@ baseline, and PCQAT int8 three ways, same epochs, side by side in one run:
                   Prune, then sparsity-preserving clustering, then PCQAT, each phase at the
                   compiled rate; Conv2D and Dense only, as tfmot prunes and clusters)
 
+and, asked for with --rows (added to a pair's existing file, same baseline), our two rows on
+tfmot's layers: depthwise kernels left out of Prune and Cluster (`layers=` predicate), so that
+a difference to tfmot can be split into the engine and the choice of layers:
+
+  ours_convdense, ours_distill_convdense
+
 Plan on every pair: Prune 50 % (2 epochs) -> Cluster 8 (2) -> PCQAT (1), int8 `.tflite`,
 accuracy in LiteRT on the pair's test split. The pairs, models and converged baselines are
 finetune_policy.py's (its cached baselines in benchmarks/out/ are reused, so both tables
@@ -18,11 +24,13 @@ Writes benchmarks/results/accuracy_pairs_<pair>.json per pair and rebuilds
 benchmarks/results/accuracy_pairs.md from the files present.
 
 Run: python benchmarks/accuracy_pairs.py --pairs demo --seeds 2
+     python benchmarks/accuracy_pairs.py --pairs mobilenetv2 --kws F --rows ours_convdense
      python benchmarks/accuracy_pairs.py --pairs dscnn mobilenetv2 --kws F --seeds 2
      python benchmarks/accuracy_pairs.py --pairs demo --smoke   (checks the script only)
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -41,6 +49,22 @@ import keras  # noqa: E402
 import tf_keras  # noqa: E402
 
 ROWS = ("ours", "ours_distill", "tfmot")
+CONVDENSE = ("ours_convdense", "ours_distill_convdense")  # depthwise left out, as tfmot
+
+
+def convdense(layer):
+    """tfmot's prunable and clusterable layers in tfmot_pcqat: Conv2D and Dense, not
+    DepthwiseConv2D (a Conv2D subclass in Keras 3 too, hence the exact type)."""
+    return type(layer) in (keras.layers.Conv2D, keras.layers.Dense)
+
+
+def existing(pair, args):
+    """The pair's result file when --rows adds to it, else None."""
+    path = os.path.join(HERE, "results", f"accuracy_pairs_{pair}.json")
+    if args.smoke or set(args.rows) == set(ROWS) or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def tf_keras_copy(build, weights):
@@ -69,14 +93,27 @@ def run_pair(pair, args):
     out = {"pair": pair, "about": about, "model": base.name, "compiled_rate": lr,
            "batch": batch, "baseline_epochs": base_epochs, "float_accuracy": float_acc,
            "phase_epochs": epochs, "policy": args.policy, "tf_keras_copy_gap": gap,
-           "rows": {r: [] for r in ROWS}}
+           "rows": {}}
+    before = existing(pair, args)
+    if before is not None:
+        same = {k: out[k] for k in ("float_accuracy", "policy")}
+        same["phase_epochs"] = list(epochs)  # as JSON has it
+        if any(before[k] != v for k, v in same.items()):
+            raise SystemExit(f"{pair}: benchmarks/results/accuracy_pairs_{pair}.json was run "
+                             f"with another baseline or plan ({ {k: before[k] for k in same} } "
+                             f"vs {same}): run every row again (no --rows)")
+        out = before
+        out.setdefault("row_commands", {r: before["command"] for r in before["rows"]})
+    command = " ".join(["python"] + sys.argv)
+    out.setdefault("row_commands", {}).update({r: command for r in args.rows})
+    out["rows"].update({r: [] for r in args.rows})
     with tempfile.TemporaryDirectory() as d:
         out["float_int8_accuracy"], out["float_int8_gzip"] = fp.int8_accuracy(
             base, xt, yt, d, "base", representative=x[:256])
         print(pair, "float", round(float_acc, 4), "int8", round(out["float_int8_accuracy"], 4),
               flush=True)
         for seed in range(args.seeds):
-            for row in ROWS:
+            for row in args.rows:
                 student = None
                 if row != "tfmot":  # built first: a builder sets its own seed
                     student = fp.compiled(build(0), lr)
@@ -90,12 +127,17 @@ def run_pair(pair, args):
                     model = ot.tfmot_pcqat(twin, x, y, cfg, steps, from_logits=True,
                                            fine_lr=lr)
                 else:
+                    p, c, q = fp.POLICIES[args.policy](lr)
+                    if row in CONVDENSE:
+                        p, c = dict(p, layers=convdense), dict(c, layers=convdense)
                     model = fp.compress(
-                        student, x, y, batch, epochs, fp.POLICIES[args.policy](lr),
-                        distill=True if row == "ours_distill" else None).model
+                        student, x, y, batch, epochs, (p, c, q),
+                        distill=True if "distill" in row else None).model
                 acc, gz = fp.int8_accuracy(model, xt, yt, d, f"{row}_{seed}")
                 out["rows"][row].append({"seed": seed, "int8_accuracy": acc, "gzip_bytes": gz})
                 print(pair, row, seed, round(acc, 4), gz, flush=True)
+    out.setdefault("row_seconds", {}).update(
+        {r: round(time.time() - t0) for r in args.rows})  # of the run that made them
     out["seconds"] = round(time.time() - t0)
     return out
 
@@ -107,6 +149,11 @@ def table(results_dir):
 
     def mean(r, row, key="int8_accuracy"):
         return statistics.mean(run[key] for run in r["rows"][row])
+
+    def cell(r, row):
+        v = [run["int8_accuracy"] for run in r["rows"][row]]
+        return (f"{mean(r, row) * 100:.2f}"
+                + (f" ({min(v) * 100:.1f}-{max(v) * 100:.1f})" if len(v) > 1 else ""))
 
     lines = ["# What compression costs, per pair (issue 13)", "",
              "Prune 50 % (2) -> Cluster 8 sparsity-preserving (2) -> PCQAT (1) from one "
@@ -123,11 +170,9 @@ def table(results_dir):
              "gzip ours / tfmot |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for pair, r in pairs.items():
-        cells = []
-        for row in ROWS:
-            v = [run["int8_accuracy"] for run in r["rows"][row]]
-            cells.append(f"{mean(r, row) * 100:.2f}"
-                         + (f" ({min(v) * 100:.1f}-{max(v) * 100:.1f})" if len(v) > 1 else ""))
+        if not all(row in r["rows"] for row in ROWS):
+            continue
+        cells = [cell(r, row) for row in ROWS]
         best = max(mean(r, "ours"), mean(r, "ours_distill"))
         lines.append(
             f"| {pair}: {r['model']}, {r['about']} | {r['float_accuracy'] * 100:.2f} "
@@ -136,6 +181,24 @@ def table(results_dir):
             + f" | {(mean(r, 'ours') - r['float_accuracy']) * 100:+.2f} | "
             f"{(best - mean(r, 'tfmot')) * 100:+.2f} | "
             f"{mean(r, 'ours', 'gzip_bytes'):.0f} / {mean(r, 'tfmot', 'gzip_bytes'):.0f} B |")
+    extra = {pair: r for pair, r in pairs.items()
+             if all(row in r["rows"] for row in ("ours", "tfmot") + CONVDENSE)}
+    if extra:
+        lines += ["", "On tfmot's layers: our rows again with depthwise kernels left out of Prune "
+                  "and Cluster (`layers=` Conv2D and Dense only, as the tfmot rows prune and "
+                  "cluster; every layer is still quantized), same baseline, same plan "
+                  "(`--rows ours_convdense ours_distill_convdense`).", "",
+                  "| pair | FP32 | ours int8 (all layers) | ours, Conv2D/Dense | "
+                  "ours + distill, Conv2D/Dense | tfmot int8 | best Conv2D/Dense - tfmot | "
+                  "gzip ours all / Conv2D/Dense / tfmot |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for pair, r in extra.items():
+            cells = [cell(r, row) for row in ("ours",) + CONVDENSE + ("tfmot",)]
+            best = max(mean(r, row) for row in CONVDENSE)
+            lines.append(
+                f"| {pair} | {r['float_accuracy'] * 100:.2f} | " + " | ".join(cells)
+                + f" | {(best - mean(r, 'tfmot')) * 100:+.2f} | "
+                + " / ".join(f"{mean(r, row, 'gzip_bytes'):.0f}"
+                             for row in ("ours", CONVDENSE[0], "tfmot")) + " B |")
     lines += [f"\n{pair}: {r['note']}" for pair, r in pairs.items() if r.get("note")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(results_dir, "accuracy_pairs.md"), "w") as f:
@@ -148,6 +211,10 @@ def main():
     fp.pair_arguments(ap)
     ap.add_argument("--policy", choices=list(fp.POLICIES), default=fp.DEFAULT,
                     help="the fine-tuning policy of our rows (default: the library's)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS + CONVDENSE, default=list(ROWS),
+                    help="the rows to run (default: ours, ours_distill, tfmot); other rows "
+                    "are added to the pair's existing result file if its baseline and plan "
+                    "match")
     fp.run_pairs(ap, "accuracy_pairs", run_pair, table)
 
 
