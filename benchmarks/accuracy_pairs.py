@@ -13,6 +13,9 @@ a difference to tfmot can be split into the engine and the choice of layers:
 
   ours_convdense, ours_distill_convdense
 
+and, with --distill-settings T,W ..., ours + distill at other Distill(temperature, weight)
+settings than the defaults (rows ours_distill_T<T>_w<W>, added the same way).
+
 Plan on every pair: Prune 50 % (2 epochs) -> Cluster 8 (2) -> PCQAT (1), int8 `.tflite`,
 accuracy in LiteRT on the pair's test split. The pairs, models and converged baselines are
 finetune_policy.py's (its cached baselines in benchmarks/out/ are reused, so both tables
@@ -25,6 +28,7 @@ benchmarks/results/accuracy_pairs.md from the files present.
 
 Run: python benchmarks/accuracy_pairs.py --pairs demo --seeds 2
      python benchmarks/accuracy_pairs.py --pairs mobilenetv2 --kws F --rows ours_convdense
+     python benchmarks/accuracy_pairs.py --pairs dscnn --kws F --distill-settings 4,0.5
      python benchmarks/accuracy_pairs.py --pairs dscnn mobilenetv2 --kws F --seeds 2
      python benchmarks/accuracy_pairs.py --pairs demo --smoke   (checks the script only)
 """
@@ -46,10 +50,25 @@ import origin_tables as ot  # noqa: E402  (tf_keras, tfmot)
 import numpy as np  # noqa: E402
 
 import keras  # noqa: E402
+import keras_colopt as colopt  # noqa: E402
 import tf_keras  # noqa: E402
 
 ROWS = ("ours", "ours_distill", "tfmot")
 CONVDENSE = ("ours_convdense", "ours_distill_convdense")  # depthwise left out, as tfmot
+
+
+def distill_row(setting):
+    """`--distill-settings T,W` -> the row name `ours_distill_T<T>_w<W>`."""
+    t, w = (float(v) for v in setting.split(","))
+    return f"ours_distill_T{t:g}_w{w:g}"
+
+
+def distill_of(row):
+    """What the row passes as `distill`: None, True (the defaults) or a Distill."""
+    if row.startswith("ours_distill_T"):
+        t, w = row[len("ours_distill_T"):].split("_w")
+        return colopt.Distill(temperature=float(t), weight=float(w))
+    return True if row.startswith("ours_distill") else None
 
 
 def convdense(layer):
@@ -130,9 +149,8 @@ def run_pair(pair, args):
                     p, c, q = fp.POLICIES[args.policy](lr)
                     if row in CONVDENSE:
                         p, c = dict(p, layers=convdense), dict(c, layers=convdense)
-                    model = fp.compress(
-                        student, x, y, batch, epochs, (p, c, q),
-                        distill=True if "distill" in row else None).model
+                    model = fp.compress(student, x, y, batch, epochs, (p, c, q),
+                                        distill=distill_of(row)).model
                 acc, gz = fp.int8_accuracy(model, xt, yt, d, f"{row}_{seed}")
                 out["rows"][row].append({"seed": seed, "int8_accuracy": acc, "gzip_bytes": gz})
                 print(pair, row, seed, round(acc, 4), gz, flush=True)
@@ -199,6 +217,23 @@ def table(results_dir):
                 + f" | {(best - mean(r, 'tfmot')) * 100:+.2f} | "
                 + " / ".join(f"{mean(r, row, 'gzip_bytes'):.0f}"
                              for row in ("ours", CONVDENSE[0], "tfmot")) + " B |")
+    settings = {pair: [row for row in r["rows"] if row.startswith("ours_distill_T")]
+                for pair, r in pairs.items() if {"ours", "ours_distill"} <= set(r["rows"])}
+    if any(settings.values()):
+        from keras_colopt.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
+
+        lines += ["", f"Distillation settings (`--distill-settings T,W`): ours + distill with "
+                  f"Distill(temperature=T, weight=W), all layers, same baseline and plan; the "
+                  f"default is T={DEFAULT_TEMPERATURE:g}, W={DEFAULT_WEIGHT:g} (the "
+                  f"`ours + distill` column above).", "",
+                  "| pair | FP32 | no distillation | default | setting: int8 |", "|---|---:|---:|---:|---|"]
+        for pair, rows in settings.items():
+            if rows:
+                r = pairs[pair]
+                lines.append(f"| {pair} | {r['float_accuracy'] * 100:.2f} | {cell(r, 'ours')} | "
+                             f"{cell(r, 'ours_distill')} | "
+                             + "; ".join(f"{row[len('ours_distill_'):]}: {cell(r, row)}"
+                                         for row in rows) + " |")
     lines += [f"\n{pair}: {r['note']}" for pair, r in pairs.items() if r.get("note")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(results_dir, "accuracy_pairs.md"), "w") as f:
@@ -211,11 +246,19 @@ def main():
     fp.pair_arguments(ap)
     ap.add_argument("--policy", choices=list(fp.POLICIES), default=fp.DEFAULT,
                     help="the fine-tuning policy of our rows (default: the library's)")
-    ap.add_argument("--rows", nargs="+", choices=ROWS + CONVDENSE, default=list(ROWS),
-                    help="the rows to run (default: ours, ours_distill, tfmot); other rows "
+    ap.add_argument("--rows", nargs="+", choices=ROWS + CONVDENSE,
+                    help="the rows to run (default: ours, ours_distill, tfmot, or none with "
+                    "--distill-settings); other rows "
                     "are added to the pair's existing result file if its baseline and plan "
                     "match")
-    fp.run_pairs(ap, "accuracy_pairs", run_pair, table)
+    ap.add_argument("--distill-settings", nargs="+", default=[], metavar="T,W",
+                    help="more rows: ours + distill with Distill(temperature=T, weight=W), "
+                    "added to the pair's file as --rows are")
+
+    def rows(a):
+        a.rows = (a.rows or ([] if a.distill_settings else list(ROWS))) + [
+            distill_row(v) for v in a.distill_settings]
+    fp.run_pairs(ap, "accuracy_pairs", run_pair, table, adjust=rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ best weights), through the default engine (Keras 3) and the public API only:
   dscnn        DS-CNN (ARM ML-Zoo / MLPerf Tiny KWS)   synthesized keywords (--kws F)
   mobilenetv2  MobileNetV2-like, alpha 0.15, ReLU6,    synthesized keywords (--kws F)
                ZeroPadding2D, Add, BN after every conv
-  resnet       ResNet-8 (MLPerf Tiny IC: 16/32/64)     Fashion-MNIST
+  resnet       ResNet-8 (MLPerf Tiny IC: 16/32/64)     Fashion-MNIST (its baseline with a
+                                                        decaying rate: PLATEAU below)
 
 Plan on every pair: Prune 50 % (2 epochs) -> Cluster 8, sparsity-preserving (2) -> PCQAT (1),
 then int8 `.tflite` from the QAT ranges, accuracy in LiteRT on the test split. Policies (the
@@ -180,23 +181,34 @@ def compiled(model, lr):
     return model
 
 
-def converged_baseline(build, x, y, lr, batch, max_epochs, seed, smoke):
+# Pairs whose baseline trains with a decaying rate (origin_tables.fit_converged's `plateau`):
+# ResNet-8's validation accuracy at the fixed rate is too noisy for EarlyStopping to mean
+# convergence (its first baseline stopped at 14 epochs, 78.48 %, 9 points below every model
+# compressed from it; finetune_policy_resnet.json was measured from that one).
+PLATEAU = {"resnet"}
+
+
+def converged_baseline(build, x, y, lr, batch, max_epochs, seed, smoke, plateau=False):
     """Trained until validation accuracy (a 10 % split held out of the training data, not
-    the test set) stops improving: EarlyStopping(patience 5), best weights restored."""
+    the test set) stops improving: EarlyStopping(patience 5), best weights restored;
+    `plateau`: with a decaying rate (see origin_tables.fit_converged)."""
     import origin_tables
 
     model = compiled(build(seed), lr)
     return model, origin_tables.fit_converged(model, x, y, batch, 1 if smoke else max_epochs,
-                                              seed, keras=keras)
+                                              seed, keras=keras, plateau=plateau)
 
 
 def cached_baseline(pair, build, x, y, lr, batch, max_epochs, args):
     """`converged_baseline`, kept in benchmarks/out/ (keyed by pair and training-set size) so
     that a later run (another policy, distillation, the hand-written tfmot comparison) starts
     from the very same float weights instead of a second baseline."""
-    path = os.path.join(HERE, "out", f"finetune_policy_{pair}_{len(x)}.weights.h5")
+    plateau = pair in PLATEAU
+    path = os.path.join(HERE, "out", f"finetune_policy_{pair}_{len(x)}"
+                        f"{'_plateau' if plateau else ''}.weights.h5")
     if args.smoke or not os.path.exists(path):
-        model, epochs = converged_baseline(build, x, y, lr, batch, max_epochs, 0, args.smoke)
+        model, epochs = converged_baseline(build, x, y, lr, batch, max_epochs, 0, args.smoke,
+                                           plateau=plateau)
         if not args.smoke:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             model.save_weights(path)
@@ -325,10 +337,12 @@ def pair_arguments(ap):
                     help="1 epoch each on 512 samples, results to a temporary folder")
 
 
-def run_pairs(ap, stem, run_one, make_table):
-    """Parses the options, runs `run_one(pair, args)` for each pair, writes each result to
-    `<stem>_<pair>.json` and prints `make_table(results folder)`."""
+def run_pairs(ap, stem, run_one, make_table, adjust=None):
+    """Parses the options (then `adjust(args)`, if given), runs `run_one(pair, args)` for each
+    pair, writes each result to `<stem>_<pair>.json` and prints `make_table(results folder)`."""
     args = ap.parse_args()
+    if adjust is not None:
+        adjust(args)
     if {"dscnn", "mobilenetv2"} & set(args.pairs) and not args.kws:
         ap.error("the keyword pairs need --kws F (python benchmarks/kws_data.py --out F)")
     results = tempfile.mkdtemp() if args.smoke else os.path.join(HERE, "results")

@@ -183,16 +183,28 @@ def compiled(model, lr, keras=keras, from_logits=False):
     return model
 
 
-def fit_converged(model, x, y, batch, max_epochs, seed=0, keras=keras, verbose=0) -> int:
+def fit_converged(model, x, y, batch, max_epochs, seed=0, keras=keras, verbose=0,
+                  plateau=False) -> int:
     """Trains the compiled `model` until its validation accuracy stops improving
     (EarlyStopping, patience 5, best weights restored) on a 10 % split held out of the
-    training data (never the test split); returns the epochs run."""
-    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5,
+    training data (never the test split); returns the epochs run.
+
+    `plateau`: for a model whose validation accuracy is too noisy at a fixed rate for that
+    rule to mean convergence (ResNet-8 with BatchNormalization stopped at epoch 14, 9 points
+    below every model compressed from it): the rate is cut to 0.3x whenever validation
+    accuracy has not improved for 2 epochs (ReduceLROnPlateau, down to 1/100 of the compiled
+    rate), and EarlyStopping waits 8 epochs."""
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=8 if plateau else 5,
                                          restore_best_weights=True)
+    callbacks = [stop]
+    if plateau:
+        rate = float(np.asarray(model.optimizer.learning_rate))
+        callbacks.insert(0, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_accuracy", factor=0.3, patience=2, min_lr=rate / 100))
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[:len(x) // 10], order[len(x) // 10:]
     h = model.fit(x[train], y[train], validation_data=(x[val], y[val]), batch_size=batch,
-                  epochs=max_epochs, callbacks=[stop], verbose=verbose)
+                  epochs=max_epochs, callbacks=callbacks, verbose=verbose)
     return len(h.history["loss"])
 
 
