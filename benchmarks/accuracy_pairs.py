@@ -176,7 +176,7 @@ def table(results_dir):
     lines = ["# What compression costs, per pair (issue 13)", "",
              "Prune 50 % (2) -> Cluster 8 sparsity-preserving (2) -> PCQAT (1) from one "
              "converged FP32 baseline per pair (finetune_policy.py's: EarlyStopping on a 10 % "
-             "validation split); int8 accuracy in LiteRT on the test split, mean over seeds "
+             "validation split; ResNet-8's with a decaying rate, finetune_policy.PLATEAU); int8 accuracy in LiteRT on the test split, mean over seeds "
              "(min-max); gzip of the int8 `.tflite`. ours: collaborative_fit; + distill: "
              "`distill=True`; tfmot: the same plan hand-written with tfmot at the compiled "
              "rate; policy: the rates of our rows (finetune_policy.py's names; `compiled` is "
