@@ -29,6 +29,7 @@ benchmarks/results/accuracy_pairs.md from the files present.
 Run: python benchmarks/accuracy_pairs.py --pairs demo --seeds 2
      python benchmarks/accuracy_pairs.py --pairs mobilenetv2 --kws F --rows ours_convdense
      python benchmarks/accuracy_pairs.py --pairs dscnn --kws F --distill-settings 4,0.5
+     python benchmarks/accuracy_pairs.py --pairs mobilenet --rows tfmot --first-seed 1 --seeds 1
      python benchmarks/accuracy_pairs.py --pairs dscnn mobilenetv2 --kws F --seeds 2
      python benchmarks/accuracy_pairs.py --pairs demo --smoke   (checks the script only)
 """
@@ -80,7 +81,8 @@ def convdense(layer):
 def existing(pair, args):
     """The pair's result file when --rows adds to it, else None."""
     path = os.path.join(HERE, "results", f"accuracy_pairs_{pair}.json")
-    if args.smoke or set(args.rows) == set(ROWS) or not os.path.exists(path):
+    if (args.smoke or (set(args.rows) == set(ROWS) and not args.first_seed)
+            or not os.path.exists(path)):
         return None
     with open(path) as f:
         return json.load(f)
@@ -125,13 +127,15 @@ def run_pair(pair, args):
         out.setdefault("row_commands", {r: before["command"] for r in before["rows"]})
     command = " ".join(["python"] + sys.argv)
     out.setdefault("row_commands", {}).update({r: command for r in args.rows})
-    out["rows"].update({r: [] for r in args.rows})
+    out["rows"].update({  # --first-seed N keeps the row's runs of the seeds below N
+        r: [run for run in out["rows"].get(r, []) if run["seed"] < args.first_seed]
+        for r in args.rows})
     with tempfile.TemporaryDirectory() as d:
         out["float_int8_accuracy"], out["float_int8_gzip"] = fp.int8_accuracy(
             base, xt, yt, d, "base", representative=x[:256])
         print(pair, "float", round(float_acc, 4), "int8", round(out["float_int8_accuracy"], 4),
               flush=True)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for row in args.rows:
                 student = None
                 if row != "tfmot":  # built first: a builder sets its own seed
@@ -176,8 +180,9 @@ def table(results_dir):
     lines = ["# What compression costs, per pair (issue 13)", "",
              "Prune 50 % (2) -> Cluster 8 sparsity-preserving (2) -> PCQAT (1) from one "
              "converged FP32 baseline per pair (finetune_policy.py's: EarlyStopping on a 10 % "
-             "validation split; ResNet-8's with a decaying rate, finetune_policy.PLATEAU); int8 accuracy in LiteRT on the test split, mean over seeds "
-             "(min-max); gzip of the int8 `.tflite`. ours: collaborative_fit; + distill: "
+             "validation split; ResNet-8's with a decaying rate, finetune_policy.PLATEAU); "
+             "int8 accuracy in LiteRT on the test split, mean over seeds (min-max); gzip of "
+             "the int8 `.tflite`. ours: collaborative_fit; + distill: "
              "`distill=True`; tfmot: the same plan hand-written with tfmot at the compiled "
              "rate; policy: the rates of our rows (finetune_policy.py's names; `compiled` is "
              "the library's default since December 2026, `tenth` the one before). Command: "
@@ -208,7 +213,8 @@ def table(results_dir):
                   "(`--rows ours_convdense ours_distill_convdense`).", "",
                   "| pair | FP32 | ours int8 (all layers) | ours, Conv2D/Dense | "
                   "ours + distill, Conv2D/Dense | tfmot int8 | best Conv2D/Dense - tfmot | "
-                  "gzip ours all / Conv2D/Dense / tfmot |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "gzip ours all / Conv2D/Dense / tfmot |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for pair, r in extra.items():
             cells = [cell(r, row) for row in ("ours",) + CONVDENSE + ("tfmot",)]
             best = max(mean(r, row) for row in CONVDENSE)
@@ -226,7 +232,8 @@ def table(results_dir):
                   f"Distill(temperature=T, weight=W), all layers, same baseline and plan; the "
                   f"default is T={DEFAULT_TEMPERATURE:g}, W={DEFAULT_WEIGHT:g} (the "
                   f"`ours + distill` column above).", "",
-                  "| pair | FP32 | no distillation | default | setting: int8 |", "|---|---:|---:|---:|---|"]
+                  "| pair | FP32 | no distillation | default | setting: int8 |",
+                  "|---|---:|---:|---:|---|"]
         for pair, rows in settings.items():
             if rows:
                 r = pairs[pair]
@@ -251,6 +258,9 @@ def main():
                     "--distill-settings); other rows "
                     "are added to the pair's existing result file if its baseline and plan "
                     "match")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="the first fine-tuning seed: with N > 0, the rows' runs with seeds "
+                    "below N in the pair's file are kept and these added to them")
     ap.add_argument("--distill-settings", nargs="+", default=[], metavar="T,W",
                     help="more rows: ours + distill with Distill(temperature=T, weight=W), "
                     "added to the pair's file as --rows are")
