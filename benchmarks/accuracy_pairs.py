@@ -161,6 +161,7 @@ def run_pair(pair, args):
     out.setdefault("row_seconds", {}).update(
         {r: round(time.time() - t0) for r in args.rows})  # of the run that made them
     out["seconds"] = round(time.time() - t0)
+    out["seeds"] = {r: len(runs) for r, runs in out["rows"].items()}  # rows may differ
     return out
 
 

@@ -349,7 +349,8 @@ def run_pairs(ap, stem, run_one, make_table, adjust=None):
     os.makedirs(results, exist_ok=True)
     for pair in args.pairs:
         r = run_one(pair, args)
-        r.update(command=" ".join(["python"] + sys.argv), seeds=args.seeds,
+        r.setdefault("seeds", args.seeds)  # a merging run_one says what its file holds
+        r.update(command=" ".join(["python"] + sys.argv),
                  machine={"platform": platform.platform(), "cpus": os.cpu_count(),
                           "keras": keras.__version__})
         with open(os.path.join(results, f"{stem}_{pair}.json"), "w") as f:
