@@ -187,7 +187,8 @@ def table(results_dir):
              "`distill=True`; tfmot: the same plan hand-written with tfmot at the compiled "
              "rate; policy: the rates of our rows (finetune_policy.py's names; `compiled` is "
              "the library's default since December 2026, `tenth` the one before). Command: "
-             "`python benchmarks/accuracy_pairs.py` (each pair's file says how it was run).",
+             "`python benchmarks/accuracy_pairs.py` (each pair's file says how it was run; "
+             "rows of one pair may hold different numbers of seeds, its `seeds`).",
              "",
              "| pair | FP32 (epochs) | FP32 PTQ int8 | ours: policy | ours int8 | "
              "ours + distill int8 | tfmot int8 | ours - FP32 | best ours - tfmot | "
