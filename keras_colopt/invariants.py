@@ -84,8 +84,9 @@ def check_layer(name: str, kernels, expectation: Expectation, tolerance: float =
         tolerance: how far below the target sparsity a layer may be (absolute,
             e.g. 0.005 = half a percentage point), on top of one weight of
             rounding.
-        parts: the kernels' `stats.kernel_stats(kernels)`, when already computed (a callback's per-epoch statistics):
-            the counts are read from them instead of being counted again.
+        parts: the kernels' `stats.kernel_stats(kernels)`, when already computed (a
+            callback's per-epoch statistics): the counts are read from them instead of
+            being counted again.
 
     Returns:
         A list of `Violation` (empty when everything holds).
