@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_colopt import distill as distill_mod
+from keras_colopt import finetune
 from keras_colopt import invariants, stats
 from keras_colopt.engines import get_engine
 from keras_colopt.engines.base import Callback
@@ -400,8 +401,8 @@ class CollaborativeOptimization(Callback):
     On a Keras 3 model (whose engine compresses layers in place), each phase starts at its
     epoch: the previous phase's compression is baked into the kernels, the phase is applied
     to the same model object, and training goes on with a fresh optimizer like the compiled
-    one (at the phase's `learning_rate`, or the compiled rate, as in `collaborative_fit`; a
-    compiled schedule runs on the global step). One History, the
+    one (at the phase's `learning_rate`, or the rate a short probe picks on `probe_data`, as
+    in `collaborative_fit`; a compiled schedule runs on the global step). One History, the
     user's other callbacks untouched; after `fit` the model is ready for
     `export.to_tflite`. At every epoch end the plan's invariants are checked (an
     `InvariantGuard` with the plan's expectations), unless `guard=False`.
@@ -421,17 +422,42 @@ class CollaborativeOptimization(Callback):
         log_dir: the run's TensorBoard log directory (give `CompressionMetrics` the same):
             the plan (phase labels and epochs) and the guard's checks are written there
             for the keras_colopt dashboard. Defaults to `None`.
+        probe_data: `(x, y)` arrays (a few hundred training examples are enough) or a
+            labelled `tf.data.Dataset` for the rate probe of each compression phase that
+            has no `learning_rate` (see `keras_colopt.finetune`): a callback does not see
+            the batches `fit` trains on. Without it, such a phase trains at
+            `finetune.FALLBACK_FRACTION` of the compiled rate, and the log says so.
+            Defaults to `None`.
+        rate_policy: as for `collaborative_fit`. Defaults to `None` (the probe).
+        batch_size: the probe's batch size with array `probe_data`. Defaults to `32`.
 
     Example:
         >>> model.fit(x, y, epochs=5, callbacks=[colopt.callbacks.CollaborativeOptimization(
         ...     [colopt.Prune(sparsity=0.5, epochs=2), colopt.Cluster(clusters=8, epochs=3)])])
     """
 
-    def __init__(self, phases, guard=True, tolerance=0.005, distill=None, log_dir=None):
+    def __init__(self, phases, guard=True, tolerance=0.005, distill=None, log_dir=None,
+                 probe_data=None, rate_policy=None, batch_size=32):
         super().__init__()
         from keras_colopt.plan import resolve
 
         self.plan = resolve(phases)  # a bad order is refused here, before fit
+        self.rate_policy = finetune.resolve_policy(rate_policy)
+        self._probe = "no probe_data given to CollaborativeOptimization"
+        if probe_data is not None and isinstance(self.rate_policy, finetune.RateProbe):
+            if isinstance(probe_data, (tuple, list)) and len(probe_data) == 2:
+                data, why = finetune.probe_data(probe_data[0], probe_data[1], batch_size,
+                                                self.rate_policy)
+            else:
+                data, why = finetune.probe_data(probe_data, None, batch_size,
+                                                self.rate_policy)
+            if data is None:
+                raise ValueError(
+                    f"CollaborativeOptimization: `probe_data` cannot be probed on: {why}. "
+                    "Expected (x, y) arrays of training examples, or a tf.data.Dataset of "
+                    "(x, y) batches. Received: probe_data of type "
+                    f"{type(probe_data).__name__}")
+            self._probe = data
         self.distill = distill_mod.resolve(distill)
         self._distill_callbacks = []
         if guard not in (True, False, "warn"):
@@ -504,12 +530,19 @@ class CollaborativeOptimization(Callback):
         if planned.phase.kind == "train":
             return
         compiled = self._cfg["optimizer_config"].get("learning_rate")
-        rate = planned.phase.schedule_for(compiled, self._steps)
         held = _fit._held_layers(planned, self._pruned, self._clustered)
+        offset = planned.start_epoch * self._steps
         touched = self._engine.switch_phase(self.model, planned, self._steps, held, self._cfg,
-                                            rate, step_offset=planned.start_epoch * self._steps)
+                                            None, step_offset=offset)
+
+        def compile_at(rate):
+            self._engine.switch_optimizer(self.model, self._cfg, rate, offset)
+        choice = finetune.choose(self.rate_policy, planned.phase, compiled, self._probe,
+                                 compile_at, self.model)
+        rate = _fit.phase_schedule(planned.phase, choice, compiled, self._steps)
+        self._engine.switch_optimizer(self.model, self._cfg, rate.schedule, offset)
         log.info("CollaborativeOptimization: epoch %d, %s on %d layer(s), learning rate %s",
-                 epoch, planned.label, len(touched), _fit._rate_text(planned.phase, rate))
+                 epoch, planned.label, len(touched), rate)
         held = sorted(set(held) - set(touched))
         if planned.phase.kind == "prune":
             self._pruned = list(touched)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras_colopt import callbacks as cbs
 from keras_colopt import checkpoint
 from keras_colopt import distill as distill_mod
+from keras_colopt import finetune
 from keras_colopt._files import make_writable_folder
 from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
@@ -221,7 +222,8 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
                       callbacks=None, log_dir=None, compression_metrics=True,
                       invariant_guard=True, guard_tolerance=0.005, verbose="auto",
                       initial_phase=0, checkpoint_dir=None, strategy=None,
-                      custom_objects=None, distill=None, **fit_kwargs) -> FitResult:
+                      custom_objects=None, distill=None, rate_policy=None,
+                      **fit_kwargs) -> FitResult:
     """Trains `model` through a list of phases in one run.
 
     Everything is checked before any training: the phase order, the model
@@ -275,6 +277,13 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
             (a soft-target loss beside the labels' loss); a `keras_colopt.Distill` sets the
             teacher, temperature and weight. The epoch logs gain `distill_loss`. Defaults
             to `None` (no distillation).
+        rate_policy: how a compression phase without its own `learning_rate` picks its
+            rate: `None` (the default) probes a few rates around the compiled one on a
+            few batches right after the phase is applied, and keeps the largest that
+            trains as well as the best (`keras_colopt.RateProbe`; see
+            `keras_colopt.finetune`); a `RateProbe(...)` sets the probe; `"compiled"`
+            trains every phase at the compiled rate. Each phase's log line says the rate
+            and why. Defaults to `None`.
         **fit_kwargs: other `Model.fit` arguments (class_weight,
             steps_per_epoch, validation_split, shuffle, ...).
 
@@ -290,7 +299,7 @@ def collaborative_fit(model, x=None, y=None, *, phases, validation_data=None, ba
         return _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks,
                                   log_dir, compression_metrics, invariant_guard,
                                   guard_tolerance, verbose, initial_phase, checkpoint_dir,
-                                  strategy, distill, fit_kwargs)
+                                  strategy, distill, rate_policy, fit_kwargs)
 
 
 def _custom_object_scope(model, custom_objects):
@@ -321,18 +330,6 @@ def _check_schedules(plan: Plan, compiled_rate, steps_per_epoch: int) -> None:
     compiled schedule and no `learning_rate` to start from)."""
     for planned in plan.phases:
         planned.phase.schedule_for(compiled_rate, steps_per_epoch)
-
-
-def _rate_text(phase, rate) -> str:
-    """How a phase's learning rate reads in its log line."""
-    if isinstance(rate, CosineDecay):
-        return (_rate_text(phase, rate.initial)
-                + f", decaying along a cosine to 0 over the phase's {rate.steps} steps")
-    if rate is None:
-        return "as compiled (a schedule)"
-    if phase.learning_rate is None:
-        return f"{rate:g} (as compiled)"
-    return f"{rate:g}"
 
 
 @dataclasses.dataclass
@@ -367,6 +364,8 @@ class _Run:
     phase_label: Optional[str] = None
     distill: Optional[distill_mod.Distill] = None
     teacher: object = None
+    policy: object = None
+    probe_data: object = None  # finetune.ProbeData, or why there is none (a str)
 
     def record(self, new: Dict[str, list], ran: List[int], label: str) -> None:
         self.history, self.epochs, self.labels = _merged(self.history, self.epochs,
@@ -375,9 +374,10 @@ class _Run:
 
 def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbacks, log_dir,
                        compression_metrics, invariant_guard, guard_tolerance, verbose,
-                       initial_phase, checkpoint_dir, strategy, distill,
+                       initial_phase, checkpoint_dir, strategy, distill, rate_policy,
                        fit_kwargs) -> FitResult:
     plan = resolve(phases)
+    policy = finetune.resolve_policy(rate_policy)
     settings = distill_mod.resolve(distill)
     start = _check_initial_phase(initial_phase, plan)
     engine = get_engine(model)
@@ -399,7 +399,8 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     if strategy is not None:
         engine.check_strategy(model, strategy)
     run = _Run(plan=plan, engine=engine, steps=steps, compile_cfg=engine.compile_config(model),
-               scope=scope, start=start)
+               scope=scope, start=start, policy=policy)
+    run.probe_data = _probe_data(run, x, y, batch_size, strategy)
     _check_schedules(plan, _compiled_rate(run), steps)
     chief, worker = _role(strategy)
     if not chief:
@@ -447,8 +448,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
                 continue
             phase_cbs = _phase_callbacks(run, planned, shared, touched, held, companions)
             log.info("Phase %d/%d: %s, epochs %d-%d, learning rate %s", planned.index + 1,
-                     len(plan), planned.label, run.epoch, planned.end_epoch - 1,
-                     _rate_text(planned.phase, rate))
+                     len(plan), planned.label, run.epoch, planned.end_epoch - 1, rate)
             _train_phase(run, planned, phase_cbs, x, y, batch_size, validation_data, verbose,
                          fit_kwargs)
             after = cbs.layer_stats(run.model, engine)
@@ -551,6 +551,57 @@ def _compiled_rate(run: _Run):
     return run.compile_cfg["optimizer_config"].get("learning_rate")
 
 
+def _probe_data(run: _Run, x, y, batch_size, strategy):
+    """The rate probe's batches (`finetune.ProbeData`), or why there are none."""
+    if not isinstance(run.policy, finetune.RateProbe) or all(
+            p.phase.kind == "train" or p.phase.learning_rate is not None for p in run.plan):
+        return "not needed"
+    if strategy is not None:
+        return "a distribution strategy trains the phases (workers would probe apart)"
+    data, why = finetune.probe_data(x, y, batch_size, run.policy)
+    return data if data is not None else why
+
+
+@dataclasses.dataclass
+class _PhaseRate:
+    """A phase's rate: what its optimizer is built with, and the log line's text."""
+
+    schedule: object
+    text: str
+
+    def __str__(self):
+        return self.text
+
+
+def _phase_rate(run: _Run, planned: PlannedPhase, model, companions, resuming) -> _PhaseRate:
+    """Chooses the phase's rate (`finetune.choose`), kept in the checkpoint so that a
+    resumed phase trains at the rate it started with."""
+    key, compiled = str(planned.index), _compiled_rate(run)
+    saved = ((run.ckpt.manifest or {}).get("meta", {}).get("rates", {})
+             if resuming and run.ckpt is not None else {})
+    if key in saved and planned.phase.learning_rate is None:
+        choice = finetune.RateChoice(saved[key], "as chosen before the resume")
+    else:
+        def compile_at(r):
+            run.engine.compile_like(model, run.compile_cfg, r)
+        with run.engine.quiet_expected_warnings(model):
+            choice = finetune.choose(run.policy, planned.phase, compiled, run.probe_data,
+                                     compile_at, model, companions)
+    if run.ckpt is not None and choice.rate is not None:
+        run.ckpt.meta.setdefault("rates", {})[key] = choice.rate
+    return phase_schedule(planned.phase, choice, compiled, run.steps)
+
+
+def phase_schedule(phase, choice, compiled, steps_per_epoch: int) -> _PhaseRate:
+    """What a phase's optimizer is built with, from its `finetune.RateChoice`."""
+    base = compiled if choice.rate is None else choice.rate
+    schedule = phase.schedule_for(base, steps_per_epoch)
+    text = choice.text()
+    if isinstance(schedule, CosineDecay):
+        text += f", decaying along a cosine to 0 over the phase's {schedule.steps} steps"
+    return _PhaseRate(schedule, text)
+
+
 def _enter_phase(run: _Run, planned: PlannedPhase):
     """Wraps and compiles the model for one phase (restoring its state when resuming).
 
@@ -559,7 +610,6 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
     """
     engine, ckpt = run.engine, run.ckpt
     resuming = run.resume is not None and planned.index == run.resume.phase
-    rate = planned.phase.schedule_for(_compiled_rate(run), run.steps)
     with run.scope():
         if resuming:
             run.model.set_weights(ckpt.load_entry(planned.index))
@@ -575,7 +625,8 @@ def _enter_phase(run: _Run, planned: PlannedPhase):
         model, companions, touched = engine.apply_phase(stripped, planned, run.steps,
                                                         hold=held)
         held = sorted(set(held) - set(touched))
-        engine.compile_like(model, run.compile_cfg, rate,
+        rate = _phase_rate(run, planned, model, companions, resuming)
+        engine.compile_like(model, run.compile_cfg, rate.schedule,
                             step_offset=planned.start_epoch * run.steps)
         if run.distill is not None:
             companions = list(companions) + engine.distillation(model, run.teacher,

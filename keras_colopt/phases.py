@@ -82,10 +82,11 @@ def _check_layers(cls: str, layers) -> None:
               "predicate `layer -> bool`", "Pass e.g. layers=['dense_1'].", layers=layers)
 
 
-# With learning_rate=None every phase trains at the compiled rate. Cluster and Quantize took a
-# tenth of it until December 2026 (from one DS-CNN sweep); measured on five model/data pairs
-# from converged baselines (benchmarks/results/finetune_policy.md), the compiled rate is the
-# best policy or within 0.6 point of it on every pair, a tenth up to 5.2 points below.
+# With learning_rate=None a compression phase trains at the rate its policy picks
+# (keras_colopt.finetune: a short probe around the compiled rate, by default); a Train phase at
+# the compiled rate. History: a tenth of the compiled rate for Cluster and Quantize until
+# 2026-12-01, the compiled rate for every phase until 2026-12-06 (it threw models trained with
+# a decaying schedule out of their basin: benchmarks/results/finetune_heldout.md).
 
 
 class Phase:
@@ -132,12 +133,11 @@ class Phase:
         return CosineDecay(rate, max(1, self.epochs * int(steps_per_epoch)))
 
     def rate_for(self, compiled) -> Optional[float]:
-        """The learning rate this phase trains at, given the compiled optimizer's rate.
+        """The learning rate this phase trains at, given the rate its policy picked
+        (`finetune.choose`: the compiled rate, or what the probe chose).
 
-        `learning_rate` when given; otherwise the compiled rate, for every phase
-        (Cluster and Quantize too: see `benchmarks/results/finetune_policy.md`).
-        `None` (keep the compiled optimizer's) when the compiled rate is a schedule,
-        not a number.
+        `learning_rate` when given; otherwise `compiled`. `None` (keep the compiled
+        optimizer's) when `compiled` is a schedule, not a number.
 
         Example:
             >>> Quantize(epochs=1).rate_for(1e-3)
@@ -219,8 +219,8 @@ class Prune(Phase):
         m_by_n: structured sparsity `(m, n)`: keep at most `m` of every `n`
             consecutive weights, e.g. `(2, 4)`. Then `sparsity` must equal
             `1 - m/n` (the default 0.5 matches 2:4). Defaults to `None`.
-        learning_rate: per-phase learning rate. Defaults to `None` (the
-            compiled optimizer's rate).
+        learning_rate: per-phase learning rate. Defaults to `None`: the rate
+            the run's `rate_policy` picks (a short probe around the compiled rate).
         layers: names of the layers to prune, or a predicate `layer -> bool`.
             Defaults to `None` (every layer that can be pruned).
 
@@ -297,8 +297,9 @@ class Cluster(Phase):
             Dense layers are always clustered per tensor. Defaults to `False`.
         preserve_sparsity: `"auto"` (preserve when a Prune phase comes
             before), `True` or `False`. Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`: the
-            compiled optimizer's rate (a compiled schedule is kept as it is).
+        learning_rate: per-phase learning rate. Defaults to `None`: the rate
+            the run's `rate_policy` picks (a short probe around the compiled
+            rate; a compiled schedule is kept as it is).
         layers: names of the layers to cluster, or a predicate. Defaults to
             `None` (every layer that can be clustered).
 
@@ -351,8 +352,9 @@ class Quantize(Phase):
         preserve: `"auto"` (from the phase order), `"none"` (plain QAT),
             `"sparsity"` (PQAT), `"clusters"` (CQAT) or `"sparsity+clusters"`
             (PCQAT). Defaults to `"auto"`.
-        learning_rate: per-phase learning rate. Defaults to `None`: the
-            compiled optimizer's rate (a compiled schedule is kept as it is).
+        learning_rate: per-phase learning rate. Defaults to `None`: the rate
+            the run's `rate_policy` picks (a short probe around the compiled
+            rate; a compiled schedule is kept as it is).
         layers: names of the layers to quantize-annotate, or a predicate.
             Defaults to `None` (the whole model).
         quantize_configs: `{layer name: QuantizeConfig instance}`: how to

@@ -159,7 +159,7 @@ def test_pqat_leaf_equals_the_tfmot_tutorial_flow(digits, tmp_path):
         base, x, y, validation_data=(xt, yt), out_dir=tmp_path / "tree",
         leaves=["Pruned+PTQ", "PQAT"], batch_size=32, shuffle=False, latency_runs=2,
         prune=colopt.Prune(sparsity=0.5, epochs=1, schedule="constant"),
-        quantize=colopt.Quantize(epochs=1))
+        quantize=colopt.Quantize(epochs=1), rate_policy="compiled")
 
     # tfmot's pruning + PQAT tutorials, step by step.
     keras.utils.set_random_seed(0)
@@ -176,7 +176,7 @@ def test_pqat_leaf_equals_the_tfmot_tutorial_flow(digits, tmp_path):
     pqat = tfmot.quantization.keras.quantize_apply(
         tfmot.quantization.keras.quantize_annotate_model(stripped),
         tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
-    # Quantize trains at the compiled rate (Quantize.rate_for).
+    # Quantize trains at the compiled rate (rate_policy='compiled').
     pqat.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pqat.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0)

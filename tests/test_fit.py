@@ -184,10 +184,10 @@ def test_per_phase_learning_rate_and_fresh_optimizer(digits):
     assert rates[1] == (pytest.approx(1e-4), 0, "Adam")
 
 
-def test_every_phase_trains_at_the_compiled_rate_unless_given_one(digits, caplog):
-    """Without learning_rate, every phase trains at the compiled rate (Cluster and Quantize
-    too: benchmarks/results/finetune_policy.md); an explicit rate wins; a compiled schedule
-    is kept as it is."""
+def test_rate_policy_compiled_trains_every_phase_at_the_compiled_rate_unless_given_one(
+        digits, caplog):
+    """rate_policy="compiled": every phase trains at the compiled rate; an explicit rate
+    wins; a compiled schedule is kept as it is (whatever the policy)."""
     rates = []
 
     class Rate(keras.callbacks.Callback):
@@ -197,10 +197,10 @@ def test_every_phase_trains_at_the_compiled_rate_unless_given_one(digits, caplog
     phases = [Train(epochs=1), Prune(sparsity=0.5, epochs=1), Cluster(clusters=4, epochs=1),
               Quantize(epochs=1)]
     with caplog.at_level(logging.INFO, logger="keras_colopt"):
-        _fit(tiny_sequential(), digits, phases, callbacks=[Rate()])
+        _fit(tiny_sequential(), digits, phases, callbacks=[Rate()], rate_policy="compiled")
     assert rates == pytest.approx([1e-2, 1e-2, 1e-2, 1e-2])
-    assert any("PCQAT, epochs 3-3, learning rate 0.01 (as compiled)" in r.getMessage()
-               for r in caplog.records)
+    assert any("PCQAT, epochs 3-3, learning rate 0.01 (as compiled: rate_policy='compiled')"
+               in r.getMessage() for r in caplog.records)
     rates.clear()
     _fit(tiny_sequential(), digits, [Cluster(clusters=4, epochs=1, learning_rate=5e-3),
                                      Quantize(epochs=1, learning_rate=2e-2)], callbacks=[Rate()])
@@ -774,7 +774,8 @@ def test_decay_cosine_takes_each_phase_from_its_rate_to_zero_over_its_steps(digi
     _fit(tiny_sequential(), digits, [Prune(sparsity=0.5, epochs=2, decay="cosine"),
                                      Cluster(clusters=4, epochs=1, learning_rate=3e-3,
                                              decay="cosine"),
-                                     Quantize(epochs=1)], callbacks=[Steps()])
+                                     Quantize(epochs=1)], callbacks=[Steps()],
+         rate_policy="compiled")
     prune, cluster, quantize = per_step
     for rates, start in ((prune, 1e-2), (cluster, 3e-3)):
         total = len(rates)

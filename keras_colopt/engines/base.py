@@ -138,6 +138,12 @@ class Engine:
         the layers it touches. Engines with `supports_drop_in` only."""
         raise NotImplementedError
 
+    def switch_optimizer(self, model, cfg: dict, learning_rate=None,
+                         step_offset: int = 0) -> None:
+        """Gives `model` a fresh optimizer like `cfg`'s at `learning_rate` inside a running
+        `fit()` (the rate probe of a drop-in phase). Engines with `supports_drop_in` only."""
+        raise NotImplementedError
+
     def strip(self, model):
         """`model` without its pruning/clustering wrappers (QAT stays for the converter)."""
         raise NotImplementedError

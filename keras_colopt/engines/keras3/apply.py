@@ -248,6 +248,13 @@ def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning
     for _, layer in walk(model):
         compress.bake(layer)
     _, _, touched = apply_phase(model, planned, steps_per_epoch, hold)
+    switch_optimizer(model, cfg, learning_rate, step_offset)
+    return touched
+
+
+def switch_optimizer(model, cfg: dict, learning_rate=None, step_offset: int = 0) -> None:
+    """Gives `model` a fresh optimizer like the compiled one (at `learning_rate`), inside a
+    running `fit()`; its step functions are traced again on their next call."""
     optimizer = fresh_optimizer(cfg, learning_rate, step_offset)
     with compress.unlocked(model):
         model.optimizer = optimizer
@@ -256,7 +263,6 @@ def switch_phase(model, planned, steps_per_epoch: int, hold, cfg: dict, learning
     model.make_train_function(force=True)
     model.make_test_function(force=True)
     model.predict_function = None
-    return touched
 
 
 def is_qat(model) -> bool:
