@@ -185,3 +185,53 @@ def test_tf_keras_keeps_naming_what_it_named_before(legacy):
     module, var = r.stdout.split()[-2:]
     assert var == str(legacy)
     assert module.startswith("tf_keras." if legacy else "keras.src."), module
+
+
+def _ds_cnn_l2(seed=0, filters=24):
+    """A DS-CNN-shaped net as the published keyword-spotting models build it: a strided
+    10x4 conv, depthwise-separable blocks, BN + ReLU after every conv, and the L2
+    `kernel_regularizer` their training scripts put on every convolution."""
+    keras.utils.set_random_seed(seed)
+    L, l2 = keras.layers, keras.regularizers.l2(1e-4)
+    i = keras.Input((25, 10, 1))
+    h = L.Conv2D(filters, (10, 4), strides=(2, 2), padding="same", kernel_regularizer=l2)(i)
+    h = L.ReLU()(L.BatchNormalization()(h))
+    for _ in range(2):
+        h = L.DepthwiseConv2D(3, padding="same", depthwise_regularizer=l2)(h)
+        h = L.ReLU()(L.BatchNormalization()(h))
+        h = L.Conv2D(filters, 1, kernel_regularizer=l2)(h)
+        h = L.ReLU()(L.BatchNormalization()(h))
+    h = L.GlobalAveragePooling2D()(h)
+    return keras.Model(i, L.Dense(6, kernel_regularizer=l2)(h))
+
+
+def test_pcqat_kernels_stay_on_their_centroids_with_a_regularizer_at_the_default_rate():
+    """tfmot's PCQAT writes the clustered kernel into the layer's kernel variable in each
+    forward pass; inference and the converter read that variable. An L2 regularizer (or
+    weight decay) moved it after the write, by about one optimizer step per weight: at
+    Adam(1e-3) a channel clustered to 8 showed 9+ values (published DS-CNN, MobileNet v1
+    0.25). Every clustered kernel variable must hold at most 8 values per channel, the
+    guard must pass, and the .tflite must keep them."""
+    import keras_colopt as colopt
+    from keras_colopt.engines.tfmot import read
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 384)
+    x = (rng.normal(size=(6, 25, 10, 1))[y] + rng.normal(size=(384, 25, 10, 1))).astype(
+        "float32")
+    model = _ds_cnn_l2()
+    model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    result = colopt.collaborative_fit(
+        model, x, y, batch_size=32, verbose=0, rate_policy="compiled",
+        phases=[Prune(0.5, epochs=1), Cluster(8, epochs=1), colopt.Quantize(epochs=2)])
+    checked = 0
+    for layer in result.model.layers:
+        for w, _, qvars in getattr(layer, "_weight_vars", []):
+            if "cluster_centroids_tf" in qvars:
+                per_channel = stats.unique_values(w.numpy(), axis=-1)
+                assert max(per_channel) <= 8, (layer.name, max(per_channel))
+                assert not any(v is w for v in result.model.trainable_weights)
+                checked += 1
+    assert checked == 4  # the first conv, two pointwise convs, the Dense
+    assert read.wrapper_kind(result.model) == "PCQAT"

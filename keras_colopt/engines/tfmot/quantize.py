@@ -86,8 +86,44 @@ def _quantize(model, planned, wanted):
     patch = (_patched(cpq, "get_centroids", _clustered_centroids(planned))
              if planned.preserve_clusters else contextlib.nullcontext())
     with _rebuilding(model, configs), patch:
-        return restore_training_args(tfmot.quantization.keras.quantize_apply(annotated, scheme),
-                                     model)
+        quantized = restore_training_args(
+            tfmot.quantization.keras.quantize_apply(annotated, scheme), model)
+    if planned.preserve_clusters:
+        freeze_rewritten_kernels(quantized)
+    return quantized
+
+
+def freeze_rewritten_kernels(model) -> List[str]:
+    """Takes the kernels that a CQAT/PCQAT quantizer rewrites every step out of the trained
+    variables; returns their names.
+
+    tfmot's cluster-preserving quantizer assigns the clustered kernel (gathered from the
+    trained centroids) to the layer's kernel variable in each forward pass, and inference
+    and the converter read that variable. The variable gets no gradient from the loss, but
+    it stays trainable: a `kernel_regularizer` (the published DS-CNN and MobileNet v1 0.25
+    carry L2) or an optimizer's weight decay still moves it *after* the assign, so the
+    deployed kernel drifts off the centroids by about one optimizer step per weight, and at
+    a rate near 1e-3 that is enough to split a cluster across two int8 levels (9 values in
+    a channel clustered to 8). The regularizer never reached the centroids either (the
+    assign cuts the graph); with the variable frozen it only adds a constant to the loss.
+    """
+    frozen = []
+    for _, layer in walk(model):
+        if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            continue
+        inner = layer.layer
+        for w, _, qvars in getattr(layer, "_weight_vars", []):
+            if not (isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars):
+                continue
+            # The lists tf_keras gathers trained variables from: the layer's, and the copy
+            # QuantizeWrapperV2 keeps of them (its own order).
+            lists = (inner._trainable_weights, layer._trainable_weights)
+            if any(v is w for t in lists for v in t):
+                for t in lists:
+                    t[:] = [v for v in t if v is not w]
+                inner._non_trainable_weights.append(w)
+                frozen.append(w.name)
+    return frozen
 
 
 @contextlib.contextmanager
