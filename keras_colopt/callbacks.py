@@ -425,8 +425,8 @@ class CollaborativeOptimization(Callback):
         probe_data: `(x, y)` arrays (a few hundred training examples are enough) or a
             labelled `tf.data.Dataset` for the rate probe of each compression phase that
             has no `learning_rate` (see `keras_colopt.finetune`): a callback does not see
-            the batches `fit` trains on. Without it, such a phase trains at
-            `finetune.FALLBACK_FRACTION` of the compiled rate, and the log says so.
+            the batches `fit` trains on. Without it, such a phase trains at the compiled
+            rate (`finetune.FALLBACK_FRACTION`), and the log says so.
             Defaults to `None`.
         rate_policy: as for `collaborative_fit`. Defaults to `None` (the probe).
         batch_size: the probe's batch size with array `probe_data`. Defaults to `32`.
