@@ -560,9 +560,9 @@ def test_decay_cosine_in_collaborative_fit_and_in_one_plain_fit(digits):
     expected = cosine(1e-2, 2 * steps) + cosine(2e-3, steps)
     rec = Steps()
     colopt.collaborative_fit(model(), x, y, phases=phases(), batch_size=32, verbose=0,
-                             callbacks=[rec])
+                             callbacks=[rec], rate_policy="compiled")
     np.testing.assert_allclose(rec.rates, expected, rtol=1e-4)
-    rec, m = Steps(), model()
+    rec, m = Steps(), model()  # the drop-in, without probe_data: the compiled rate
     m.fit(x, y, epochs=3, batch_size=32, verbose=0,
           callbacks=[colopt.callbacks.CollaborativeOptimization(phases()), rec])
     np.testing.assert_allclose(rec.rates, expected, rtol=1e-4)
