@@ -10,8 +10,9 @@ kernels out of the trained variables (engines/tfmot/quantize.py, freeze_rewritte
 
 Here both models are built in tf_keras with L2 (1e-4) on every kernel, trained to convergence
 with a decaying rate (cosine to 0) and compiled again at Adam(1e-3), then run through
-collaborative_fit at the compiled rate (rate_policy="compiled", the rate that broke) and with
-the default rate policy; every int8 .tflite is read back: zeros and unique values per output
+collaborative_fit at the compiled rate (rate_policy="compiled", the rate that broke), once with
+the engine as it was (the kernels left trainable) and once as it is, and with the default rate
+policy; every int8 .tflite (or the guard's refusal) is read back: zeros and unique values per output
 channel of each clustered kernel, and accuracy in LiteRT.
 
 Run: python benchmarks/tfmot_pcqat_invariants.py [--kws F] [--train 6000] [--smoke]
@@ -35,6 +36,9 @@ import tf_keras as keras  # noqa: E402
 
 import keras_colopt as colopt  # noqa: E402
 import origin_tables as ot  # noqa: E402
+from keras_colopt.engines.tfmot import quantize  # noqa: E402
+
+real = quantize.freeze_rewritten_kernels
 
 
 def with_l2(model, l2=1e-4):
@@ -95,12 +99,14 @@ def main():
             base = baseline(name, build, x, y, 1 if args.smoke else args.epochs)
             float_acc = float(base.evaluate(xt, yt, verbose=0)[1])
             print(name, "float", round(float_acc, 4), flush=True)
-            for policy in ("compiled", None):
+            for policy, fixed in (("compiled", False), ("compiled", True), (None, True)):
                 model = compiled(with_l2(build()), 1e-3)
                 model.set_weights(base.get_weights())
                 t = time.time()
                 row = {"model": name, "float_accuracy": float_acc,
-                       "rate_policy": policy or "default (probe)"}
+                       "rate_policy": (policy or "default (probe)")
+                       + ("" if fixed else ", kernels left trainable (before the fix)")}
+                quantize.freeze_rewritten_kernels = real if fixed else (lambda model: [])
                 try:
                     r = colopt.collaborative_fit(
                         model, x, y, batch_size=64, verbose=0, rate_policy=policy,

@@ -8,6 +8,7 @@ Writes OUT/result.npz (final weights) and OUT/history.json when the run complete
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -63,6 +64,14 @@ def main():
         checkpoint.write_atomic = dying_write
     (x, y), (xt, yt) = data.load_digits()
     callbacks = [KillAt(args.kill_epoch, args.kill_batch)] if args.kill_epoch is not None else []
+    rates = []  # each phase's learning-rate line: a resumed phase keeps the rate it chose
+
+    class Rates(logging.Handler):
+        def emit(self, record):
+            if "learning rate" in record.getMessage():
+                rates.append(record.getMessage())
+    logging.getLogger("keras_colopt").addHandler(Rates())
+    logging.getLogger("keras_colopt").setLevel(logging.INFO)
     result = colopt.collaborative_fit(
         tiny_sequential(), x[:256], y[:256], phases=PHASES, validation_data=(xt[:64], yt[:64]),
         batch_size=32, shuffle=False, verbose=0, callbacks=callbacks,
@@ -72,6 +81,7 @@ def main():
         stats = colopt.callbacks.layer_stats(result.model)
         json.dump({"epoch": result.history.epoch, "phase": result.history.history["phase"],
                    "loss": result.history.history["loss"], "resumed_at": result.resumed_at,
+                   "rates": rates,
                    "layers": {n: [s.sparsity, s.unique_per_channel_max]
                               for n, s in stats.items()}}, f)
 

@@ -68,6 +68,13 @@ def test_sigkill_then_rerun_continues_exactly(reference, tmp_path, kill, resumed
     h, ref = _history(tmp_path), _history(reference)
     assert h["resumed_at"] == resumed_at
     assert h["epoch"] == list(range(EPOCHS)) and h["phase"] == LABELS
+    # Each phase trains at the rate of the uninterrupted run; one resumed inside it at the
+    # rate its probe chose before the kill (kept in the checkpoint), without probing again.
+    first = h["rates"][0].split("learning rate ")[1].split(" ")[0]
+    want = [r for r in _history(reference)["rates"] if LABELS[resumed_at] + "," in r][0]
+    assert first == want.split("learning rate ")[1].split(" ")[0]
+    inside = LABELS[resumed_at] == LABELS[resumed_at - 1]
+    assert ("(as chosen before the resume)" in h["rates"][0]) == inside, h["rates"]
     assert h["loss"] == ref["loss"]                      # same epochs, same order, same data
     for layer, (sparsity, unique) in h["layers"].items():  # PCQAT kept Prune's and Cluster's
         assert sparsity >= 0.5 - 0.005 and unique <= 4, layer
