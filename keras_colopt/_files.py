@@ -11,8 +11,9 @@ import numpy as np
 def write_atomic(path, data) -> str:
     """Writes `data` to `path` through a temporary file in the same folder and a rename.
 
-    A failure (full disk, interrupt) never leaves a half-written file where a
-    good one was: the old file stays until the new one is complete. The file
+    A failure (full disk, interrupt, power loss) never leaves a half-written file where a
+    good one was: the old file stays until the new one is complete, and the new one and the
+    rename are flushed to disk (`fsync` of the file, then of its folder) before returning. The file
     gets the mode of the file it replaces, or 0o644 (a temporary file is
     created 0o600, which would hide a summary from the rest of a team).
 
@@ -32,13 +33,30 @@ def write_atomic(path, data) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_folder(folder)  # and the rename itself survives a power loss
     return path
+
+
+def fsync_folder(folder) -> None:
+    """Flushes a folder's entries (a rename into it) to disk, where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder
+    finally:
+        os.close(fd)
 
 
 def json_default(v):

@@ -30,6 +30,7 @@ from keras_colopt.engines import engine_of, get_engine
 from keras_colopt.engines.base import Callback
 from keras_colopt.phases import CosineDecay
 from keras_colopt.plan import Plan, PlannedPhase, resolve
+from keras_colopt.tensorboard import metadata
 from keras_colopt.tensorboard import summary as dashboard
 
 log = logging.getLogger("keras_colopt")
@@ -825,8 +826,14 @@ def _merged(merged, epochs_seen, labels, new: Dict[str, list], ran: List[int], l
     return out, list(epochs_seen) + list(ran), list(labels) + [label] * len(ran)
 
 
+# The folders a run writes its event files to, under its log_dir.
+RUN_FOLDERS = ("train", "validation", "compression", metadata.RUN_FOLDER)
+
+
 def _restart_tensorboard_runs(log_dir, epoch: int) -> None:
-    """Tells TensorBoard that every run under `log_dir` restarts at `epoch`.
+    """Tells TensorBoard that this run's folders under `log_dir` (`RUN_FOLDERS`: Keras'
+    train/ and validation/, compression/, the dashboard's colopt/) restart at `epoch`; any
+    other folder there (another run's, in a shared parent) is left as it is.
 
     A kill after an epoch's summaries were written but before its checkpoint was would show
     that epoch twice. A `SessionLog.START` event at step `epoch` makes TensorBoard drop the
@@ -842,7 +849,8 @@ def _restart_tensorboard_runs(log_dir, epoch: int) -> None:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     newest = 0
-    for root, _, files in os.walk(os.fspath(log_dir)):
+    for root in (os.path.join(os.fspath(log_dir), sub) for sub in RUN_FOLDERS):
+        files = os.listdir(root) if os.path.isdir(root) else []
         events = [f for f in files if ".tfevents." in f]
         if not events:
             continue

@@ -177,6 +177,28 @@ def test_write_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["report.md"]
 
 
+def test_write_atomic_flushes_the_file_then_the_rename_to_disk(tmp_path, monkeypatch):
+    """A power loss after write_atomic returns keeps the new file: its bytes are fsynced
+    before the rename, and the folder (the rename) after it."""
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append((kind, os.fstat(fd).st_size if kind == "file" else None))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", None))
+        real_replace(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    export.write_atomic(tmp_path / "manifest.json", "x" * 10)
+    assert events == [("file", 10), ("rename", None), ("folder", None)]
+
+
 def test_read_weights_and_entropy_of_a_clustered_tensor(tmp_path):
     model = keras.Sequential([keras.layers.Dense(64, input_shape=(32,), name="d")])
     w, b = model.get_weights()
