@@ -270,6 +270,7 @@ class InvariantGuard(Callback):
     def on_train_begin(self, logs=None):
         self._engine = get_engine(self.model, compiled=False)
         self.violations = []
+        self._checked = 0  # layer checks made during this fit
         names = {name for name, _ in self._engine.walk(self.model)}
         carried = self._engine.expectations(self.model).values()
         for arg, key, technique in (("sparsity", "sparsity", "pruning (a pruning wrapper, or "
@@ -330,6 +331,7 @@ class InvariantGuard(Callback):
         eng = self._engine
         found = []
         exp = self.expectations()
+        self._checked += len(exp)
         phase = self.phase or (eng.wrapper_kind(self.model) if exp else None)
         rows = []
         kernels_of, parts_of = self._metrics_kernels(epoch)
@@ -364,6 +366,15 @@ class InvariantGuard(Callback):
     def on_train_end(self, logs=None):
         if self.log_dir is not None:
             dashboard.close(self.log_dir)
+        if not getattr(self, "_checked", 1):
+            msg = (f"InvariantGuard checked no layer of model '{self.model.name}' during this "
+                   "fit: no layer carried compression that had reached its target (a pruning "
+                   "schedule that has not made its final mask update yet, no wrapped layer, or "
+                   "sparsity/clusters given for layers that carry neither). Nothing was "
+                   "verified. Give the guard the expectations by layer (sparsity={'layer': "
+                   "0.5}), or train until the schedule's target is reached.")
+            log.warning("%s", msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     def _metrics_kernels(self, epoch):
         """`({layer: kernels}, {layer: their stats})` that `_kernels_from` read at this
@@ -511,6 +522,7 @@ class CollaborativeOptimization(Callback):
                     " Compile the model with the rate you want for it, or use "
                     "collaborative_fit, which compiles a fresh optimizer per phase.")
         self._pruned, self._clustered = [], []
+        self._started = False
         if self.log_dir is not None:
             dashboard.plan(self.log_dir, self.plan)
         if self.distill is not None:
@@ -521,6 +533,10 @@ class CollaborativeOptimization(Callback):
     def on_epoch_begin(self, epoch, logs=None):
         for cb in self._distill_callbacks:
             cb.on_epoch_begin(epoch, logs)
+        if not self._started:
+            self._started = True
+            if epoch > 0 and self._resume_at(epoch):
+                return
         planned = next((p for p in self.plan.phases if p.start_epoch == epoch), None)
         if planned is None:
             return
@@ -548,6 +564,50 @@ class CollaborativeOptimization(Callback):
             self._pruned = list(touched)
         elif planned.phase.kind == "cluster":
             self._clustered = list(touched)
+        self._install_guard(planned, touched, held)
+
+    def _resume_at(self, epoch) -> bool:
+        """A fit that starts at `epoch` > 0 (`initial_epoch`, or `BackupAndRestore`): the model
+        must carry what the plan made before that epoch (the same model object, after an
+        interrupted fit). Verified from the layers' compression; then the plan goes on from
+        there (True when `epoch` is inside a phase, which is then already applied). A model
+        that does not carry it is refused before the first step, its weights untouched."""
+        done = next(p for p in self.plan.phases if p.start_epoch <= epoch - 1 < p.end_epoch)
+        current = next((p for p in self.plan.phases if p.start_epoch <= epoch < p.end_epoch),
+                       None)
+        eng = self._engine
+        found = eng.expectations(self.model)
+        carries = {"train": True,
+                   "prune": any(e.get("wrapper") == "prune" for e in found.values()),
+                   "cluster": any(e.get("wrapper") == "cluster" for e in found.values()),
+                   "quantize": eng.is_qat(self.model)}[done.phase.kind]
+        if not carries:
+            raise ValueError(
+                f"CollaborativeOptimization: fit starts at epoch {epoch} (initial_epoch, or "
+                f"BackupAndRestore), after the plan's {done.label} (epochs {done.start_epoch}-"
+                f"{done.end_epoch - 1}), but model '{self.model.name}' carries no "
+                f"{done.phase.kind} compression: the phases before epoch {epoch} were never "
+                "applied to it, and starting there would skip them. Expected the same model "
+                "object an interrupted fit left (its layers keep their masks, centroids and "
+                "ranges), or fit from epoch 0. To resume across processes, use "
+                "collaborative_fit(..., checkpoint_dir=...). Nothing was trained.")
+        self._pruned = sorted(n for n, e in found.items() if e.get("sparsity") is not None)
+        self._clustered = sorted(n for n, e in found.items() if e.get("clusters") is not None)
+        log.info("CollaborativeOptimization: fit starts at epoch %d, after %s; the model "
+                 "carries its compression (%d pruned, %d clustered layer(s)).", epoch,
+                 done.label, len(self._pruned), len(self._clustered))
+        if current is None or current.start_epoch == epoch:
+            return False  # the next phase is switched to as usual
+        self.phase_label = current.label
+        kind = current.phase.kind
+        touched = {"prune": self._pruned, "cluster": self._clustered,
+                   "quantize": sorted(found), "train": []}[kind]
+        self._install_guard(current, touched, [])
+        return True
+
+    def _install_guard(self, planned, touched, held) -> None:
+        from keras_colopt import fit as _fit
+
         self._guard = None
         if self.guard_mode:
             sp, cl = _fit._phase_expectations(planned, touched, self._pruned, self._clustered)

@@ -599,3 +599,51 @@ def test_a_run_logs_no_tensorflow_warning_about_our_kernel_reads(caplog):
             colopt.Quantize(epochs=1)])
     noisy = [m for m in caplog.messages if "retracing" in m or "AutoGraph" in m]
     assert not noisy, noisy
+
+
+def _drop_in_plan():
+    return [colopt.Prune(sparsity=0.5, epochs=2, schedule="constant"),
+            colopt.Cluster(clusters=4, epochs=1)]
+
+
+def test_drop_in_started_inside_the_plan_on_a_model_without_its_compression_is_refused():
+    """fit(initial_epoch=2) on a plain model: the Prune phase before epoch 2 was never
+    applied. Refused before the first step, weights untouched."""
+    x, y = _data()
+    m = _model()
+    before = [w.copy() for w in m.get_weights()]
+    with pytest.raises(ValueError, match="carries no prune compression"):
+        m.fit(x, y, epochs=3, initial_epoch=2, batch_size=16, verbose=0,
+              callbacks=[colopt.callbacks.CollaborativeOptimization(_drop_in_plan())])
+    assert all(np.array_equal(a, b) for a, b in zip(before, m.get_weights()))
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("pre-empted")
+
+
+@pytest.mark.parametrize("stop_after", [0, 1])  # inside Prune; at the Prune -> Cluster switch
+def test_drop_in_resumed_with_initial_epoch_goes_on_from_where_the_model_stands(stop_after):
+    """The same model object after an interrupted fit, fit again from the next epoch: the
+    phases already applied are verified on it, the plan goes on (the Cluster phase is
+    applied at its epoch), and the guard checks the phase it resumed in."""
+    x, y = _data()
+    m = _model()
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[
+            colopt.callbacks.CollaborativeOptimization(_drop_in_plan()), _StopAfter(stop_after)])
+    cb = colopt.callbacks.CollaborativeOptimization(_drop_in_plan())
+    m.fit(x, y, epochs=3, initial_epoch=stop_after + 1, batch_size=16, verbose=0,
+          callbacks=[cb])
+    for layer in m.layers:
+        if compress.is_compressed(layer):
+            k = compress.effective_numpy(layer)
+            assert np.mean(k == 0) >= 0.49 and np.unique(k).size <= 5, layer.name
+    assert cb.phase_label == "Cluster (sparsity-preserving)"
+    assert cb._guard is not None and cb._guard.violations == []

@@ -235,3 +235,72 @@ def test_pcqat_kernels_stay_on_their_centroids_with_a_regularizer_at_the_default
                 checked += 1
     assert checked == 4  # the first conv, two pointwise convs, the Dense
     assert read.wrapper_kind(result.model) == "PCQAT"
+
+
+@pytest.mark.parametrize("schedule,reached_from", [
+    (tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0), 100),   # the tutorials'
+    (tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1), 1),
+    (tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=7, frequency=5), 7),
+    (tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=40,
+                                          frequency=10), 40),
+    # end_step not on an update: the last update (30) is below target, forever
+    (tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=35,
+                                          frequency=10), None),
+])
+def test_target_reached_at_the_first_update_that_makes_it(schedule, reached_from):
+    """At every boundary: the step before the update that first holds the target, that step,
+    and long after it (a constant schedule has no end, end_step=-1)."""
+    from keras_colopt.engines.tfmot.read import target_reached
+
+    if reached_from is None:
+        assert not any(target_reached(schedule, s, 0.5) for s in (0, 30, 35, 40, 1000))
+        return
+    assert not target_reached(schedule, -1, 0.5)
+    assert not target_reached(schedule, reached_from - 1, 0.5)
+    assert target_reached(schedule, reached_from, 0.5)
+    assert target_reached(schedule, reached_from + 1, 0.5)
+    assert target_reached(schedule, 10 * reached_from + 1000, 0.5)
+
+
+def _tutorial_pruned(frequency):
+    """tfmot's pruning tutorial: ConstantSparsity(0.5, begin_step=0) on the whole model."""
+    model = tiny_sequential()
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=frequency)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    return compile_(pruned)
+
+
+def test_the_guard_checks_the_tutorial_flow_and_finds_a_kernel_made_dense(digits):
+    """With the tutorials' constant schedule the guard expects the target from the first
+    mask update on (its end_step is -1: it never "ends"); a kernel made dense between two
+    fits (its mask reset to ones) is reported."""
+    import keras_colopt as colopt
+
+    (x, y), _ = digits
+    pruned = _tutorial_pruned(frequency=4)  # 8 steps: mask updates at steps 4 and 8
+    guard = colopt.callbacks.InvariantGuard(sparsity=0.5)
+    pruned.fit(x, y, epochs=1, batch_size=64, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), guard])
+    assert set(guard.expectations()) == {"conv", "hidden", "logits"}
+    for layer in pruned.layers:
+        for _, mask, _ in getattr(layer, "pruning_vars", []):
+            mask.assign(np.ones(mask.shape, np.float32))
+    # One more step (9) is not an update step: the dense kernels stay dense.
+    with pytest.raises(colopt.InvariantViolation, match="sparsity expected >= 0.5"):
+        pruned.fit(x[:64], y[:64], epochs=1, batch_size=64, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), guard])
+
+
+def test_a_guard_that_checked_nothing_says_so(digits, caplog):
+    """The tutorials' schedule (frequency 100) on a fit of fewer steps never updates a mask:
+    nothing can be checked, and the guard says so instead of passing silently."""
+    import keras_colopt as colopt
+
+    (x, y), _ = digits
+    pruned = _tutorial_pruned(frequency=100)
+    guard = colopt.callbacks.InvariantGuard(sparsity=0.5)
+    with caplog.at_level(logging.WARNING, logger="keras_colopt"), \
+            pytest.warns(RuntimeWarning, match="checked no layer"):
+        pruned.fit(x, y, epochs=1, batch_size=64, verbose=0,
+                   callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), guard])
+    assert any("checked no layer" in r.getMessage() for r in caplog.records)

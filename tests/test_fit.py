@@ -795,3 +795,28 @@ def test_decay_cosine_without_a_starting_rate_is_refused_before_training(digits)
                              Cluster(clusters=4, epochs=1, decay="cosine")])
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_best_only_checkpoint_and_restore_best_weights_keep_the_best_of_each_phase(
+        digits, tmp_path):
+    """A user's ModelCheckpoint(save_best_only=True) and EarlyStopping(restore_best_weights=
+    True) start their best again at each phase: the checkpoint written last, and the weights
+    restored, come from the last phase (pruned), not from the uncompressed Train epoch that
+    had the best loss of the run."""
+    (x, y), (xt, yt) = digits
+    ckpt = keras.callbacks.ModelCheckpoint(str(tmp_path / "best-{epoch}.h5"), monitor="loss",
+                                           save_best_only=True, save_weights_only=True)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=5, restore_best_weights=True)
+    model = tiny_sequential()
+    model.fit(x, y, epochs=5, batch_size=32, verbose=0)  # a low loss the Prune phase won't beat
+    result = _fit(model, digits, [Train(epochs=1, learning_rate=1e-4),
+                                  Prune(sparsity=0.8, epochs=2, schedule="constant",
+                                        learning_rate=1e-5)],
+                  callbacks=[ckpt, stop])
+    h = result.history.history
+    assert h["loss"][0] < min(h["loss"][1:])  # the Train epoch was the best of the run
+    written = sorted(int(p.name[5:-3]) for p in tmp_path.glob("best-*.h5"))  # 1-based epochs
+    assert written[0] == 1 and written[-1] >= 2, written  # the Prune phase wrote its best
+    assert ckpt.best == pytest.approx(min(h["loss"][1:]))
+    stats = colopt.callbacks.layer_stats(result.model)
+    assert all(s.sparsity >= 0.79 for s in stats.values())  # restored: a pruned epoch

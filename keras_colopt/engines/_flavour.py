@@ -92,6 +92,12 @@ def fresh(keras, obj):
     return obj
 
 
+def holds_kernels(layer) -> bool:
+    """Whether `layer` holds trainable weights of rank 2 or more (kernels, embedding tables,
+    an RNN cell's or an attention projection's kernels), in it or in the layers inside it."""
+    return any(len(w.shape) >= 2 for w in layer.trainable_weights)
+
+
 def chosen_layers(named, phase, model_name: str, default) -> list:
     """The names of the layers a phase's `layers=` selects among `named` (`[(name, layer)]`,
     in model order): `default(layer)` decides when it is None; a predicate that selects

@@ -52,9 +52,12 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
 
     touched = [n for n in chosen if ok(n)]
     skipped = [n for n in chosen if not ok(n) and by_name[n].weights]
-    if sel is None:  # a nested subclassed model is one opaque layer: say so
-        skipped += [n for n, l in layers if isinstance(l, keras.Model) and l.weights
-                    and n not in chosen]
+    if sel is None:  # a nested subclassed model is one opaque layer: say so; and any other
+        # layer holding kernels this engine cannot reach yet (MultiHeadAttention's EinsumDense
+        # projections, an LSTM's cell, an Embedding table, a custom layer with a Dense inside)
+        skipped += [n for n, l in layers if n not in chosen and (
+            isinstance(l, keras.Model) and l.weights
+            or kind != "quantize" and _flavour.holds_kernels(l))]
     refused = [n for n in chosen if not ok(n)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(

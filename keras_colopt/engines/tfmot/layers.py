@@ -37,7 +37,7 @@ def _prunable_weight_names(layer) -> List[str]:
         return [w.name for w in layer.get_prunable_weights()]
     if not prune_registry.PruneRegistry.supports(layer):
         return []
-    return list(prune_registry.PruneRegistry._weight_names(layer))
+    return _registry_names(prune_registry.PruneRegistry, layer)
 
 
 def _clusterable_weight_names(layer) -> List[str]:
@@ -45,7 +45,18 @@ def _clusterable_weight_names(layer) -> List[str]:
         return [n for n, _ in layer.get_clusterable_weights()]
     if not clustering_registry.ClusteringRegistry.supports(layer):
         return []
-    return list(clustering_registry.ClusteringRegistry._weight_names(layer))
+    return _registry_names(clustering_registry.ClusteringRegistry, layer)
+
+
+def _registry_names(registry, layer) -> List[str]:
+    """The weights tfmot's registry compresses in a layer it supports. Its private
+    `_weight_names` knows plain layers only (a KeyError for an LSTM, GRU, SimpleRNN,
+    Bidirectional or MultiHeadAttention, which it wraps through their cells and sublayers):
+    for those, their kernels (the trainable weights of rank 2 or more)."""
+    try:
+        return list(registry._weight_names(layer))
+    except KeyError:
+        return [w.name for w in layer.trainable_weights if len(w.shape) >= 2]
 
 
 def can_touch(layer, kind: str) -> bool:
@@ -88,8 +99,15 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     if sel is None:
         # A nested subclassed model is one opaque layer to tfmot (flatten_nested opens
         # Sequential and Functional models only): its weights stay as they are; say so.
-        skipped += [l.name for l in layers if isinstance(l, tf_keras.Model) and l.weights
-                    and l not in chosen]
+        # So is any other layer holding kernels (weights of rank >= 2) that the phase does
+        # not touch: a custom layer with a Dense inside, an Embedding, ...
+        skipped += [l.name for l in layers if l not in chosen and l.name not in skipped
+                    and (isinstance(l, tf_keras.Model) and l.weights
+                         or kind != "quantize" and _flavour.holds_kernels(l)
+                         and not ok(l))]
+        touched += [l.name for l in layers if l not in chosen and kind != "quantize"
+                    and _flavour.holds_kernels(l) and ok(l)]
+        touched = [l.name for l in layers if l.name in touched]  # model order
     refused = [l.name for l in chosen if not ok(l)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(

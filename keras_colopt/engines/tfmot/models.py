@@ -50,7 +50,7 @@ def _is_keras3(model) -> bool:
 def clone_model(model):
     """A deep copy of `model` (new layer objects, same weights) that shares nothing with it."""
     try:
-        clone = tf_keras.models.clone_model(model)
+        clone = tf_keras.models.clone_model(model, clone_function=_same_name)
     except (TypeError, ValueError) as e:
         if "deserializ" not in str(e) and "Unknown" not in str(e):
             raise
@@ -63,6 +63,20 @@ def clone_model(model):
             "@tf_keras.saving.register_keras_serializable().") from e
     clone.set_weights(model.get_weights())
     return clone
+
+
+def _same_name(layer):
+    """A copy of `layer` from its config, under the layer's own name: a custom layer whose
+    `get_config` leaves the name out (tf_keras' default for a subclass) would otherwise get a
+    new one ('wrapped_1'), and `layers=` names, logs and results would stop matching the
+    user's model."""
+    config = layer.get_config()
+    if "name" not in config:
+        try:
+            return layer.__class__.from_config({**config, "name": layer.name})
+        except TypeError:  # a constructor without **kwargs
+            pass
+    return layer.__class__.from_config(config)
 
 
 snapshot = _flavour.snapshot

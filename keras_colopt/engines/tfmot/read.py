@@ -84,12 +84,8 @@ def expectations(model) -> Dict[str, dict]:
             else:
                 target = float(getattr(sched, "final_sparsity",
                                        getattr(sched, "target_sparsity", 0.0)))
-            end = int(getattr(sched, "end_step", -1))
-            begin = int(getattr(sched, "begin_step", 0))
             step = int(layer.pruning_step.numpy()) if hasattr(layer, "pruning_step") else -1
-            freq = int(getattr(sched, "frequency", 1))
-            # A mask update happens at steps begin + k * frequency, up to end_step.
-            ready = step >= (end if end > 0 else begin + freq)
+            ready = target_reached(sched, step, target)
             e = {"sparsity": target, "sparsity_ready": ready, "clusters": None,
                  "per_channel": False, "wrapper": "prune"}
         elif isinstance(layer, cluster_wrapper.ClusterWeights):
@@ -117,6 +113,31 @@ def expectations(model) -> Dict[str, dict]:
         if e is not None:
             out[name] = e
     return out
+
+
+def target_reached(schedule, step: int, target: float) -> bool:
+    """Whether the masks of a pruned layer at `step` (its `pruning_step`: the step of the
+    last batch it trained) were last updated to `target`, whatever the schedule class.
+
+    The wrapper counts its steps from 1 (it increments `pruning_step` before it asks the
+    schedule), and updates a mask at the steps `begin_step + k * frequency` (>= 1) up to
+    `end_step` (-1: no end), to the schedule's sparsity there: a `ConstantSparsity` holds its
+    target from its first update (`ConstantSparsity(0.5, begin_step=0)`, tfmot's tutorials:
+    step 100, its default frequency), a `PolynomialDecay` from its update at `end_step`.
+    Here the schedule itself is asked at the last update step not after `step`.
+    """
+    import tensorflow as tf
+
+    begin = int(getattr(schedule, "begin_step", 0))
+    freq = max(1, int(getattr(schedule, "frequency", 1)))
+    end = int(getattr(schedule, "end_step", -1))
+    first = begin if begin >= 1 else begin + freq * -(-(1 - begin) // freq)
+    last = step if end < 0 else min(step, end)
+    if last < first:
+        return False
+    last = begin + ((last - begin) // freq) * freq
+    should, sparsity = schedule(tf.constant(last, tf.int64))
+    return bool(should) and float(sparsity) >= target - 1e-6
 
 
 def _mask_sparsity(masks) -> Optional[float]:
