@@ -129,7 +129,7 @@ def main():
              "0, compiled again at Adam(1e-3); Prune 50 % (2) -> Cluster 8 (2) -> PCQAT (1) "
              f"through collaborative_fit on the tfmot engine, {args.train} training examples; "
              "the int8 .tflite read back (clustered Conv2D/Dense kernels). Command: "
-             f"`python benchmarks/tfmot_pcqat_invariants.py`.", "",
+             f"`{' '.join(['python'] + sys.argv)}`.", "",
              "| model | rate policy | completed | int8 accuracy (float) | min sparsity | "
              "max unique per channel | kernels |", "|---|---|---|---:|---:|---:|---:|"]
     for r in out["rows"]:
