@@ -106,16 +106,18 @@ def baseline(pair, x, y, args):
     name, kind = pair.split("-")
     _, build, batch, decay_epochs, max_epochs, _ = MODELS[name]
     path = os.path.join(HERE, "out", f"finetune_heldout_{pair}_{len(x)}.weights.h5")
+    return fp.kept_baseline(path, lambda: _train(kind, build, x, y, batch, decay_epochs,
+                                                 max_epochs, args.smoke),
+                            lambda: fp.compiled(build(0), LR), args.smoke)
+
+
+def _train(kind, build, x, y, batch, decay_epochs, max_epochs, smoke):
     model = fp.compiled(build(0), LR)
-    if os.path.exists(path) and not args.smoke:
-        model.load_weights(path)
-        with open(path + ".json") as f:
-            return model, json.load(f)["baseline_epochs"]
     if kind == "const":
-        epochs = ot.fit_converged(model, x, y, batch, 1 if args.smoke else max_epochs, 0,
+        epochs = ot.fit_converged(model, x, y, batch, 1 if smoke else max_epochs, 0,
                                   keras=keras)
     else:
-        epochs = 1 if args.smoke else decay_epochs
+        epochs = 1 if smoke else decay_epochs
         steps = epochs * -(-len(x) // batch)
         model.compile(optimizer=keras.optimizers.Adam(
             keras.optimizers.schedules.CosineDecay(3e-3, steps)), metrics=["accuracy"],
@@ -125,11 +127,6 @@ def baseline(pair, x, y, args):
         weights = model.get_weights()
         model = fp.compiled(build(0), LR)  # handed over: compiled again at Keras' default
         model.set_weights(weights)
-    if not args.smoke:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        model.save_weights(path)
-        with open(path + ".json", "w") as f:
-            json.dump({"baseline_epochs": epochs}, f)
     return model, epochs
 
 

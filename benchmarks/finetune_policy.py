@@ -206,20 +206,28 @@ def cached_baseline(pair, build, x, y, lr, batch, max_epochs, args):
     plateau = pair in PLATEAU
     path = os.path.join(HERE, "out", f"finetune_policy_{pair}_{len(x)}"
                         f"{'_plateau' if plateau else ''}.weights.h5")
-    if args.smoke or not os.path.exists(path):
-        model, epochs = converged_baseline(build, x, y, lr, batch, max_epochs, 0, args.smoke,
-                                           plateau=plateau)
-        if not args.smoke:
+    return kept_baseline(path, lambda: converged_baseline(
+        build, x, y, lr, batch, max_epochs, 0, args.smoke, plateau=plateau),
+        lambda: compiled(build(0), lr), args.smoke)
+
+
+def kept_baseline(path, train, fresh, smoke=False):
+    """`(model, epochs)`: read from `path` (weights, and `path`.json for the epochs) when a
+    run kept it there, else `train()` and kept (not in a smoke run); `fresh()` builds the
+    compiled model the weights are read into."""
+    if smoke or not os.path.exists(path):
+        model, epochs = train()
+        if not smoke:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             model.save_weights(path)
             with open(path + ".json", "w") as f:
                 json.dump({"baseline_epochs": epochs}, f)
         return model, epochs
-    model = compiled(build(0), lr)
+    model = fresh()
     model.load_weights(path)
     with open(path + ".json") as f:
         epochs = json.load(f)["baseline_epochs"]
-    print(pair, "baseline read from", path, flush=True)
+    print("baseline read from", path, flush=True)
     return model, epochs
 
 

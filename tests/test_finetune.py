@@ -67,15 +67,15 @@ def test_probe_rates_leaves_weights_and_optimizer_as_they_were(digits):
     assert int(model.optimizer.iterations.numpy()) == 0
 
 
-def _trained_then_recompiled(digits, rate):
+def _trained_then_recompiled(digits, rate, epochs=8):
     """The demo net trained to the bottom of a decaying schedule, compiled again at `rate`."""
     (x, y), _ = digits
     model = _net()
-    steps = 8 * -(-len(x) // 32)
+    steps = epochs * -(-len(x) // 32)
     model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-2, steps)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.fit(x, y, epochs=8, batch_size=32, verbose=0)
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
     return compile_(model, lr=rate, keras=keras)
 
 
@@ -144,14 +144,8 @@ def test_regression_guard_a_decay_trained_net_compiled_at_keras_default_keeps_it
     compiled again at Keras' default Adam(1e-3). With the default policy, its PCQAT int8
     .tflite must stay within 1.5 points of its float accuracy (issue 24's target)."""
     (x, y), (xt, yt) = digits
-    model = _net()
-    steps = 20 * -(-len(x) // 32)
-    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-2, steps)),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(x, y, epochs=20, batch_size=32, verbose=0)
+    model = _trained_then_recompiled(digits, 1e-3, epochs=20)
     float_acc = model.evaluate(xt, yt, verbose=0)[1]
-    compile_(model, lr=1e-3, keras=keras)
     result = colopt.collaborative_fit(model, x, y, batch_size=32, verbose=0, phases=[
         colopt.Prune(0.5, epochs=2), colopt.Cluster(8, epochs=2), colopt.Quantize(epochs=1)])
     info = colopt.export.to_tflite(result.model, tmp_path / "m.tflite", quantization="int8")
