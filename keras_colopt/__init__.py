@@ -23,6 +23,7 @@ from keras_colopt.tree import explore  # noqa: E402,F401
 from keras_colopt.checkpoint import CheckpointMismatch  # noqa: E402,F401
 from keras_colopt.distill import Distill  # noqa: E402,F401
 from keras_colopt.finetune import RateProbe  # noqa: E402,F401
+from keras_colopt.export import strip  # noqa: E402,F401
 from keras_colopt.fit import FitResult, TrainingDiverged, collaborative_fit  # noqa: E402,F401
 from keras_colopt.invariants import InvariantViolation  # noqa: E402,F401
 from keras_colopt.phases import Cluster, Phase, Prune, Quantize, Train  # noqa: E402,F401

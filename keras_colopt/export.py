@@ -199,6 +199,27 @@ def runtime_of(path) -> str:
     return getattr(_interpreter(path), "colopt_runtime", "xnnpack")
 
 
+def strip(model):
+    """The model as you built it, with its compression baked in: stock Keras layer classes
+    (no masks, centroids, ranges or wrappers), the zeros and the shared values in each
+    layer's `get_weights()`. `plain.set_weights(strip(m).get_weights())` works on your own
+    architecture, and so do `save_weights`/`load_weights`, `model.save` and Keras 3's
+    `model.export(format="litert")`.
+
+    For a quantization-aware Keras 3 model, each kernel is the one the int8 `.tflite` holds,
+    dequantized (its values on the int8 grid); the activations' ranges are gone, so the float
+    model computes like the QAT model up to activation rounding. A tfmot quantization-aware
+    model is refused (see `engines.tfmot.wrap.plain`). `model` itself is not changed.
+
+    Example:
+        >>> plain = colopt.strip(result.model)
+        >>> mine.set_weights(plain.get_weights())
+    """
+    from keras_colopt.engines import get_engine
+
+    return get_engine(model, compiled=False).plain(model)
+
+
 @dataclasses.dataclass(frozen=True)
 class TFLiteWeight:
     """One weight tensor of a `.tflite`, as deployed.

@@ -148,6 +148,11 @@ class Engine:
         """`model` without its pruning/clustering wrappers (QAT stays for the converter)."""
         raise NotImplementedError
 
+    def plain(self, model):
+        """`model` as the user built it (the engine's layer classes and variables gone) with
+        its compressed kernels baked in; `keras_colopt.strip`."""
+        raise NotImplementedError
+
     def is_qat(self, model) -> bool:
         raise NotImplementedError
 

@@ -138,6 +138,15 @@ def strip(model):
     return copy
 
 
+def plain(model):
+    """A copy of `model` of stock Keras layers computing with its compressed kernels (see
+    `compress.to_stock`)."""
+    copy = clone_model(model)
+    for _, layer in walk(copy):
+        compress.to_stock(layer)
+    return copy
+
+
 def apply_phase(model, planned, steps_per_epoch: int, hold=()):
     """Makes the selected layers of `model` (stripped) prunable or clusterable, in place;
     the `hold` layers and the layers the user froze stay frozen.

@@ -502,6 +502,23 @@ def bake(layer) -> None:
     object.__setattr__(layer, "__class__", _stock(type(layer)))
 
 
+def to_stock(layer) -> None:
+    """The layer as the user built it, computing what it computed: its effective kernel (for
+    a quantization-aware layer, on the int8 grid: the values the .tflite holds, dequantized)
+    written into the raw variable, every variable of ours (mask, step, centroids, ranges)
+    dropped, the stock class back."""
+    unfreeze_statistics(layer)
+    if is_compressed(layer):
+        raw_kernel(layer).assign(effective_numpy(layer))
+    if type(layer) is _stock(type(layer)):
+        return
+    for attr in _STATE:
+        _drop(layer, attr)
+    if hasattr(layer, "_colopt_spec"):
+        object.__setattr__(layer, "_colopt_spec", None)
+    object.__setattr__(layer, "__class__", _stock(type(layer)))
+
+
 def bake_for_export(layer) -> None:
     """A quantization-aware layer with its effective kernel (already on the int8 grid) written
     into the raw variable, without its mask and centroids: the converter folds the kernel into

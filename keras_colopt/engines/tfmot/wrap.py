@@ -42,6 +42,23 @@ def strip(model):
     return model if stripped is model else keep_output_names(model, stripped)
 
 
+def plain(model):
+    """`model` without tfmot's pruning and clustering wrappers: tf_keras' stock layers, the
+    zeros and shared values in their kernels. A quantization-aware model is refused: tfmot
+    has no strip for it, and its graph is not the user's (activations folded, BN annotated)."""
+    from keras_colopt.engines.tfmot.read import is_qat
+
+    if is_qat(model):
+        raise ValueError(
+            f"keras_colopt.strip: model '{model.name}' is a tfmot quantization-aware model, "
+            "which has no plain tf_keras form yet (tfmot's QAT wrappers replace the layers, and "
+            "activations were folded into them for preservation). Expected a pruned or "
+            "clustered tf_keras model, or a Keras 3 model (any phase). Strip the model the "
+            "phase before Quantize left (collaborative_fit without the Quantize phase, then "
+            "strip), or deploy the QAT model with keras_colopt.export.to_tflite.")
+    return strip(model)
+
+
 def keep_output_names(new, old):
     """Gives `new`, a re-wrapped copy of `old`, the output names of `old`; returns `new`.
 

@@ -1,0 +1,81 @@
+"""colopt.strip: the user's architecture, stock layers, the compression baked in."""
+
+import numpy as np
+import pytest
+
+import keras_colopt as colopt
+from keras_colopt import stats
+
+from conftest import compile_
+
+
+def _k3_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((8, 8, 1)),
+                          keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+                          keras.layers.Flatten(name="flat"),
+                          keras.layers.Dense(16, activation="relu", name="hidden"),
+                          keras.layers.Dense(10, name="logits")])
+    return compile_(m, keras=keras)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_keras3_strip_gives_stock_layers_with_the_compression_in_get_weights(
+        digits, tmp_path, quantize):
+    import keras
+
+    (x, y), (xt, yt) = digits
+    phases = [colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1)]
+    if quantize:
+        phases.append(colopt.Quantize(epochs=1))
+    result = colopt.collaborative_fit(_k3_model(), x, y, phases=phases, batch_size=64,
+                                      verbose=0, rate_policy="compiled")
+    plain = colopt.strip(result.model)
+    assert all(type(l).__module__.startswith("keras.") for l in plain.layers)
+    for layer in plain.layers:
+        for w in layer.get_weights():
+            if w.ndim >= 2:  # the zeros and at most 8 values per output channel, as deployed
+                assert np.mean(w == 0) >= 0.49, layer.name
+                assert stats.unique_values(w, axis=-1).max() <= 8, layer.name
+    # The user's own architecture takes the weights, and computes like the compressed model.
+    mine = _k3_model()
+    mine.set_weights(plain.get_weights())
+    want = result.model.predict(xt, verbose=0)
+    got = mine.predict(xt, verbose=0)
+    if quantize:  # activation ranges gone: the same argmax almost everywhere
+        assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.95
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # save_weights/load_weights, model.save, and Keras 3's own LiteRT export work as for any model.
+    plain.save_weights(tmp_path / "w.weights.h5")
+    fresh = _k3_model()
+    fresh.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_allclose(fresh.predict(xt, verbose=0), got, rtol=1e-5, atol=1e-5)
+    plain.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert all(type(l).__module__.startswith("keras.") for l in loaded.layers)
+    plain.export(str(tmp_path / "m.tflite"), format="litert")
+    assert (tmp_path / "m.tflite").stat().st_size > 0
+    # the result itself is untouched
+    assert any(type(l).__module__.startswith("keras_colopt") for l in result.model.layers)
+
+
+def test_tfmot_strip_of_a_clustered_model_and_refusal_of_a_qat_one(digits):
+    from conftest import tiny_sequential
+
+    (x, y), _ = digits
+    result = colopt.collaborative_fit(
+        tiny_sequential(), x, y, batch_size=64, verbose=0,
+        phases=[colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1)])
+    plain = colopt.strip(result.model)
+    mine = tiny_sequential()
+    mine.set_weights(plain.get_weights())
+    kernels = [w for w in mine.get_weights() if w.ndim >= 2]
+    assert kernels and all(np.mean(k == 0) >= 0.49 and np.unique(k).size <= 8 for k in kernels)
+    assert all(type(l).__module__.startswith("tf_keras.") for l in plain.layers)
+    qat = colopt.collaborative_fit(tiny_sequential(), x, y, batch_size=64, verbose=0,
+                                   phases=[colopt.Quantize(epochs=1)])
+    with pytest.raises(ValueError, match="no plain tf_keras form yet"):
+        colopt.strip(qat.model)
