@@ -54,7 +54,6 @@ Run: python benchmarks/finetune_heldout.py --pairs demo-const demo-decay fcnn-co
 """
 
 import argparse
-import glob
 import json
 import logging
 import os

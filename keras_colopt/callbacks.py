@@ -555,7 +555,7 @@ class CollaborativeOptimization(Callback):
             self._engine.switch_optimizer(self.model, self._cfg, rate, offset)
         choice = finetune.choose(self.rate_policy, planned.phase, compiled, self._probe,
                                  compile_at, self.model)
-        rate = _fit.phase_schedule(planned.phase, choice, compiled, self._steps)
+        rate = finetune.phase_schedule(planned.phase, choice, compiled, self._steps)
         self._engine.switch_optimizer(self.model, self._cfg, rate.schedule, offset)
         log.info("CollaborativeOptimization: epoch %d, %s on %d layer(s), learning rate %s",
                  epoch, planned.label, len(touched), rate)

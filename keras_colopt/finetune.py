@@ -13,8 +13,8 @@ model, it trains `steps` batches at each candidate rate (the compiled rate times
 `factors`), each time from the same weights and a fresh optimizer state, and measures the
 loss on `eval_batches` other batches. It keeps the largest rate whose loss is within
 `tolerance` (20 %) of the best one (a larger rate recovers more in the phase's epochs; one that
-raises the loss is out). The weights and optimizer are then put back as they were, and the
-phase trains at that rate. `probe_rates` (`what`) is the measurement itself.
+raises the loss is out). The weights are then put back as they were, the optimizer's state is
+reset as a fresh one's, and the phase trains at that rate. `probe_rates` (`what`) is the measurement itself.
 
 `rate_policy="compiled"` keeps the compiled rate for every phase (the default from 2026-12-01
 to 2026-12-06), and a phase's own `learning_rate=` always wins. Where no probe can run (the
@@ -33,6 +33,8 @@ import numbers
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from keras_colopt.phases import CosineDecay
 
 log = logging.getLogger("keras_colopt")
 
@@ -263,6 +265,28 @@ def _reset(opt, rate: float) -> None:
         dtype = getattr(v.dtype, "as_numpy_dtype", v.dtype)
         v.assign(np.zeros(tuple(v.shape), dtype=dtype))
     lr.assign(rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseRate:
+    """A phase's rate: what its optimizer is built with, and the log line's text."""
+
+    schedule: object
+    text: str
+
+    def __str__(self):
+        return self.text
+
+
+def phase_schedule(phase, choice: RateChoice, compiled, steps_per_epoch: int) -> PhaseRate:
+    """What a phase's optimizer is built with, from its `RateChoice`: the chosen rate (or the
+    compiled one, a schedule included), through the phase's own `decay`."""
+    base = compiled if choice.rate is None else choice.rate
+    schedule = phase.schedule_for(base, steps_per_epoch)
+    text = choice.text()
+    if isinstance(schedule, CosineDecay):
+        text += f", decaying along a cosine to 0 over the phase's {schedule.steps} steps"
+    return PhaseRate(schedule, text)
 
 
 def choose(policy, phase, compiled, data, compile_at, model, companions=()) -> RateChoice:

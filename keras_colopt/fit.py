@@ -28,7 +28,6 @@ from keras_colopt.checkpoint import RunCheckpoint
 from keras_colopt import stats
 from keras_colopt.engines import engine_of, get_engine
 from keras_colopt.engines.base import Callback
-from keras_colopt.phases import CosineDecay
 from keras_colopt.plan import Plan, PlannedPhase, resolve
 from keras_colopt.tensorboard import metadata
 from keras_colopt.tensorboard import summary as dashboard
@@ -588,18 +587,8 @@ def _probe_data(run: _Run, x, y, batch_size, strategy):
     return data if data is not None else why
 
 
-@dataclasses.dataclass
-class _PhaseRate:
-    """A phase's rate: what its optimizer is built with, and the log line's text."""
-
-    schedule: object
-    text: str
-
-    def __str__(self):
-        return self.text
-
-
-def _phase_rate(run: _Run, planned: PlannedPhase, model, companions, resuming) -> _PhaseRate:
+def _phase_rate(run: _Run, planned: PlannedPhase, model, companions,
+                resuming) -> finetune.PhaseRate:
     """Chooses the phase's rate (`finetune.choose`), kept in the checkpoint so that a
     resumed phase trains at the rate it started with."""
     key, compiled = str(planned.index), _compiled_rate(run)
@@ -615,17 +604,7 @@ def _phase_rate(run: _Run, planned: PlannedPhase, model, companions, resuming) -
                                      compile_at, model, companions)
     if run.ckpt is not None and choice.rate is not None:
         run.ckpt.meta.setdefault("rates", {})[key] = choice.rate
-    return phase_schedule(planned.phase, choice, compiled, run.steps)
-
-
-def phase_schedule(phase, choice, compiled, steps_per_epoch: int) -> _PhaseRate:
-    """What a phase's optimizer is built with, from its `finetune.RateChoice`."""
-    base = compiled if choice.rate is None else choice.rate
-    schedule = phase.schedule_for(base, steps_per_epoch)
-    text = choice.text()
-    if isinstance(schedule, CosineDecay):
-        text += f", decaying along a cosine to 0 over the phase's {schedule.steps} steps"
-    return _PhaseRate(schedule, text)
+    return finetune.phase_schedule(planned.phase, choice, compiled, run.steps)
 
 
 def _enter_phase(run: _Run, planned: PlannedPhase):

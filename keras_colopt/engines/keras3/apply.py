@@ -44,7 +44,12 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     layers = walk(model)
     by_name = dict(layers)
     sel = phase.layers
-    chosen = _flavour.chosen_layers(layers, phase, model.name, _has_kernel)
+    # By default every layer with a kernel, and any other layer holding kernels (rank >= 2
+    # weights: MultiHeadAttention's EinsumDense projections, an LSTM's cell, a custom layer
+    # with a Dense inside), so that one this engine cannot reach yet is named as skipped.
+    chosen = _flavour.chosen_layers(
+        layers, phase, model.name,
+        lambda l: _has_kernel(l) or kind != "quantize" and _flavour.holds_kernels(l))
 
     def ok(name):
         layer = by_name[name]
@@ -52,12 +57,9 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
 
     touched = [n for n in chosen if ok(n)]
     skipped = [n for n in chosen if not ok(n) and by_name[n].weights]
-    if sel is None:  # a nested subclassed model is one opaque layer: say so; and any other
-        # layer holding kernels this engine cannot reach yet (MultiHeadAttention's EinsumDense
-        # projections, an LSTM's cell, an Embedding table, a custom layer with a Dense inside)
-        skipped += [n for n, l in layers if n not in chosen and (
-            isinstance(l, keras.Model) and l.weights
-            or kind != "quantize" and _flavour.holds_kernels(l))]
+    if sel is None:  # a nested subclassed model is one opaque layer: say so
+        skipped += [n for n, l in layers if isinstance(l, keras.Model) and l.weights
+                    and n not in chosen]
     refused = [n for n in chosen if not ok(n)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(

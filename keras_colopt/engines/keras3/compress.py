@@ -506,17 +506,13 @@ def to_stock(layer) -> None:
     """The layer as the user built it, computing what it computed: its effective kernel (for
     a quantization-aware layer, on the int8 grid: the values the .tflite holds, dequantized)
     written into the raw variable, every variable of ours (mask, step, centroids, ranges)
-    dropped, the stock class back."""
-    unfreeze_statistics(layer)
-    if is_compressed(layer):
-        raw_kernel(layer).assign(effective_numpy(layer))
-    if type(layer) is _stock(type(layer)):
-        return
-    for attr in _STATE:
-        _drop(layer, attr)
-    if hasattr(layer, "_colopt_spec"):
-        object.__setattr__(layer, "_colopt_spec", None)
-    object.__setattr__(layer, "__class__", _stock(type(layer)))
+    dropped, the stock class back: `bake`, and the same for a layer that only observes its
+    activations' ranges (QAT), which `bake` leaves."""
+    bake(layer)
+    if type(layer) in _OBSERVED.values():
+        for attr in _RANGES:
+            _drop(layer, attr)
+        object.__setattr__(layer, "__class__", _stock(type(layer)))
 
 
 def bake_for_export(layer) -> None:

@@ -87,9 +87,12 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     layers = [base_layer(l) for l in model.layers]
     by_name = {l.name: l for l in layers}
     sel = phase.layers
+    # By default every layer with a kernel, and any other layer holding kernels (rank >= 2
+    # weights): tfmot's registries reach an LSTM's cells or an attention's projections; a
+    # custom layer with a Dense inside is named as skipped.
     chosen = [by_name[n] for n in _flavour.chosen_layers(
         [(l.name, l) for l in layers], phase, model.name,
-        lambda l: _has_kernel(l) or kind == "quantize")]
+        lambda l: _has_kernel(l) or _flavour.holds_kernels(l) or kind == "quantize")]
 
     def ok(layer):
         return can_touch(layer, kind) and not (kind == "cluster" and _too_small(layer, phase))
@@ -99,15 +102,8 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     if sel is None:
         # A nested subclassed model is one opaque layer to tfmot (flatten_nested opens
         # Sequential and Functional models only): its weights stay as they are; say so.
-        # So is any other layer holding kernels (weights of rank >= 2) that the phase does
-        # not touch: a custom layer with a Dense inside, an Embedding, ...
-        skipped += [l.name for l in layers if l not in chosen and l.name not in skipped
-                    and (isinstance(l, tf_keras.Model) and l.weights
-                         or kind != "quantize" and _flavour.holds_kernels(l)
-                         and not ok(l))]
-        touched += [l.name for l in layers if l not in chosen and kind != "quantize"
-                    and _flavour.holds_kernels(l) and ok(l)]
-        touched = [l.name for l in layers if l.name in touched]  # model order
+        skipped += [l.name for l in layers if isinstance(l, tf_keras.Model) and l.weights
+                    and l not in chosen]
     refused = [l.name for l in chosen if not ok(l)]
     if sel is not None and not callable(sel) and refused:
         raise ValueError(
