@@ -629,6 +629,8 @@ class CollaborativeOptimization(Callback):
             self._guard.on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
+        if self._engine is not None:  # get_weights() shows the zeros and shared values
+            self._engine.settle(self.model)
         if self._distill_callbacks:  # the user's model trains as compiled in a later fit
             distill_mod.remove(self.model)
             self._distill_callbacks = []

@@ -467,6 +467,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     finally:
         if log_dir is not None:
             dashboard.close(log_dir)
+    engine.settle(run.model)  # get_weights() shows the zeros and shared values
     distill_mod.remove(run.model)
     return FitResult(model=run.model, history=_history(run.model, run), plan=plan,
                      stopped_early=run.stopped, folded=run.folded, skipped=run.skipped,

@@ -79,3 +79,59 @@ def test_tfmot_strip_of_a_clustered_model_and_refusal_of_a_qat_one(digits):
                                    phases=[colopt.Quantize(epochs=1)])
     with pytest.raises(ValueError, match="no plain tf_keras form yet"):
         colopt.strip(qat.model)
+
+
+def _prune_cluster_weights_hold(model, names):
+    """Each named layer's own rank >= 2 weights (not our mask or centroids): half zeros
+    and at most 8 values per output channel, the values its effective kernel holds."""
+    for layer in model.layers:
+        if layer.name not in names:
+            continue
+        kernel = layer.get_weights()[0]
+        assert np.mean(kernel == 0) >= 0.49, layer.name
+        assert stats.unique_values(kernel, axis=-1).max() <= 8, layer.name
+
+
+@pytest.mark.parametrize("entry", ["collaborative_fit", "drop-in"])
+def test_keras3_run_ends_with_the_compressed_values_in_the_raw_kernels(digits, entry):
+    """Without strip: at the end of a run the layers' own kernel variables hold what they
+    compute with (as a tfmot-wrapped layer's do), and what the model computes is unchanged
+    by it."""
+    import keras
+
+    (x, y), (xt, _) = digits
+    phases = [colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1)]
+    if entry == "collaborative_fit":
+        model = colopt.collaborative_fit(_k3_model(), x, y, phases=phases, batch_size=64,
+                                         verbose=0, rate_policy="compiled").model
+    else:
+        model = _k3_model()
+        model.fit(x, y, epochs=2, batch_size=64, verbose=0,
+                  callbacks=[colopt.callbacks.CollaborativeOptimization(phases)])
+    _prune_cluster_weights_hold(model, {"conv", "hidden", "logits"})
+    kernel = model.get_layer("hidden").get_weights()[0]
+    np.testing.assert_array_equal(kernel, np.asarray(model.get_layer("hidden").kernel))
+    before = model.predict(xt, verbose=0)
+    model.get_layer("hidden").kernel  # noqa: B018 (re-associates: must not move anything)
+    np.testing.assert_allclose(model.predict(xt, verbose=0), before, rtol=1e-6, atol=1e-6)
+    assert isinstance(model.get_layer("hidden"), keras.layers.Dense)
+
+
+def test_tfmot_run_ends_with_the_compressed_values_in_the_raw_kernels(digits):
+    from conftest import tiny_sequential
+
+    (x, y), _ = digits
+    pruned = colopt.collaborative_fit(tiny_sequential(), x, y, batch_size=64, verbose=0,
+                                      phases=[colopt.Prune(0.5, epochs=1)],
+                                      rate_policy="compiled").model
+    for layer in pruned.layers:
+        if layer.name.endswith(("hidden", "logits")):  # the wrapper's own kernel variable
+            kernel = layer.layer.kernel.numpy()
+            assert np.mean(kernel == 0) >= 0.49, layer.name
+    clustered = colopt.collaborative_fit(tiny_sequential(), x, y, batch_size=64, verbose=0,
+                                         phases=[colopt.Cluster(8, epochs=1)],
+                                         rate_policy="compiled").model
+    for layer in clustered.layers:
+        if layer.name.endswith(("hidden", "logits")):
+            for name, original in layer.original_clusterable_weights.items():
+                assert len(np.unique(original.numpy())) <= 8, (layer.name, name)

@@ -153,6 +153,12 @@ class Engine:
         its compressed kernels baked in; `keras_colopt.strip`."""
         raise NotImplementedError
 
+    def settle(self, model) -> None:
+        """At the end of a run: every compressed layer's own kernel variable holds the pruned
+        and clustered values the layer computes with (so `get_weights()` shows them), in
+        place, without changing what the model computes."""
+        raise NotImplementedError
+
     def is_qat(self, model) -> bool:
         raise NotImplementedError
 

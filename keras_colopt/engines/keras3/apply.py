@@ -140,6 +140,13 @@ def strip(model):
     return copy
 
 
+def settle(model) -> None:
+    """Each compressed layer's raw kernel set to the pruned/clustered kernel it computes with
+    (`compress.settle`), in place."""
+    for _, layer in walk(model):
+        compress.settle(layer)
+
+
 def plain(model):
     """A copy of `model` of stock Keras layers computing with its compressed kernels (see
     `compress.to_stock`)."""

@@ -502,6 +502,25 @@ def bake(layer) -> None:
     object.__setattr__(layer, "__class__", _stock(type(layer)))
 
 
+def settle(layer) -> None:
+    """Writes the pruned and clustered kernel (zeros and shared values; for a quantization-
+    aware layer before its int8 fake-quant, which stays in the layer) into the raw variable,
+    keeping the layer's class and state: `get_weights()` then shows what the layer computes
+    with, as a tfmot-wrapped layer's does, and nothing the layer computes changes (a masked
+    weight is already zero, a clustered one already its centroid, and both map to the same
+    values again: `effective(settled) == effective(raw)`)."""
+    spec = getattr(layer, "_colopt_spec", None)
+    if not is_compressed(layer) or spec is None or (
+            spec.cluster is None and getattr(layer, "_colopt_mask", None) is None):
+        return
+    quantize, spec.quantize = spec.quantize, None
+    try:
+        w = effective_numpy(layer)
+    finally:
+        spec.quantize = quantize
+    raw_kernel(layer).assign(w)
+
+
 def to_stock(layer) -> None:
     """The layer as the user built it, computing what it computed: its effective kernel (for
     a quantization-aware layer, on the int8 grid: the values the .tflite holds, dequantized)

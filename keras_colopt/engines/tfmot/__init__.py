@@ -23,7 +23,7 @@ from keras_colopt.engines.tfmot.quantize import (  # noqa: F401
 from keras_colopt.engines.tfmot.read import (  # noqa: F401
     expectations, is_qat, kernels, quantized_per_channel, wrapper_kind)
 from keras_colopt.engines.tfmot.wrap import (  # noqa: F401
-    _kmeans_short_channels, apply_phase, keep_output_names, plain, pruning_schedule, strip,
+    _kmeans_short_channels, apply_phase, keep_output_names, plain, pruning_schedule, settle, strip,
     switch_phase)
 from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
     check_callbacks, check_distill, check_strategy, custom_object_scope, demo_model,

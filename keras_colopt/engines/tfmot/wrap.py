@@ -42,6 +42,22 @@ def strip(model):
     return model if stripped is model else keep_output_names(model, stripped)
 
 
+def settle(model) -> None:
+    """The raw variables set to what the wrappers compute with, in place: a pruned weight to
+    `weight * mask` (the wrapper applies the mask before each step's forward pass, so the
+    last step's update is left on masked weights), a clustering wrapper's original weights
+    to their centroids (re-associated, as its call does). Neither changes what the model
+    computes; `get_weights()` then shows the zeros and the shared values."""
+    for _, layer in walk(model):
+        if isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            for w, mask, _ in getattr(layer, "pruning_vars", []):
+                w.assign(w * tf.cast(mask, w.dtype))
+        elif isinstance(layer, cluster_wrapper.ClusterWeights):
+            layer.update_clustered_weights_associations()
+            for name, original in layer.original_clusterable_weights.items():
+                original.assign(tf.convert_to_tensor(layer.get_weight_from_layer(name)))
+
+
 def plain(model):
     """`model` without tfmot's pruning and clustering wrappers: tf_keras' stock layers, the
     zeros and shared values in their kernels. A quantization-aware model is refused: tfmot
