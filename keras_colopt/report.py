@@ -80,6 +80,8 @@ class LeafResult:
             run for this leaf alone would train).
         seconds: wall time spent on it (including nodes first built for it).
         meets_targets: whether it meets every target (None without targets).
+        reused: measured by an earlier `explore` call with the same model, data sizes and
+            settings (its files and results kept under `out_dir`), not trained by this one.
     """
 
     name: str
@@ -101,6 +103,7 @@ class LeafResult:
     epochs: Optional[int] = None
     seconds: Optional[float] = None
     meets_targets: Optional[bool] = None
+    reused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -112,7 +115,9 @@ class LeafResult:
         return (f"{self.name}: int8 {_pct(self.int8_accuracy)} (Keras {_pct(self.fp32_accuracy)}"
                 f"), {self.tflite_bytes:,} B -> {self.gzip_bytes:,} B gzipped, "
                 f"{_ms(self.latency_ms)} ms, {100 * self.sparsity:.1f}% zeros, "
-                f"<= {self.max_unique_per_channel} unique/channel ({self.seconds:.1f} s)")
+                f"<= {self.max_unique_per_channel} unique/channel "
+                + ("(reused: measured by an earlier call)" if self.reused
+                   else f"({self.seconds:.1f} s)"))
 
 
 def _pct(v, digits=2) -> str:
@@ -137,8 +142,9 @@ class Report:
         targets: {"max_accuracy_drop", "max_size_bytes", "max_latency_ms"} (None: no target).
         chosen: the smallest (gzip) leaf meeting every target, or None.
         missed: {target: text} for each target no built leaf met, with by how much.
-        epochs_run: epochs trained by the whole walk (shared prefixes once).
-        epochs_naive: epochs the built leaves would need, trained one run each.
+        epochs_run: epochs this call trained (shared prefixes once; nodes and leaves reused
+            from an earlier call's `out_dir/state` not at all).
+        epochs_naive: epochs the leaves this call built would need, trained one run each.
     """
 
     leaves: List[LeafResult]
@@ -290,7 +296,8 @@ class Report:
             if r.name == self.chosen:
                 meets = "**chosen**"
             out.append(
-                f"| {r.name} | {r.status} | {_pct(r.fp32_accuracy)} | {_pct(r.int8_accuracy)} | "
+                f"| {r.name} | {r.status}{' (reused)' if r.reused else ''} | "
+                f"{_pct(r.fp32_accuracy)} | {_pct(r.int8_accuracy)} | "
                 f"{'-' if drop is None else f'{100 * drop:+.2f} pt'} | {_num(r.tflite_bytes)} | "
                 f"{_num(r.gzip_bytes)} | "
                 f"{_ms(r.latency_ms)} | "
@@ -329,11 +336,16 @@ class Report:
             out += [f"- {v}" for v in self.missed.values()]
         else:
             out.append("No targets given: every requested leaf was built, none is chosen.")
+        reused = [r.name for r in self.leaves if r.reused]
         if self.epochs_naive:
             saved = self.epochs_naive - self.epochs_run
             out.append(f"Training: {self.epochs_run} epochs run; one separate run per leaf "
-                       f"would train {self.epochs_naive} ({saved} saved by sharing prefixes, "
+                       f"would train {self.epochs_naive} ({saved} saved by sharing prefixes"
+                       f"{' and reusing saved nodes' if reused else ''}, "
                        f"{100 * saved / self.epochs_naive:.0f}%).")
+        if reused:
+            out.append(f"Reused from an earlier call with the same model, data sizes and "
+                       f"settings (not trained by this one): {', '.join(reused)}.")
         if self.wall_seconds is not None:
             out.append(f"Wall time: {self.wall_seconds:.1f} s.")
         return "\n".join(out) + "\n"

@@ -36,6 +36,7 @@ from keras_colopt.fit import collaborative_fit
 from keras_colopt.phases import Cluster, Prune, Quantize, Train
 from keras_colopt.plan import resolve
 from keras_colopt.report import Baseline, LeafResult, Report
+from keras_colopt.tree_state import TreeState, fingerprint
 
 log = logging.getLogger("keras_colopt")
 
@@ -134,7 +135,7 @@ class _Tree:
     """Builds nodes once (cached) and leaves from them; all files go under `out_dir`."""
 
     def __init__(self, model, x, y, xv, yv, rep, out_dir, baseline_epochs, prune, cluster,
-                 quantize, latency_runs, fit_args):
+                 quantize, latency_runs, fit_args, state: TreeState):
         self.model, self.x, self.y, self.xv, self.yv = model, x, y, xv, yv
         self.rep, self.out_dir = rep, out_dir
         self.baseline_epochs = baseline_epochs
@@ -147,6 +148,7 @@ class _Tree:
         self.nodes: Dict[str, object] = {}  # name -> _Node or the exception that failed it
         self.epochs_run = 0
         self.stage_kernels: Dict[str, Dict[str, np.ndarray]] = {}
+        self.state = state
 
     def _fit(self, model, phases, start, log_name):
         result = collaborative_fit(model, self.x, self.y, phases=phases,
@@ -160,16 +162,35 @@ class _Tree:
             name: np.concatenate([np.ravel(w) for _, w, _ in ks])
             for name, ks in cbs.effective_kernels(model, self.engine).items()}
 
+    def phases_of(self, node: str) -> list:
+        """The phases that make `node` from the model given to `explore`."""
+        parent, kind = NODES[node]
+        if parent is None:
+            return [Train(epochs=self.baseline_epochs)] if self.baseline_epochs else []
+        return self.phases_of(parent) + [self.make[kind]]
+
     def node(self, name: str) -> _Node:
         if name not in self.nodes:
             try:
-                self.nodes[name] = self._build_node(name)
+                self.nodes[name] = self._saved_node(name) or self._build_node(name)
             except Exception as e:  # noqa: BLE001 - reported on every leaf below it
                 self.nodes[name] = e
         got = self.nodes[name]
         if isinstance(got, Exception):
             raise _NodeFailed(name, got)
         return got
+
+    def _saved_node(self, name: str) -> Optional[_Node]:
+        phases = self.phases_of(name)
+        saved = self.state.load_node(name, self.engine.rebuild) if phases else None
+        if saved is None:
+            return None
+        model, fp32 = saved
+        self.engine.compile_like(model, self.compile_cfg)
+        self._keep_kernels(name, model)
+        log.info("explore: %s reused, trained by an earlier call (%s), FP32 accuracy %.2f%%",
+                 name, self.state.folder, 100 * fp32)
+        return _Node(model=model, phases=phases, fp32_accuracy=fp32)
 
     def _build_node(self, name: str) -> _Node:
         parent_name, kind = NODES[name]
@@ -192,6 +213,8 @@ class _Tree:
                      fp32_accuracy=_accuracy(model, self.xv, self.yv))
         log.info("explore: %s trained (%.1f s), FP32 accuracy %.2f%%", name, time.time() - t0,
                  100 * node.fp32_accuracy)
+        if phases:  # kept for the same call again (nothing to keep for an untrained baseline)
+            self.state.save_node(name, model, node.fp32_accuracy)
         return node
 
     def path_epochs(self, leaf: str) -> int:
@@ -205,6 +228,15 @@ class _Tree:
 
     def leaf(self, name: str) -> LeafResult:
         node_name, how = LEAVES[name]
+        saved = self.state.load_leaf(name)
+        if saved is not None:
+            result, kernels = saved
+            result.reused = True
+            if kernels:
+                self.stage_kernels[name] = kernels
+            log.info("explore: %s reused, measured by an earlier call (%s)", name,
+                     self.state.folder)
+            return result
         t0 = time.time()
         try:
             node = self.node(node_name)
@@ -224,6 +256,8 @@ class _Tree:
             result = LeafResult(name=name, status="failed", reason=_reason(e))
         result.epochs = self.path_epochs(name)
         result.seconds = time.time() - t0
+        if result.ok:
+            self.state.save_leaf(result, self.stage_kernels.get(name) if how == "qat" else None)
         return result
 
     def log_dir(self, run: str) -> str:
@@ -433,14 +467,15 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
 
     fit_args = dict(fit_kwargs, batch_size=batch_size, verbose=2 if verbose >= 2 else 0)
     fit_args.update(_baseline_teacher(model, fit_args.get("distill"), baseline_epochs))
+    settings = {"prune": prune.get_config(), "cluster": cluster.get_config(),
+                "quantize": quantize.get_config(), "baseline_epochs": baseline_epochs,
+                "validation_samples": int(len(xv))}
+    # Refused here, before any training, if out_dir holds another call's nodes and leaves.
+    state = TreeState(out_dir, fingerprint(model, _samples(x), len(xv), settings, fit_args))
     tree = _Tree(model, x, y, xv, yv, representative_data, out_dir, baseline_epochs, prune,
-                 cluster, quantize, latency_runs, fit_args)
+                 cluster, quantize, latency_runs, fit_args, state)
     report = Report(leaves=[LeafResult(name=n, status="pending") for n in leaves],
-                    targets=targets, out_dir=out_dir,
-                    settings={"prune": prune.get_config(), "cluster": cluster.get_config(),
-                              "quantize": quantize.get_config(),
-                              "baseline_epochs": baseline_epochs,
-                              "validation_samples": int(len(xv))})
+                    targets=targets, out_dir=out_dir, settings=settings)
 
     def meets(r: LeafResult) -> bool:
         return any(v is not None for v in targets.values()) and not report.misses(r)
@@ -472,7 +507,8 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
         _dashboard(report, out_dir)
         raise
     report.epochs_run = tree.epochs_run
-    report.epochs_naive = sum(r.epochs or 0 for r in results if r.status in ("ok", "failed"))
+    report.epochs_naive = sum(r.epochs or 0 for r in results
+                              if r.status in ("ok", "failed") and not r.reused)
     report.choose()
     report.stage_kernels = tree.stage_kernels
     report.plot_layer = plot_layer or _default_plot_layer(tree, prune)
@@ -483,6 +519,16 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
              "%d); chosen: %s", report.wall_seconds, report.epochs_run, report.epochs_naive,
              report.chosen)
     return report
+
+
+def _samples(x) -> Optional[int]:
+    """How many training samples `x` holds, when it can say (arrays, a dict of them)."""
+    if isinstance(x, dict):
+        x = next(iter(x.values()), None)
+    try:
+        return int(len(x))
+    except TypeError:  # a generator or a dataset of unknown size
+        return None
 
 
 REPORT_RUN = "report"  # <out_dir>/logs/report: the report's TensorBoard run, the leaves' table
