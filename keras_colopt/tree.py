@@ -380,7 +380,11 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
         x, y: training data as for `collaborative_fit`.
         validation_data: `(x_val, y_val)` arrays every leaf is measured on.
         out_dir: output folder (created; existing files in it are replaced
-            only by files of the same name).
+            only by files of the same name). Each trained node and measured
+            leaf is kept in `out_dir/state` as it finishes: the same call
+            again reuses them (`LeafResult.reused`); a call with another
+            model, data size or settings raises `StateMismatch` before
+            training.
         leaves: which leaves, from `LEAVES`. Defaults to all eight.
         representative_data: calibration inputs for post-training int8.
             Defaults to the first 256 samples of `x` (when `x` is an array).
