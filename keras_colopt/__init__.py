@@ -14,7 +14,7 @@ from keras_colopt import _quiet  # noqa: E402
 
 _quiet.for_command_line()  # before TensorFlow is imported: its native log lines are dropped
 
-from keras_colopt import callbacks, export, recipe, report, stats  # noqa: E402,F401
+from keras_colopt import callbacks, export, recipe, report, stats, targets  # noqa: E402,F401
 # A compressed or quantization-aware Keras 3 model saved to .keras names the engine's layer
 # classes; importing the engine registers them, so keras.models.load_model reads such a file
 # in a new process (importing Keras 3 changes nothing of what tf.keras or keras mean).

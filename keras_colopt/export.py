@@ -14,7 +14,7 @@ import gzip
 import os
 import re
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from keras_colopt import stats
 from keras_colopt._files import check_writable, write_atomic  # noqa: F401 (public here too)
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
+IO_TYPES = ("float32", "int8")
 _WEIGHT_OPS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3,
                "TRANSPOSE_CONV": 0, "CONV_3D": 4}
 
@@ -35,12 +36,65 @@ class ExportInfo:
         quantization: the quantization used.
         tflite_bytes: file size.
         gzip_bytes: size after gzip -9 (what sparsity and clustering reduce).
+        io: the type of its input and output tensors: "float32" (the file quantizes and
+            dequantizes them itself) or "int8" (fully integer, batch axis fixed to 1).
+        inputs, outputs: `{name: TensorIO}` of the file's input and output tensors (their
+            dtype, shape and, for int8, scale and zero point: `real = scale * (q - zero_point)`).
     """
 
     path: str
     quantization: str
     tflite_bytes: int
     gzip_bytes: int
+    io: str = "float32"
+    inputs: Dict[str, "TensorIO"] = dataclasses.field(default_factory=dict)
+    outputs: Dict[str, "TensorIO"] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorIO:
+    """An input or output tensor of a `.tflite`: `dtype`, `shape` (-1: a dynamic axis) and,
+    for an integer tensor, `scale` and `zero_point` (`real = scale * (q - zero_point)`)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    scale: Optional[float] = None
+    zero_point: Optional[int] = None
+
+    def quantize(self, x) -> np.ndarray:
+        """`x` (real values) as this tensor takes them: rounded onto its grid and clipped
+        to its integer type, or as float32."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.scale is None:
+            return x
+        info = np.iinfo(self.dtype)
+        return np.clip(np.round(x / self.scale + self.zero_point), info.min,
+                       info.max).astype(self.dtype)
+
+    def dequantize(self, q) -> np.ndarray:
+        q = np.asarray(q)
+        if self.scale is None:
+            return q.astype(np.float32)
+        return ((q.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
+
+
+def _tensor_io(name, d) -> TensorIO:
+    dtype = np.dtype(d["dtype"])
+    scale, zp = d.get("quantization", (0.0, 0))
+    quantized = dtype.kind in "iu" and scale
+    shape = d.get("shape_signature", d["shape"])
+    return TensorIO(name=name, dtype=dtype.name, shape=tuple(int(v) for v in shape),
+                    scale=float(scale) if quantized else None,
+                    zero_point=int(zp) if quantized else None)
+
+
+def io_tensors(path):
+    """`({input name: TensorIO}, {output name: TensorIO})` of a `.tflite`, named as in its
+    signature (the Keras input and output names)."""
+    ins, outs = _signature(_interpreter(path))
+    return ({n: _tensor_io(n, d) for n, d in ins.items()},
+            {n: _tensor_io(n, d) for n, d in outs.items()})
 
 
 def gzip_size(path_or_bytes) -> int:
@@ -93,7 +147,7 @@ def _representative(data, limit=256):
 
 
 def convert(model, quantization: str = "int8", representative_data=None,
-            sparse: bool = False) -> bytes:
+            sparse: bool = False, io: str = "float32") -> bytes:
     """Converts a (possibly wrapped) model to `.tflite` bytes.
 
     Args:
@@ -111,8 +165,21 @@ def convert(model, quantization: str = "int8", representative_data=None,
             smaller without gzip. LiteRT's default XNNPACK delegate refuses
             sparse int8 weights: such a file runs with LiteRT's builtin kernels
             (`predict_tflite` falls back to them). Defaults to `False`.
+        io: `"float32"` (float input and output tensors: the file quantizes and
+            dequantizes them with QUANTIZE/DEQUANTIZE ops, and its batch axis stays
+            dynamic) or `"int8"` (a fully integer file for a microcontroller or an NPU:
+            int8 input and output tensors and the batch axis fixed to 1, so nothing but
+            the model's own operators remains; `quantization="int8"` only). Defaults to
+            `"float32"`.
     """
     from keras_colopt.engines import get_engine
+
+    if io not in IO_TYPES:
+        raise ValueError(f"Unknown `io`. Expected one of {IO_TYPES}. Received: io={io!r}")
+    if io == "int8" and quantization != "int8":
+        raise ValueError(f"io='int8' makes a fully integer file, which needs "
+                         f"quantization='int8'. Received: quantization={quantization!r}. Pass "
+                         "quantization='int8', or io='float32' for a float or dynamic file.")
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"Unknown `quantization`. Expected one of {QUANTIZATIONS}. "
@@ -130,11 +197,12 @@ def convert(model, quantization: str = "int8", representative_data=None,
         raise ValueError(f"`sparse` must be a bool. Received: sparse={sparse!r}")
     representative = (_representative(representative_data)
                       if quantization == "int8" and representative_data is not None else None)
-    return engine.to_tflite_bytes(stripped, quantization, representative, sparse=sparse, qat=qat)
+    return engine.to_tflite_bytes(stripped, quantization, representative, sparse=sparse, qat=qat,
+                                  io=io)
 
 
 def to_tflite(model, path, quantization: str = "int8", representative_data=None,
-              sparse: bool = False, log_dir=None) -> ExportInfo:
+              sparse: bool = False, log_dir=None, io: str = "float32") -> ExportInfo:
     """Strips the training wrappers, converts, and writes `path` atomically.
 
     The target directory is checked before converting, and the file is
@@ -147,6 +215,8 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
         quantization: see `convert`. Defaults to `"int8"`.
         representative_data: see `convert`.
         sparse: see `convert`. Defaults to `False`.
+        io: see `convert`: `"int8"` for a fully integer file with a static batch axis
+            (microcontrollers, Ethos-U). Defaults to `"float32"`.
         log_dir: a run's TensorBoard log directory (the `log_dir` it was trained with):
             what survived in the file, per layer (`survival`), is written there for the
             keras_colopt dashboard. Defaults to `None` (nothing written).
@@ -162,14 +232,15 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise ValueError("`log_dir` must be a run's log directory or None. "
                          f"Received: log_dir={log_dir!r}")
-    data = convert(model, quantization, representative_data, sparse=sparse)
+    data = convert(model, quantization, representative_data, sparse=sparse, io=io)
     write_atomic(path, data)
     if log_dir is not None:
         from keras_colopt.tensorboard import summary
 
         summary.tflite(log_dir, dict(survival(path, model), quantization=quantization))
+    inputs, outputs = io_tensors(path)
     return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
-                      gzip_bytes=gzip_size(data))
+                      gzip_bytes=gzip_size(data), io=io, inputs=inputs, outputs=outputs)
 
 
 def _interpreter(path, num_threads=None):
@@ -292,14 +363,30 @@ def _describe(t, op_name, w) -> TFLiteWeight:
                         entropy_bits=stats.entropy_bits(w))
 
 
-def inspect_tflite(path) -> List[TFLiteWeight]:
-    """Per-weight-tensor sparsity, unique values and entropy of a `.tflite`, read with LiteRT.
+class TFLiteWeights(list):
+    """The weight tensors of a `.tflite` (a list of `TFLiteWeight`), with its `inputs` and
+    `outputs` (`{name: TensorIO}`: dtype, shape, and scale / zero point when integer)."""
+
+    def __init__(self, weights, inputs, outputs):
+        super().__init__(weights)
+        self.inputs, self.outputs = inputs, outputs
+
+
+def inspect_tflite(path) -> TFLiteWeights:
+    """Per-weight-tensor sparsity, unique values and entropy of a `.tflite`, read with LiteRT,
+    and its input and output tensors (`.inputs`, `.outputs`).
 
     Example:
-        >>> for w in inspect_tflite("model.tflite"):
+        >>> weights = inspect_tflite("model.tflite")
+        >>> for w in weights:
         ...     print(w.name, w.sparsity, w.unique_per_channel_max)
+        >>> weights.inputs  # {'input': TensorIO(dtype='int8', shape=(1, 8, 8, 1), scale=...)}
     """
-    return [_describe(t, op_name, w) for t, op_name, w in _weights(_interpreter(path))]
+    interp = _interpreter(path)
+    ins, outs = _signature(interp)
+    return TFLiteWeights([_describe(t, op_name, w) for t, op_name, w in _weights(interp)],
+                         {n: _tensor_io(n, d) for n, d in ins.items()},
+                         {n: _tensor_io(n, d) for n, d in outs.items()})
 
 
 def layer_of(tensor_name: str, layer_names) -> str:
@@ -461,27 +548,32 @@ def predict_tflite(path, x, batch_size: int = 256, output=None):
     ins, outs = _signature(interp)
     wanted = _pick_outputs(outs, output, path)
     feeds = _feeds(ins, x, path)
+    tin = {n: _tensor_io(n, d) for n, d in ins.items()}
+    tout = {n: _tensor_io(n, outs[n]) for n in wanted}
+    # A file with a static batch axis (io="int8") runs that many samples per invocation.
+    static = {t.shape[0] for t in tin.values() if t.shape and t.shape[0] > 0}
+    step = min(static) if static else batch_size
     n = len(next(iter(feeds.values())))
     results = {name: [] for name in wanted}
-    for start in range(0, n, batch_size):
-        chunks = {k: a[start:start + batch_size] for k, a in feeds.items()}
-        for name, d in ins.items():
-            interp.resize_tensor_input(d["index"], list(chunks[name].shape))
-        interp.allocate_tensors()
-        for name, d in ins.items():
-            chunk = chunks[name]
-            if d["dtype"] in (np.int8, np.uint8):
-                scale, zp = d["quantization"]
-                chunk = np.round(chunk / scale + zp)
-            interp.set_tensor(d["index"], chunk.astype(d["dtype"]))
+    resized = None
+    for start in range(0, n, step):
+        chunks = {k: a[start:start + step] for k, a in feeds.items()}
+        rows = len(next(iter(chunks.values())))
+        if static and rows < step:  # the last, short chunk: padded to the file's batch
+            chunks = {k: np.concatenate([a, np.repeat(a[-1:], step - rows, axis=0)])
+                      for k, a in chunks.items()}
+        shapes = {name: list(chunks[name].shape) for name in ins}
+        if shapes != resized:
+            for name, d in ins.items():
+                interp.resize_tensor_input(d["index"], shapes[name])
+            interp.allocate_tensors()
+            resized = shapes
+        for name, d in ins.items():  # an int8 input: quantized with the file's own parameters
+            interp.set_tensor(d["index"], tin[name].quantize(chunks[name]))
         interp.invoke()
         for name in wanted:
-            d = outs[name]
-            y = interp.get_tensor(d["index"])
-            if d["dtype"] in (np.int8, np.uint8):
-                scale, zp = d["quantization"]
-                y = (y.astype(np.float32) - zp) * scale
-            results[name].append(np.asarray(y, dtype=np.float32))
+            y = tout[name].dequantize(interp.get_tensor(outs[name]["index"]))
+            results[name].append(y[:rows])
     merged = {name: np.concatenate(parts, axis=0) for name, parts in results.items()}
     return merged if output == "all" else merged[wanted[0]]
 
@@ -542,10 +634,7 @@ def latency_ms(path, sample, runs: int = 50, warmup: int = 5, num_threads: int =
     interp.resize_tensor_input(inp["index"], list(x.shape))
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
-    if inp["dtype"] in (np.int8, np.uint8):
-        scale, zp = inp["quantization"]
-        x = np.round(x / scale + zp)
-    x = x.astype(inp["dtype"])
+    x = _tensor_io(inp["name"], inp).quantize(x)
     times = []
     for i in range(warmup + runs):
         t0 = time.perf_counter()

@@ -236,7 +236,7 @@ class Engine:
 
     # ------------------------------------------------------------------ files
     def to_tflite_bytes(self, model, quantization: str, representative=None,
-                        sparse: bool = False, qat: bool = False) -> bytes:
+                        sparse: bool = False, qat: bool = False, io: str = "float32") -> bytes:
         """Converts a stripped model to `.tflite` bytes (`representative`: a generator
         function of calibration samples; `qat`: the model carries QAT ranges)."""
         raise NotImplementedError

@@ -143,9 +143,10 @@ def restore_state(model, path: str) -> None:
 
 
 def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool = False,
-                    qat: bool = False) -> bytes:
+                    qat: bool = False, io: str = "float32") -> bytes:
     """Converts a stripped Keras 3 model: exported as a SavedModel (its serving function),
-    converted with TF's converter, builtin ops only (no silent Flex ops)."""
+    converted with TF's converter, builtin ops only (no silent Flex ops). `io="int8"`: the
+    serving function traced at batch 1 (every shape static) and int8 input/output tensors."""
     backend = keras.backend.backend()
     if backend != "tensorflow" and (quantization != "none" or qat):
         raise RuntimeError(
@@ -163,7 +164,8 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model.export(folder, format="tf_saved_model", verbose=False)
+                model.export(folder, format="tf_saved_model", verbose=False,
+                             input_signature=_static_signature(model) if io == "int8" else None)
         finally:
             tf_log.setLevel(level)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
@@ -176,7 +178,17 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         if quantization == "int8" and representative is not None and not qat:
             converter.representative_dataset = representative
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io == "int8":
+            converter.inference_input_type = converter.inference_output_type = tf.int8
         return converter.convert()
+
+
+def _static_signature(model):
+    """The serving function's inputs at batch 1, named as the model's inputs (the names the
+    file's signature keeps)."""
+    specs = [tf.TensorSpec((1,) + tuple(t.shape[1:]), t.dtype, name=t.name.split(":")[0])
+             for t in model.inputs]
+    return specs if len(specs) == 1 else [specs]
 
 
 def load_model(path):

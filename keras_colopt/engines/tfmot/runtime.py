@@ -99,14 +99,21 @@ def restore_state(model, path: str) -> None:
 # --------------------------------------------------------------------------- files
 
 def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool = False,
-                    qat: bool = False) -> bytes:
+                    qat: bool = False, io: str = "float32") -> bytes:
     """Converts a stripped model with TF's converter.
 
     Args:
         representative: a generator function of calibration samples, or None.
         qat: whether the model is quantization-aware trained (its ranges are used).
+        io: `"int8"`: the model traced at batch 1 (every shape static: no SHAPE /
+            STRIDED_SLICE / PACK left for a Flatten) with int8 input and output tensors.
     """
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if io == "int8":
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [_static_function(model)], model)
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []) + (
         [tf.lite.Optimize.DEFAULT] if quantization != "none" else [])
     if quantization == "float16":
@@ -122,6 +129,23 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were "
                                 "expected, but not specified")
         return converter.convert()
+
+
+def _static_function(model):
+    """The model's inference at batch 1, as a concrete function whose inputs and outputs are
+    named as the model's (the names the file's signature keeps)."""
+    specs = [tf.TensorSpec((1,) + tuple(t.shape[1:]), t.dtype, name=n)
+             for t, n in zip(model.inputs, model.input_names)]
+    names = list(model.output_names)
+
+    @tf.function
+    def serve(*args):
+        out = model(list(args) if len(args) > 1 else args[0], training=False)
+        if isinstance(out, dict):
+            return out
+        return dict(zip(names, out if isinstance(out, (list, tuple)) else [out]))
+
+    return serve.get_concrete_function(*specs)
 
 
 def load_model(path):
