@@ -80,6 +80,10 @@ class LeafResult:
             run for this leaf alone would train).
         seconds: wall time spent on it (including nodes first built for it).
         meets_targets: whether it meets every target (None without targets).
+        target_latency_ms, target_weight_bytes, target_sram_bytes, target_flash_bytes,
+        target_cycles, target_cpu_ops, target_compiled: the leaf on `explore`'s `target`
+            (`targets.TargetReport`: e.g. Vela's estimated latency, NPU-encoded weights,
+            memory, the operators left to the CPU, the file for the device); None without.
         reused: measured by an earlier `explore` call with the same model, data sizes and
             settings (its files and results kept under `out_dir`), not trained by this one.
     """
@@ -103,6 +107,13 @@ class LeafResult:
     epochs: Optional[int] = None
     seconds: Optional[float] = None
     meets_targets: Optional[bool] = None
+    target_latency_ms: Optional[float] = None
+    target_weight_bytes: Optional[int] = None
+    target_sram_bytes: Optional[int] = None
+    target_flash_bytes: Optional[int] = None
+    target_cycles: Optional[int] = None
+    target_cpu_ops: Optional[Dict[str, int]] = None
+    target_compiled: Optional[str] = None
     reused: bool = False
 
     @property
@@ -159,6 +170,20 @@ class Report:
     wall_seconds: Optional[float] = None
     stage_kernels: Dict[str, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     plot_layer: Optional[str] = None
+    target: Optional[str] = None
+
+    # ------------------------------------------------------------------ what targets read
+    def size_of(self, r: LeafResult) -> Optional[int]:
+        """The size the size target applies to: the weights as the deployment target
+        stores them (`target_weight_bytes`) with a target, else the gzipped `.tflite`."""
+        return r.target_weight_bytes if self.target else r.gzip_bytes
+
+    def latency_of(self, r: LeafResult) -> Optional[float]:
+        """The latency the latency target applies to: the target's, else LiteRT's here."""
+        return r.target_latency_ms if self.target else r.latency_ms
+
+    def size_label(self) -> str:
+        return f"weights on {self.target} (bytes)" if self.target else "gzipped int8 .tflite (bytes)"
 
     # ------------------------------------------------------------------ targets
     def leaf(self, name: str) -> Optional[LeafResult]:
@@ -171,8 +196,8 @@ class Report:
         return self.baseline.fp32_accuracy - r.int8_accuracy
 
     def _values(self, r: LeafResult) -> Dict[str, Optional[float]]:
-        return {"max_accuracy_drop": self.accuracy_drop(r), "max_size_bytes": r.gzip_bytes,
-                "max_latency_ms": r.latency_ms}
+        return {"max_accuracy_drop": self.accuracy_drop(r), "max_size_bytes": self.size_of(r),
+                "max_latency_ms": self.latency_of(r)}
 
     def misses(self, r: LeafResult) -> Dict[str, float]:
         """{target: how far beyond it `r` is} for each target `r` does not meet."""
@@ -194,7 +219,7 @@ class Report:
             return None
         meeting = [r for r in built if r.meets_targets]
         if meeting:
-            self.chosen = min(meeting, key=lambda r: (r.gzip_bytes, -r.int8_accuracy)).name
+            self.chosen = min(meeting, key=lambda r: (self.size_of(r), -r.int8_accuracy)).name
             return self.chosen
         for key, limit in active.items():
             vals = [(v, r.name) for r in built for k, v in self._values(r).items()
@@ -226,7 +251,7 @@ class Report:
                 "targets": self.targets, "missed": self.missed,
                 "epochs_run": self.epochs_run, "epochs_naive": self.epochs_naive,
                 "wall_seconds": self.wall_seconds, "settings": self.settings,
-                "plot_layer": self.plot_layer}
+                "plot_layer": self.plot_layer, "target": self.target}
 
     def to_json(self) -> str:
         """The report as a JSON string (see `as_dict`)."""
@@ -303,6 +328,7 @@ class Report:
                 f"{_ms(r.latency_ms)} | "
                 f"{_pct(r.sparsity, 1)} | {_num(r.max_unique_weights)} | "
                 f"{_num(r.max_unique_per_channel)} | {_num(r.sparse_tflite_bytes)} | {meets} |")
+        out += self._target_table()
         problems = [r for r in self.leaves if r.status not in ("ok", "pending")]
         if problems:
             out += [""] + [f"- {r.name} {r.status}: {r.reason}" for r in problems]
@@ -329,10 +355,16 @@ class Report:
         active = {k: v for k, v in self.targets.items() if v is not None}
         out.append("")
         if active:
-            out.append("Targets: " + ", ".join(f"{_TARGET_TEXT[k]} ≤ {_fmt_target(k, v)}"
+            text = dict(_TARGET_TEXT)
+            if self.target:
+                text.update(max_size_bytes=f"weights on {self.target}",
+                            max_latency_ms=f"latency on {self.target}")
+            out.append("Targets: " + ", ".join(f"{text[k]} ≤ {_fmt_target(k, v)}"
                                                for k, v in active.items())
-                       + (f". Chosen: **{self.chosen}** (the smallest gzip size meeting every "
-                          "target)." if self.chosen else ". No leaf met every target."))
+                       + (f". Chosen: **{self.chosen}** (the smallest "
+                          f"{'weights on ' + self.target if self.target else 'gzip size'} "
+                          "meeting every target)." if self.chosen
+                          else ". No leaf met every target."))
             out += [f"- {v}" for v in self.missed.values()]
         else:
             out.append("No targets given: every requested leaf was built, none is chosen.")
@@ -349,6 +381,31 @@ class Report:
         if self.wall_seconds is not None:
             out.append(f"Wall time: {self.wall_seconds:.1f} s.")
         return "\n".join(out) + "\n"
+
+    def _target_table(self) -> List[str]:
+        """Each built leaf on the deployment target, and as a ratio to the PTQ leaf."""
+        rows = [r for r in self.leaves if r.ok and r.target_latency_ms is not None]
+        if not rows:
+            return []
+        ptq = self.leaf("PTQ")
+        ptq = ptq if ptq is not None and ptq.ok and ptq.target_latency_ms else None
+
+        def ratio(v, ref):
+            return "-" if ref is None or not ref or v is None else f"{v / ref:.2f}x"
+
+        out = ["", f"## On {self.target}", "",
+               "| leaf | latency ms | vs PTQ | weights B | vs PTQ | SRAM B | flash B "
+               "| cycles | CPU operators |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            cpu = ", ".join(f"{n} {op}" for op, n in sorted((r.target_cpu_ops or {}).items()))
+            out.append(
+                f"| {r.name} | {r.target_latency_ms:.4f} | "
+                f"{ratio(r.target_latency_ms, ptq and ptq.target_latency_ms)} | "
+                f"{_num(r.target_weight_bytes)} | "
+                f"{ratio(r.target_weight_bytes, ptq and ptq.target_weight_bytes)} | "
+                f"{_num(r.target_sram_bytes)} | {_num(r.target_flash_bytes)} | "
+                f"{_num(r.target_cycles)} | {cpu or 'none'} |")
+        return out
 
     def __str__(self):
         return self.to_markdown()
@@ -388,19 +445,19 @@ class Report:
 
         fig = Figure(figsize=(7, 4.5))
         ax = fig.add_subplot(1, 1, 1)
-        built = [r for r in self.leaves if r.ok]
+        built = [r for r in self.leaves if r.ok and self.size_of(r) is not None]
         for i, r in enumerate(built):
-            ax.scatter([r.gzip_bytes], [100 * r.int8_accuracy], color=f"C{i % 10}", label=r.name,
-                       zorder=3)
-            ax.annotate(r.name, (r.gzip_bytes, 100 * r.int8_accuracy), fontsize=8,
+            ax.scatter([self.size_of(r)], [100 * r.int8_accuracy], color=f"C{i % 10}",
+                       label=r.name, zorder=3)
+            ax.annotate(r.name, (self.size_of(r), 100 * r.int8_accuracy), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
-        front = pareto_front(built)
+        front = pareto_front(built, self.size_of)
         if front:
-            ax.step([r.gzip_bytes for r in front], [100 * r.int8_accuracy for r in front],
+            ax.step([self.size_of(r) for r in front], [100 * r.int8_accuracy for r in front],
                     where="post", color="grey", linestyle=":", label="Pareto front", zorder=2)
         chosen = self.leaf(self.chosen) if self.chosen else None
         if chosen is not None:
-            ax.scatter([chosen.gzip_bytes], [100 * chosen.int8_accuracy], s=300,
+            ax.scatter([self.size_of(chosen)], [100 * chosen.int8_accuracy], s=300,
                        facecolors="none", edgecolors="red", linewidths=2,
                        label=f"chosen: {chosen.name}", zorder=4)
         b = self.baseline
@@ -414,7 +471,7 @@ class Report:
         if self.targets.get("max_size_bytes") is not None:
             ax.axvline(self.targets["max_size_bytes"], color="red", linestyle="-.",
                        linewidth=0.8, label="size target")
-        ax.set_xlabel("gzipped int8 .tflite (bytes)")
+        ax.set_xlabel(self.size_label())
         ax.set_ylabel("INT8 accuracy, LiteRT (%)")
         ax.set_title("Deployment tree: accuracy vs size")
         ax.grid(alpha=0.3)
@@ -446,10 +503,11 @@ class Report:
         return files
 
 
-def pareto_front(leaves: List[LeafResult]) -> List[LeafResult]:
-    """The leaves no other leaf beats on both gzip size and INT8 accuracy, by size."""
+def pareto_front(leaves: List[LeafResult], size=lambda r: r.gzip_bytes) -> List[LeafResult]:
+    """The leaves no other leaf beats on both size (`size(leaf)`: gzip size by default) and
+    INT8 accuracy, by size."""
     front = []
-    for r in sorted(leaves, key=lambda r: (r.gzip_bytes, -r.int8_accuracy)):
+    for r in sorted(leaves, key=lambda r: (size(r), -r.int8_accuracy)):
         if not front or r.int8_accuracy > front[-1].int8_accuracy:
             front.append(r)
     return front

@@ -36,6 +36,7 @@ from keras_colopt.fit import collaborative_fit
 from keras_colopt.phases import Cluster, Prune, Quantize, Train
 from keras_colopt.plan import resolve
 from keras_colopt.report import Baseline, LeafResult, Report
+from keras_colopt.targets import EthosU, LiteRTCPU
 from keras_colopt.tree_state import TreeState, fingerprint
 
 log = logging.getLogger("keras_colopt")
@@ -135,7 +136,7 @@ class _Tree:
     """Builds nodes once (cached) and leaves from them; all files go under `out_dir`."""
 
     def __init__(self, model, x, y, xv, yv, rep, out_dir, baseline_epochs, prune, cluster,
-                 quantize, latency_runs, fit_args, state: TreeState):
+                 quantize, latency_runs, fit_args, state: TreeState, target=None):
         self.model, self.x, self.y, self.xv, self.yv = model, x, y, xv, yv
         self.rep, self.out_dir = rep, out_dir
         self.baseline_epochs = baseline_epochs
@@ -149,6 +150,7 @@ class _Tree:
         self.epochs_run = 0
         self.stage_kernels: Dict[str, Dict[str, np.ndarray]] = {}
         self.state = state
+        self.target = target
 
     def _fit(self, model, phases, start, log_name):
         result = collaborative_fit(model, self.x, self.y, phases=phases,
@@ -269,9 +271,11 @@ class _Tree:
         node, how = LEAVES[name]
         # The dashboard's "Deployed model" table goes to the run that trained the model: the
         # QAT leaf's own, or the node's for a post-training leaf.
+        npu = isinstance(self.target, EthosU)  # a fully integer file, as the NPU runs it
         info = export.to_tflite(model, os.path.join(folder, f"{_slug(name)}_int8.tflite"),
                                 quantization="int8", representative_data=self.rep,
-                                log_dir=self.log_dir(name if how == "qat" else node))
+                                log_dir=self.log_dir(name if how == "qat" else node),
+                                io="int8" if npu else "float32")
         weights = export.inspect_tflite(info.path)
         zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
         size = sum(math.prod(w.shape) for w in weights)
@@ -279,13 +283,25 @@ class _Tree:
             name=name, status="ok", tflite=info.path, fp32_accuracy=fp32,
             int8_accuracy=export.evaluate_tflite(info.path, self.xv, self.yv),
             tflite_bytes=info.tflite_bytes, gzip_bytes=info.gzip_bytes,
-            latency_ms=export.latency_ms(info.path, self.xv[:1], runs=self.latency_runs),
+            latency_ms=export.latency_ms(info.path, self.xv[:1], runs=self.latency_runs,
+                                         num_threads=getattr(self.target, "threads", 1)),
             sparsity=zeros / max(1, size),
             max_unique_weights=max((w.unique for w in weights), default=0),
             max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0),
             weights_entropy_bytes=sum(w.entropy_bits for w in weights) / 8,
             weights_gzip_bytes=export.gzip_size(b"".join(
                 a.tobytes() for a in export.read_weights(info.path).values())))
+        if npu:
+            on = self.target.measure(info.path)
+            result.target_latency_ms, result.target_weight_bytes = on.latency_ms, on.weight_bytes
+            result.target_sram_bytes, result.target_flash_bytes = on.sram_bytes, on.flash_bytes
+            result.target_cycles, result.target_cpu_ops = on.cycles, on.cpu_ops
+            result.target_compiled = on.compiled
+        elif self.target is not None:  # LiteRTCPU: its latency is the one measured above
+            result.target_latency_ms = result.latency_ms
+            result.target_weight_bytes = sum(int(w.nbytes) for w in export.read_weights(
+                info.path).values())
+            result.target_cpu_ops = {}
         if sparse:
             self._sparse_variant(result, model)
         return result
@@ -353,7 +369,7 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
             quantize: Optional[Quantize] = None, max_accuracy_drop: Optional[float] = None,
             max_size_bytes: Optional[int] = None, max_latency_ms: Optional[float] = None,
             plot_layer: Optional[str] = None, latency_runs: int = 50, batch_size=None,
-            verbose: int = 0, **fit_kwargs) -> Report:
+            verbose: int = 0, target=None, **fit_kwargs) -> Report:
     """Builds and measures the leaves of the deployment tree from one baseline.
 
     Inner nodes are trained once and shared: the pruned model feeds Pruned+PTQ,
@@ -398,8 +414,16 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
             `Quantize(epochs=2)`.
         max_accuracy_drop: largest allowed drop of int8 (LiteRT) accuracy below
             the baseline's FP32 accuracy, as a fraction (0.01 = 1 point).
-        max_size_bytes: largest allowed gzipped `.tflite` size.
-        max_latency_ms: largest allowed median latency of one inference.
+        max_size_bytes: largest allowed gzipped `.tflite` size; with a `target`, the
+            weights as the target stores them (NPU-encoded on Ethos-U).
+        max_latency_ms: largest allowed median latency of one inference; with a
+            `target`, the target's (Vela's estimate on Ethos-U).
+        target: where the leaves will run: `targets.EthosU(...)` exports every leaf
+            fully integer (`io="int8"`), compiles it with Vela and reports and
+            targets its figures (latency, encoded weights, memory, CPU operators;
+            the gzip size and the LiteRT latency stay columns);
+            `targets.LiteRTCPU(threads=n)` measures the latency with `n` threads.
+            Defaults to None (LiteRT on this CPU, one thread, float-I/O files).
         plot_layer: the layer whose kernel the density plot follows. Defaults
             to the largest pruned layer.
         latency_runs: measured inferences per leaf. Defaults to `50`.
@@ -435,6 +459,10 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
             or baseline_epochs < 0:
         raise ValueError("`baseline_epochs` must be an int >= 0 (0: the model is already "
                          f"trained). Received: baseline_epochs={baseline_epochs!r}")
+    if target is not None and not isinstance(target, (EthosU, LiteRTCPU)):
+        raise ValueError("`target` must be a deployment target: colopt.targets.EthosU("
+                         "'ethos-u55-128') or colopt.targets.LiteRTCPU(threads=1), or None. "
+                         f"Received: target={target!r}")
     if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError("`validation_data` must be a tuple (x_val, y_val) of arrays: every "
                          "leaf's .tflite is run on it with LiteRT. Received: "
@@ -473,13 +501,15 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
     fit_args.update(_baseline_teacher(model, fit_args.get("distill"), baseline_epochs))
     settings = {"prune": prune.get_config(), "cluster": cluster.get_config(),
                 "quantize": quantize.get_config(), "baseline_epochs": baseline_epochs,
-                "validation_samples": int(len(xv))}
+                "validation_samples": int(len(xv)),
+                "target": None if target is None else repr(target)}
     # Refused here, before any training, if out_dir holds another call's nodes and leaves.
     state = TreeState(out_dir, fingerprint(model, _samples(x), len(xv), settings, fit_args))
     tree = _Tree(model, x, y, xv, yv, representative_data, out_dir, baseline_epochs, prune,
-                 cluster, quantize, latency_runs, fit_args, state)
+                 cluster, quantize, latency_runs, fit_args, state, target)
     report = Report(leaves=[LeafResult(name=n, status="pending") for n in leaves],
-                    targets=targets, out_dir=out_dir, settings=settings)
+                    targets=targets, out_dir=out_dir, settings=settings,
+                    target=None if target is None else target.name)
 
     def meets(r: LeafResult) -> bool:
         return any(v is not None for v in targets.values()) and not report.misses(r)

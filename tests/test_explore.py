@@ -236,10 +236,10 @@ def test_a_converter_error_fails_only_its_leaves(digits, tmp_path, monkeypatch):
     (x, y), (xt, yt) = digits
     real = colopt.export.convert
 
-    def convert(model, quantization="int8", representative_data=None, sparse=False):
+    def convert(model, quantization="int8", representative_data=None, sparse=False, io="float32"):
         if any(type(l).__name__ == "QuantizeWrapperV2" for l in model.layers):
             raise RuntimeError("converter exploded\nwith a long trace")
-        return real(model, quantization, representative_data, sparse=sparse)
+        return real(model, quantization, representative_data, sparse=sparse, io=io)
 
     monkeypatch.setattr(colopt.export, "convert", convert)
     report = colopt.explore(

@@ -152,3 +152,31 @@ def test_litert_cpu_measures_latency_and_stored_weights(files):
     assert report.weight_bytes == sum(w.nbytes for w in export.read_weights(
         int8_io.path).values())
     assert "FULLY_CONNECTED" in report.cpu_ops and report.npu_ops == 0
+
+
+def test_explore_on_ethos_u_picks_a_leaf_whose_vela_latency_meets_the_target(digits, tmp_path):
+    """Every leaf exported fully integer and compiled by Vela; the latency target applies to
+    Vela's estimate. Run once without targets, then the same call with a latency target
+    between the two leaves' (the leaves are reused from the first call's state: no training)."""
+    (x, y), (xt, yt) = digits
+    kw = dict(validation_data=(xt, yt), out_dir=tmp_path / "tree", baseline_epochs=1,
+              leaves=["PTQ", "Pruned+PTQ"], prune=colopt.Prune(0.75, epochs=1), batch_size=64,
+              latency_runs=2, rate_policy="compiled",
+              target=targets.EthosU("ethos-u55-128"))
+    first = colopt.explore(tiny_sequential(), x, y, **kw)
+    ptq, pruned = first.leaf("PTQ"), first.leaf("Pruned+PTQ")
+    assert pruned.target_weight_bytes < ptq.target_weight_bytes
+    assert pruned.target_latency_ms < ptq.target_latency_ms, "the premise: pruning is faster"
+    assert ptq.target_cpu_ops == {} and first.target == "ethos-u55-128"
+    limit = (ptq.target_latency_ms + pruned.target_latency_ms) / 2
+    report = colopt.explore(tiny_sequential(), x, y, max_latency_ms=limit, **kw)
+    assert report.epochs_run == 0 and all(r.reused for r in report.leaves)
+    assert report.chosen == "Pruned+PTQ"
+    again = targets.EthosU("ethos-u55-128").measure(report.leaf("Pruned+PTQ").tflite,
+                                                     output_dir=tmp_path / "check")
+    assert again.latency_ms <= limit < targets.EthosU("ethos-u55-128").measure(
+        report.leaf("PTQ").tflite, output_dir=tmp_path / "check2").latency_ms
+    md = report.to_markdown()
+    assert "## On ethos-u55-128" in md and "latency on ethos-u55-128 ≤" in md
+    with pytest.raises(ValueError, match="`target` must be a deployment target"):
+        colopt.explore(tiny_sequential(), x, y, **dict(kw, target="ethos-u55-128"))
