@@ -121,6 +121,14 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
                                         log_dir=log_dir)
     opt_info = colopt.export.to_tflite(result.model, os.path.join(out, "pcqat_int8.tflite"),
                                        quantization="int8", log_dir=log_dir)
+    # The same two models as a microcontroller or an NPU takes them (int8 in and out, batch
+    # 1), on the Ethos-U55 (128 MACs) the origin's authors build for, as Vela estimates it.
+    npu = colopt.targets.EthosU("ethos-u55-128")
+    on_npu = {}
+    for name, m, rep in (("baseline", keep.baseline, x[:256]), ("pcqat", result.model, None)):
+        info = colopt.export.to_tflite(m, os.path.join(out, f"{name}_int8_io.tflite"),
+                                       quantization="int8", representative_data=rep, io="int8")
+        on_npu[name] = npu.measure(info.path)
     summary = {
         "dataset": f"scikit-learn digits 8x8: {len(x)} train / {len(xt)} test",
         "phases": [p.label for p in result.plan],
@@ -134,8 +142,13 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
                  "pcqat_int8_tflite_bytes": opt_info.tflite_bytes,
                  "pcqat_int8_gzip_bytes": opt_info.gzip_bytes,
                  "gzip_reduction": 1.0 - opt_info.gzip_bytes / base_info.gzip_bytes},
+        "ethos_u55_128": {name: {"latency_ms": r.latency_ms, "weight_bytes": r.weight_bytes,
+                                 "cpu_ops": r.cpu_ops, "compiled": r.compiled}
+                          for name, r in on_npu.items()},
         "layers": layer_summary(result.model, opt_info.path),
-        "files": {"log_dir": log_dir, "baseline": base_info.path, "pcqat": opt_info.path},
+        "files": {"log_dir": log_dir, "baseline": base_info.path, "pcqat": opt_info.path,
+                  "baseline_int8_io": on_npu["baseline"].file,
+                  "pcqat_int8_io": on_npu["pcqat"].file},
         "train_seconds": train_time,
         "wall_seconds": time.time() - t0,
     }
@@ -171,11 +184,52 @@ def format_summary(s: dict) -> str:
         f"| {z['pcqat_int8_tflite_bytes']} |",
         f"| gzipped bytes | {z['baseline_int8_gzip_bytes']} | {z['pcqat_int8_gzip_bytes']} "
         f"({100 * z['gzip_reduction']:.1f}% smaller) |",
+        *_npu_rows(s.get("ethos_u55_128")),
         "",
         *rows,
         "",
         f"wall time {s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s)",
     ])
+
+
+def _npu_rows(npu) -> list:
+    """The demo table's Ethos-U55-128 rows (the fully integer files, Vela's estimates)."""
+    if not npu:
+        return []
+    b, p = npu["baseline"], npu["pcqat"]
+    return [f"| Ethos-U55-128 weights, NPU-encoded (Vela) | {b['weight_bytes']} "
+            f"| {p['weight_bytes']} ({b['weight_bytes'] / p['weight_bytes']:.2f}x smaller) |",
+            f"| Ethos-U55-128 latency, Vela estimate | {1e3 * b['latency_ms']:.1f} us "
+            f"| {1e3 * p['latency_ms']:.1f} us ({b['latency_ms'] / p['latency_ms']:.2f}x "
+            "faster) |"]
+
+
+def add_target_arguments(p) -> None:
+    """`--target` (and Vela's configuration) for the commands that measure on a target."""
+    p.add_argument("--target", help="where the model will run: an Ethos-U accelerator "
+                                    "(ethos-u55-128, ethos-u65-256, ethos-u85-256, ...; Vela's "
+                                    "estimate) or litert-cpu (LiteRT on this CPU)")
+    p.add_argument("--system-config", help="Vela system configuration (default: Vela's for "
+                                           "the accelerator)")
+    p.add_argument("--memory-mode", help="Vela memory mode (default: Vela's)")
+
+
+def target_from(args):
+    """The `targets` object `--target` names, or None; a ValueError for a bad one."""
+    from keras_colopt import targets
+
+    if args.target is None:
+        if args.system_config or args.memory_mode:
+            raise ValueError("--system-config and --memory-mode configure an Ethos-U "
+                             "--target. Expected --target ethos-u55-128 (or another).")
+        return None
+    if args.target.startswith("ethos-u"):
+        return targets.EthosU(args.target, system_config=args.system_config,
+                              memory_mode=args.memory_mode)
+    if args.system_config or args.memory_mode:
+        raise ValueError(f"--system-config and --memory-mode are Vela's; --target "
+                         f"{args.target} is not an Ethos-U.")
+    return targets.get(args.target)
 
 
 def load_model(path):
@@ -190,7 +244,7 @@ def run_report(out: str, model_path=None, data_path=None, leaves=None, baseline_
                prune_epochs: int = 3, cluster_epochs: int = 2, qat_epochs: int = 2,
                sparsity: float = 0.5, clusters: int = 8, per_channel: bool = False,
                max_accuracy_drop=None, max_size_bytes=None, max_latency_ms=None,
-               batch_size: int = 32, verbose: int = 1, seed: int = 0):
+               batch_size: int = 32, verbose: int = 1, seed: int = 0, target=None):
     """`keras-colopt report`: the deployment tree on the embedded dataset (a fresh demo
     model, trained `baseline_epochs`, 15 by default) or on a user's trained model and data
     file (`baseline_epochs` 0 by default). Returns the `Report`."""
@@ -216,7 +270,7 @@ def run_report(out: str, model_path=None, data_path=None, leaves=None, baseline_
         cluster=colopt.Cluster(clusters=clusters, epochs=cluster_epochs, per_channel=per_channel),
         quantize=colopt.Quantize(epochs=qat_epochs), max_accuracy_drop=max_accuracy_drop,
         max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms, batch_size=batch_size,
-        verbose=2 if verbose > 1 else 0)
+        verbose=2 if verbose > 1 else 0, target=target)
 
 
 def _report_parser(sub):
@@ -243,8 +297,11 @@ def _report_parser(sub):
     p.add_argument("--max-accuracy-drop", type=float,
                    help="target: int8 accuracy at most this far below the FP32 baseline "
                         "(fraction: 0.01 = 1 point)")
-    p.add_argument("--max-size-bytes", type=int, help="target: gzipped .tflite size")
-    p.add_argument("--max-latency-ms", type=float, help="target: median ms per inference")
+    p.add_argument("--max-size-bytes", type=int, help="target: gzipped .tflite size (with "
+                                                      "--target: the weights as it stores them)")
+    p.add_argument("--max-latency-ms", type=float, help="target: median ms per inference "
+                                                        "(with --target: its latency)")
+    add_target_arguments(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--seed", type=int, default=0)
@@ -259,7 +316,8 @@ def _report_command(args) -> int:
         qat_epochs=args.qat_epochs, sparsity=args.sparsity, clusters=args.clusters,
         per_channel=args.per_channel, max_accuracy_drop=args.max_accuracy_drop,
         max_size_bytes=args.max_size_bytes, max_latency_ms=args.max_latency_ms,
-        batch_size=args.batch_size, verbose=0 if args.quiet else 1, seed=args.seed)
+        batch_size=args.batch_size, verbose=0 if args.quiet else 1, seed=args.seed,
+        target=target_from(args))
     print()
     print(report.to_markdown())
     print(f"Files: {out} (report.md, report.csv, report.json, density.png, pareto.png, "
@@ -321,7 +379,7 @@ def _same_file(a, b) -> bool:
 
 
 def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
-               checkpoint_dir=None) -> dict:
+               checkpoint_dir=None, target=None) -> dict:
     """`keras-colopt run`: a recipe of phases on the user's model and data, then export.
 
     The recipe, the model and the data are loaded and checked before any training; none of
@@ -361,6 +419,10 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
     _check_model_and_data(model, model_path,
                           {"x_train": x, **({} if val is None else {"x_val": val[0]})}, data_path)
     quant = r.quantization
+    if target is not None and quant != "int8":
+        raise RunInputError(f"--target {target.name} measures the int8 file, but the recipe "
+                            f"exports {quant!r}. Expected export: {{quantization: int8}} in the "
+                            "recipe, or no --target.")
     outputs = {"summary_json": os.path.join(out, "summary.json"),
                "summary_md": os.path.join(out, "summary.md"),
                "tflite": os.path.join(out, f"model_{quant}.tflite"),
@@ -368,9 +430,9 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunInputError(f"--out {out!r} is a file. Expected a directory (created if "
                             "missing). Pick another path.")
-    for name, target in outputs.items():
+    for name, written in outputs.items():
         for given in (recipe_path, model_path, data_path):
-            if _same_file(target, given) and not (name == "recipe" and given == recipe_path):
+            if _same_file(written, given) and not (name == "recipe" and given == recipe_path):
                 raise RunInputError(
                     f"{given!r} is where the run writes its {name.replace('_', '.')}; it would "
                     "be overwritten. Expected inputs outside the output files. Pass another "
@@ -436,6 +498,12 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
     info = colopt.export.to_tflite(result.model, outputs["tflite"], quantization=quant,
                                    representative_data=x[:256] if quant == "int8" else None,
                                    log_dir=log_dir)
+    on_target = None
+    if target is not None:  # the file as the device takes it: int8 in and out, batch 1
+        io_info = colopt.export.to_tflite(result.model, os.path.join(out, "model_int8_io.tflite"),
+                                          quantization="int8", representative_data=x[:256],
+                                          io="int8")
+        on_target = target.measure(io_info.path).as_dict()
     metrics, tflite_accuracy = {}, None
     if val is not None:
         xv, yv = val
@@ -457,6 +525,7 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
         "accuracy": {"keras": metrics.get("accuracy"), "tflite": tflite_accuracy},
         "keras_metrics": metrics,
         "size": {"tflite_bytes": info.tflite_bytes, "gzip_bytes": info.gzip_bytes},
+        "target": on_target,
         "layers": layer_summary(result.model, info.path),
         "files": {"out": out, "log_dir": log_dir, **outputs},
         "train_seconds": train_time,
@@ -488,6 +557,13 @@ def format_run_summary(s: dict) -> str:
         f"| .tflite accuracy (LiteRT, validation) | {pct(a['tflite'])} |",
         f"| .tflite bytes | {z['tflite_bytes']} |",
         f"| gzipped bytes | {z['gzip_bytes']} |",
+        *([] if not s.get("target") else [
+            f"| on {s['target']['target']} (int8 in/out file): latency | "
+            f"{s['target']['latency_ms']:.4f} ms |",
+            f"| on {s['target']['target']}: weights as stored there | "
+            f"{s['target']['weight_bytes']} |",
+            f"| on {s['target']['target']}: operators left to the CPU | "
+            f"{', '.join(f'{n} {op}' for op, n in s['target']['cpu_ops'].items()) or 'none'} |"]),
         "",
         *format_layer_table(s["layers"]),
         "",
@@ -512,6 +588,7 @@ def _run_parser(sub) -> None:
                    help="checkpoint every epoch here (default: OUT/checkpoint); rerunning the "
                         "same command after a crash continues from the last completed epoch")
     p.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint")
+    add_target_arguments(p)
 
 
 def _run_command(args) -> int:
@@ -522,8 +599,14 @@ def _run_command(args) -> int:
     print(f"keras-colopt run: {args.recipe} on {args.model} with {args.data}; writing to {out}",
           flush=True)
     try:
+        target = target_from(args)
+    except ValueError as e:
+        print(f"keras-colopt run: error: {e}", file=sys.stderr)
+        return 2
+    try:
         s = run_recipe(args.recipe, args.model, args.data, out, verbose=0 if args.quiet else 1,
-                       checkpoint_dir=False if args.no_checkpoint else args.checkpoint_dir)
+                       checkpoint_dir=False if args.no_checkpoint else args.checkpoint_dir,
+                       target=target)
     except (RecipeError, RunInputError, CheckpointMismatch) as e:
         print(f"keras-colopt run: error: {e}", file=sys.stderr)
         return 2
@@ -534,6 +617,35 @@ def _run_command(args) -> int:
                       for k in ("summary_md", "summary_json", "tflite", "recipe"))
     print(f"Files: {out} ({names})")
     print(dashboard_line(os.path.dirname(s["files"]["log_dir"])))
+    return 0
+
+
+def _deploy_parser(sub) -> None:
+    p = sub.add_parser(
+        "deploy", help="what a .tflite costs on a target: Ethos-U through Vela (latency, "
+                       "encoded weights, memory, CPU fallbacks, per operator) or LiteRT here",
+        description="Compiles FILE for the target and prints its figures. For an Ethos-U, "
+                    "Vela's outputs (FILE_vela.tflite: what goes on the device; summary, "
+                    "per-layer CSV, debug database, log) are kept in --out.")
+    p.add_argument("file", metavar="FILE", help="an int8 .tflite (export.to_tflite(..., "
+                                                "io='int8') for a fully integer one)")
+    add_target_arguments(p)
+    p.set_defaults(target="ethos-u55-128")
+    p.add_argument("--out", help="Vela's output folder (default: FILE_vela_<target>/ beside "
+                                 "FILE)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _deploy_command(args) -> int:
+    target = target_from(args)
+    if args.out and not hasattr(target, "output_dir_for"):
+        raise ValueError(f"--out is Vela's output folder; --target {args.target} writes none.")
+    report = target.measure(args.file, output_dir=args.out) if args.out else \
+        target.measure(args.file)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.to_markdown())
     return 0
 
 
@@ -550,7 +662,16 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     _report_parser(sub)
     _run_parser(sub)
+    _deploy_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "deploy":
+        from keras_colopt.targets import TargetError
+
+        try:
+            return _deploy_command(args)
+        except (ValueError, FileNotFoundError, TargetError) as e:
+            print(f"keras-colopt deploy: error: {e}", file=sys.stderr)
+            return 2
     _setup_logging(0 if args.quiet else 1)
     if args.command == "run":
         return _run_command(args)
@@ -567,7 +688,9 @@ def main(argv=None) -> int:
         print()
         print(format_summary(summary))
         print()
-        print(f"Files: {out} (summary.md, summary.json, baseline_int8.tflite, pcqat_int8.tflite)")
+        print(f"Files: {out} (summary.md, summary.json, baseline_int8.tflite, pcqat_int8.tflite;"
+              " *_int8_io.tflite: int8 in and out, for a microcontroller or an NPU; Vela's "
+              "outputs in *_int8_io_vela_ethos-u55-128/)")
         print(dashboard_line(os.path.dirname(summary["files"]["log_dir"])))
     return 0
 

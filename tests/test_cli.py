@@ -33,6 +33,43 @@ def test_demo_writes_models_summary_and_logs(tmp_path):
     assert 0.0 <= s["accuracy"]["pcqat_int8_tflite"] <= 1.0
     text = (out / "summary.md").read_text()
     assert "| dense1 | 18432 |" in text and "smaller" in text
+    # The same two models fully integer, on the Ethos-U55-128 (Vela): nothing on the CPU,
+    # the pruned and clustered weights encoded smaller.
+    npu = s["ethos_u55_128"]
+    assert npu["baseline"]["cpu_ops"] == {} and npu["pcqat"]["cpu_ops"] == {}
+    assert npu["pcqat"]["weight_bytes"] < npu["baseline"]["weight_bytes"]
+    assert os.path.isfile(npu["pcqat"]["compiled"])
+    assert "Ethos-U55-128 latency, Vela estimate" in text
+
+
+def test_deploy_prints_the_targets_report(tmp_path, capsys):
+    import numpy as np
+    import tf_keras as keras
+
+    from conftest import tiny_sequential
+    from keras_colopt import targets
+
+    x = np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32)
+    path = export.to_tflite(tiny_sequential(), tmp_path / "m.tflite", quantization="int8",
+                            representative_data=x, io="int8").path
+    assert keras  # the tiny model is tf_keras
+    assert cli.main(["deploy", path, "--target", "ethos-u85-256", "--json",
+                     "--out", str(tmp_path / "vela")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    same = targets.EthosU("ethos-u85-256").measure(path, output_dir=tmp_path / "again")
+    assert printed["latency_ms"] == same.latency_ms and printed["target"] == "ethos-u85-256"
+    assert printed["weight_bytes"] == same.weight_bytes and printed["cpu_ops"] == {}
+    assert os.path.isfile(tmp_path / "vela" / "m_vela.tflite")
+    assert cli.main(["deploy", path]) == 0  # ethos-u55-128 by default, Markdown
+    text = capsys.readouterr().out
+    assert "# m.tflite on ethos-u55-128" in text and "| operator | type | on |" in text
+    assert os.path.isdir(tmp_path / "m_vela_ethos-u55-128")
+    for argv, message in ((["deploy", str(tmp_path / "none.tflite")], "No .tflite file"),
+                          (["deploy", path, "--target", "gpu"], "Unknown target 'gpu'"),
+                          (["deploy", path, "--target", "ethos-u55-128", "--memory-mode",
+                            "Lots"], "Unknown `memory_mode`")):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_layer_of_maps_tflite_names_to_layers():

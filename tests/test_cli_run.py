@@ -83,6 +83,26 @@ def test_run_end_to_end_writes_everything_under_out_and_keeps_inputs(inputs, tmp
     assert [r["layer"] for r in table["layers"]] == ["conv", "hidden", "logits"]
 
 
+def test_run_on_a_target_measures_the_fully_integer_file(inputs, tmp_path, capsys):
+    recipe_path, model_path, data_path = inputs
+    out = tmp_path / "out"
+    rc = cli.main(["run", recipe_path, "--model", model_path, "--data", data_path,
+                   "--out", str(out), "--quiet", "--no-checkpoint", "--target", "ethos-u55-128"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["target"]["target"] == "ethos-u55-128" and s["target"]["cpu_ops"] == {}
+    assert s["target"]["file"] == str(out / "model_int8_io.tflite")
+    assert "| on ethos-u55-128 (int8 in/out file): latency |" in printed
+
+
+def test_run_refuses_a_bad_target_before_training(inputs, tmp_path, capsys, no_training):
+    recipe_path, model_path, data_path = inputs
+    rc = cli.main(["run", recipe_path, "--model", model_path, "--data", data_path,
+                   "--out", str(tmp_path / "out"), "--target", "ethos-u99"])
+    assert rc == 2 and "Unknown Ethos-U `accelerator`" in capsys.readouterr().err
+
+
 def test_run_interrupted_then_rerun_resumes_into_the_same_tensorboard_run(inputs, tmp_path,
                                                                          capsys, monkeypatch):
     recipe_path, model_path, data_path = inputs
