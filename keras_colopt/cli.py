@@ -126,9 +126,9 @@ def run_demo(out: str, train_epochs: int = 15, prune_epochs: int = 4, cluster_ep
     npu = colopt.targets.EthosU("ethos-u55-128")
     on_npu = {}
     for name, m, rep in (("baseline", keep.baseline, x[:256]), ("pcqat", result.model, None)):
-        info = colopt.export.to_tflite(m, os.path.join(out, f"{name}_int8_io.tflite"),
-                                       quantization="int8", representative_data=rep, io="int8")
-        on_npu[name] = npu.measure(info.path)
+        on_npu[name] = colopt.export.to_tflite(
+            m, os.path.join(out, f"{name}_int8_io.tflite"), quantization="int8",
+            representative_data=rep, io="int8", target=npu, log_dir=log_dir).on_target
     summary = {
         "dataset": f"scikit-learn digits 8x8: {len(x)} train / {len(xt)} test",
         "phases": [p.label for p in result.plan],

@@ -40,6 +40,8 @@ class ExportInfo:
             dequantizes them itself) or "int8" (fully integer, batch axis fixed to 1).
         inputs, outputs: `{name: TensorIO}` of the file's input and output tensors (their
             dtype, shape and, for int8, scale and zero point: `real = scale * (q - zero_point)`).
+        on_target: the file measured on `to_tflite`'s `target` (a `targets.TargetReport`),
+            or None.
     """
 
     path: str
@@ -49,6 +51,7 @@ class ExportInfo:
     io: str = "float32"
     inputs: Dict[str, "TensorIO"] = dataclasses.field(default_factory=dict)
     outputs: Dict[str, "TensorIO"] = dataclasses.field(default_factory=dict)
+    on_target: Optional[object] = None  # targets.TargetReport, with to_tflite(target=...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +205,8 @@ def convert(model, quantization: str = "int8", representative_data=None,
 
 
 def to_tflite(model, path, quantization: str = "int8", representative_data=None,
-              sparse: bool = False, log_dir=None, io: str = "float32") -> ExportInfo:
+              sparse: bool = False, log_dir=None, io: str = "float32",
+              target=None) -> ExportInfo:
     """Strips the training wrappers, converts, and writes `path` atomically.
 
     The target directory is checked before converting, and the file is
@@ -220,6 +224,9 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
         log_dir: a run's TensorBoard log directory (the `log_dir` it was trained with):
             what survived in the file, per layer (`survival`), is written there for the
             keras_colopt dashboard. Defaults to `None` (nothing written).
+        target: a deployment target (`targets.EthosU(...)`, `targets.LiteRTCPU()`): the
+            file is measured on it (`info.on_target`), and with `log_dir` the dashboard's
+            table of the file shows the target's figures per layer. Defaults to `None`.
 
     Returns:
         An `ExportInfo` with the raw and gzip sizes.
@@ -232,15 +239,37 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise ValueError("`log_dir` must be a run's log directory or None. "
                          f"Received: log_dir={log_dir!r}")
+    if target is not None and not callable(getattr(target, "measure", None)):
+        raise ValueError("`target` must be a deployment target (colopt.targets.EthosU(...), "
+                         f"colopt.targets.LiteRTCPU()) or None. Received: target={target!r}")
     data = convert(model, quantization, representative_data, sparse=sparse, io=io)
     write_atomic(path, data)
+    on_target = None if target is None else target.measure(path)
     if log_dir is not None:
         from keras_colopt.tensorboard import summary
 
-        summary.tflite(log_dir, dict(survival(path, model), quantization=quantization))
+        table = dict(survival(path, model), quantization=quantization, io=io)
+        if on_target is not None:
+            table["targets"] = [target_table(on_target, model)]
+        summary.tflite(log_dir, table)
     inputs, outputs = io_tensors(path)
     return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
-                      gzip_bytes=gzip_size(data), io=io, inputs=inputs, outputs=outputs)
+                      gzip_bytes=gzip_size(data), io=io, inputs=inputs, outputs=outputs,
+                      on_target=on_target)
+
+
+def target_table(report, model=None) -> dict:
+    """A `targets.TargetReport` as the dashboard shows it: its figures, and per operator the
+    Keras layer it belongs to (`layer_of`, given the model)."""
+    names = []
+    if model is not None:
+        from keras_colopt import callbacks
+
+        names = list(callbacks.layer_stats(model))
+    table = report.as_dict()
+    for row in table["layers"]:
+        row["layer"] = layer_of(row["name"], names) if names else ""
+    return table
 
 
 def _interpreter(path, num_threads=None):

@@ -56,7 +56,8 @@ class LayerCost:
         weight_bytes: its NPU-encoded weights (None: no weights).
         scale_bytes: its encoded scales and biases (None: not reported separately).
         distinct_weights: distinct weight values Vela saw (its palette holds at most 32).
-        zero_weights: weights equal to the zero point.
+        zero_weights: Vela's `weight_zero` count for the operator's weight stream (its debug
+            database's figure, as Vela counts it: not the file's zero weights).
     """
 
     name: str
@@ -134,7 +135,7 @@ class TargetReport:
             lines.append(f"- the file for the device: {self.compiled}")
         if self.layers:
             lines += ["", "| operator | type | on | cycles | MACs | encoded weights B "
-                          "| distinct weights | zero weights |",
+                          "| distinct weights | zeros (Vela) |",
                       "|---|---|---|---:|---:|---:|---:|---:|"]
             lines += [f"| {c.name} | {c.operator} | {c.placement} | {num(c.cycles)} | "
                       f"{num(c.macs)} | {num(c.weight_bytes)} | {num(c.distinct_weights)} | "

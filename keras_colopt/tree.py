@@ -275,7 +275,8 @@ class _Tree:
         info = export.to_tflite(model, os.path.join(folder, f"{_slug(name)}_int8.tflite"),
                                 quantization="int8", representative_data=self.rep,
                                 log_dir=self.log_dir(name if how == "qat" else node),
-                                io="int8" if npu else "float32")
+                                io="int8" if npu else "float32",
+                                target=self.target if npu else None)
         weights = export.inspect_tflite(info.path)
         zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
         size = sum(math.prod(w.shape) for w in weights)
@@ -292,7 +293,7 @@ class _Tree:
             weights_gzip_bytes=export.gzip_size(b"".join(
                 a.tobytes() for a in export.read_weights(info.path).values())))
         if npu:
-            on = self.target.measure(info.path)
+            on = info.on_target
             result.target_latency_ms, result.target_weight_bytes = on.latency_ms, on.weight_bytes
             result.target_sram_bytes, result.target_flash_bytes = on.sram_bytes, on.flash_bytes
             result.target_cycles, result.target_cpu_ops = on.cycles, on.cpu_ops

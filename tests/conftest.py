@@ -133,7 +133,9 @@ def dashboard_logs(tmp_path_factory, digits):
     - `violation`: a plain fit of a model with a nested backbone (`backbone/conv`, ...)
       with `CompressionMetrics` and an `InvariantGuard` in warn mode whose target the
       model does not meet (`logits` at 50% sparsity, never pruned).
-    - `explore/logs`: `explore` with two leaves (PTQ, QAT) and a target every leaf meets.
+    - `run1`'s .tflite is also measured on the Ethos-U55-128 (`to_tflite(target=...)`).
+    - `explore/logs`: `explore` with two leaves (PTQ, QAT) and a target every leaf meets, on
+      the Ethos-U55-128 (`target=EthosU(...)`).
     """
     import types
 
@@ -160,7 +162,9 @@ def dashboard_logs(tmp_path_factory, digits):
         validation_data=(xt, yt), batch_size=64, log_dir=run1, callbacks=[Snapshot()],
         verbose=0)
     tflite = root.parent / "run1_int8.tflite"
-    colopt.export.to_tflite(result.model, tflite, quantization="int8", log_dir=run1)
+    run1_on_npu = colopt.export.to_tflite(
+        result.model, tflite, quantization="int8", log_dir=run1,
+        target=colopt.targets.EthosU("ethos-u55-128")).on_target
 
     violation = root / "violation"
     nested = fine_tuning_model()
@@ -173,7 +177,8 @@ def dashboard_logs(tmp_path_factory, digits):
     report = colopt.explore(
         tiny_sequential(), x, y, validation_data=(xt, yt), out_dir=explore_out,
         leaves=["PTQ", "QAT"], quantize=colopt.Quantize(epochs=1), max_accuracy_drop=1.0,
-        latency_runs=2, batch_size=64)
+        latency_runs=2, batch_size=64, target=colopt.targets.EthosU("ethos-u55-128"))
     return types.SimpleNamespace(root=root, run1=run1, result=result, kernels=kernels,
-                                 tflite=tflite, violation=violation, guard=guard,
+                                 tflite=tflite, run1_on_npu=run1_on_npu,
+                                 violation=violation, guard=guard,
                                  nested=nested, explore=explore_out, report=report)

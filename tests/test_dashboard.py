@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
-from keras_colopt import export
+from keras_colopt import export, targets
 from keras_colopt.tensorboard import metadata, plugin, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,6 +190,16 @@ def test_to_tflite_writes_what_survived_per_layer(dashboard_logs, client):
     for r in table["layers"]:
         assert r["keras_sparsity"] == pytest.approx(want[r["layer"]][0])
         assert r["keras_unique_per_channel"] == want[r["layer"]][2]
+    # The same file on the Ethos-U55-128 (to_tflite(target=...)): Vela's figures, and per
+    # operator the Keras layer it computes.
+    (on,) = table["targets"]
+    again = targets.EthosU("ethos-u55-128").measure(logs.tflite, output_dir=logs.root / "v")
+    assert on["target"] == "ethos-u55-128" and on["latency_ms"] == again.latency_ms
+    assert on["weight_bytes"] == again.weight_bytes
+    assert on["cpu_ops"] == {"Quantize": 1, "Dequantize": 1}  # a float-I/O file
+    weighted = [(r["layer"], r["weight_bytes"]) for r in on["layers"] if r["weight_bytes"]]
+    assert [layer for layer, _ in weighted] == ["conv", "hidden", "logits"]
+    assert sum(b for _, b in weighted) == on["weight_bytes"]
 
 
 def test_explore_writes_its_leaves_and_each_models_tflite(dashboard_logs, client):
@@ -203,9 +213,12 @@ def test_explore_writes_its_leaves_and_each_models_tflite(dashboard_logs, client
     assert [L["name"] for L in d["leaves"]["leaves"]] == ["PTQ", "QAT"]
     for got, exp in zip(d["leaves"]["leaves"], want["leaves"]):
         for key in ("status", "int8_accuracy", "fp32_accuracy", "gzip_bytes", "tflite_bytes",
-                    "latency_ms", "accuracy_drop", "meets_targets", "max_unique_per_channel"):
+                    "latency_ms", "accuracy_drop", "meets_targets", "max_unique_per_channel",
+                    "target_latency_ms", "target_weight_bytes", "target_cpu_ops"):
             assert got[key] == exp[key], key
+        assert got["target_latency_ms"] > 0 and got["target_cpu_ops"] == {}  # int8 in/out
     assert d["leaves"]["targets"] == want["targets"]
+    assert d["leaves"]["target"] == "ethos-u55-128"
     assert d["leaves"]["baseline"]["fp32_accuracy"] == want["baseline"]["fp32_accuracy"]
     # The QAT leaf's own run: its epoch, its phase and its .tflite; the baseline's run holds
     # the float file and the post-training leaf made from it.

@@ -108,6 +108,16 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
                 == {"ok", "none"}
             deployed = driver.find_element(By.ID, "deployed").text
             assert "run1_int8.tflite" in deployed and "hidden" in deployed
+            # ... and the same file on the Ethos-U55-128: Vela's figures per layer.
+            on = dashboard_logs.run1_on_npu
+            box = driver.find_element(By.CSS_SELECTOR, '#deployed .target[data-target="ethos-u55-128"]')
+            assert "On ethos-u55-128" in box.text and "1 × Quantize" in box.text
+            assert _texts(driver, '#deployed .target-layers tr[data-layer]', "data-layer")[:3] == [
+                "conv", "hidden", "logits"]
+            hidden = driver.find_element(By.CSS_SELECTOR,
+                                         '#deployed .target-layers tr[data-layer="hidden"]').text
+            row = next(c for c in on.layers if c.weight_bytes and "hidden" in c.name)
+            assert f"{row.cycles:,}" in hidden and f"{row.weight_bytes:,}" in hidden
             browser.full_screenshot(driver, tmp_path / "run1.png")
 
             # A run whose guard found a violation, with a nested model's full layer names.
@@ -138,7 +148,19 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
                                         '#colopt-leaves-chart circle.point[data-leaf="QAT"]')
             tip = _hover_tooltip(driver, point)
             assert tip.startswith("QAT") and "gzipped" in tip and "INT8 accuracy" in tip
+            assert "on ethos-u55-128" in tip
             browser.full_screenshot(driver, tmp_path / "explore.png")
+            # The chart against the target's latency (explore(target=EthosU(...))).
+            from selenium.webdriver.support.ui import Select
+
+            Select(driver.find_element(By.ID, "colopt-leaves-axis")).select_by_value("latency")
+            assert driver.find_element(By.ID, "colopt-leaves-xlabel").text == \
+                "latency on ethos-u55-128 (ms)"
+            xs = dict(zip(_texts(driver, "#colopt-leaves-chart circle.point", "data-leaf"),
+                          _texts(driver, "#colopt-leaves-chart circle.point", "data-x")))
+            assert {k: float(v) for k, v in xs.items()} == {
+                r.name: r.target_latency_ms for r in dashboard_logs.report.leaves}
+            browser.full_screenshot(driver, tmp_path / "explore_latency.png")
 
             # Markup in names is shown as text, never run.
             browser.select_run(driver, "hostile/colopt")
@@ -168,5 +190,5 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
             assert browser.plugin_errors(driver) == []
         finally:
             driver.quit()
-    for name in ("run1.png", "violation.png", "explore.png"):
+    for name in ("run1.png", "violation.png", "explore.png", "explore_latency.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name

@@ -16,7 +16,8 @@ const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e",
 const STATUS = {ok: "#66bb6a", violation: "#e53935", none: "#eeeeee"};
 
 const state = {runs: [], run: null, data: null, version: null, logScale: true,
-               epoch: null, auto: true, timer: null, checked: null, error: null};
+               epoch: null, auto: true, timer: null, checked: null, error: null,
+               leavesAxis: "gzip"};
 let gradientIds = 0;
 
 // ------------------------------------------------------------------ DOM helpers (no HTML)
@@ -412,9 +413,48 @@ function tfliteSection(d) {
         h("td", {}, fmtInt(r.unique)), h("td", {}, fmtInt(r.unique_per_channel)),
         h("td", {class: "muted"}, fmtInt(r.keras_unique_per_channel)),
         h("td", {}, fmtInt(r.bytes)), h("td", {}, fmtInt(r.gzip_bytes))))));
+    for (const on of t.targets || []) card.append(targetTable(on));
     sec.append(card);
   }
   return sec;
+}
+
+// A file measured on a deployment target (export.to_tflite(..., target=...)): Vela's estimate
+// on an Ethos-U, per operator (its Keras layer, cycles, encoded weights).
+function targetTable(on) {
+  const cpu = Object.entries(on.cpu_ops || {}).map(([op, n]) => `${n} × ${op}`).join(", ");
+  const box = h("div", {class: "target", "data-target": on.target});
+  box.append(h("h4", {}, `On ${on.target}`),
+    h("p", {class: "muted"}, `${on.latency_ms.toFixed(4)} ms per inference` +
+      (on.system_config ? ` (Vela's estimate, ${on.system_config}, ${on.memory_mode})` : "") +
+      ` · weights ${fmtInt(on.weight_bytes)} B there (${fmtInt(on.original_weight_bytes)} B in the file)` +
+      (on.sram_bytes !== null && on.sram_bytes !== undefined ? ` · SRAM ${fmtInt(on.sram_bytes)} B, flash ${fmtInt(on.flash_bytes)} B` : "") +
+      ` · CPU: ${cpu || "nothing"}`));
+  if ((on.layers || []).length)
+    box.append(h("table", {class: "grid target-layers"},
+      h("tr", {}, h("th", {class: "name"}, "layer"), h("th", {class: "text"}, "operator"), h("th", {}, "on"),
+        h("th", {}, "cycles"), h("th", {}, "MACs"), h("th", {}, "encoded weights B"),
+        h("th", {}, "distinct weights"), h("th", {}, "zeros (Vela's weight_zero)")),
+      on.layers.map((r) => h("tr", {"data-layer": r.layer || ""},
+        h("td", {class: "name"}, r.layer || "(no layer)"),
+        h("td", {class: "tensor", title: r.name}, `${r.operator} ${r.name}`), h("td", {}, r.placement),
+        h("td", {}, fmtInt(r.cycles)), h("td", {}, fmtInt(r.macs)), h("td", {}, fmtInt(r.weight_bytes)),
+        h("td", {}, fmtInt(r.distinct_weights)), h("td", {}, fmtInt(r.zero_weights))))));
+  return box;
+}
+
+// What explore's chart puts on its x axis: the gzipped file, or (with a target) the weights
+// as the target stores them or its latency.
+function leafAxes(report) {
+  const axes = {gzip: {label: "gzipped int8 .tflite (bytes)", value: (r) => r.gzip_bytes,
+                       target: report.target ? null : "max_size_bytes", int: true}};
+  if (report.target) {
+    axes.weights = {label: `weights on ${report.target} (bytes)`, value: (r) => r.target_weight_bytes,
+                    target: "max_size_bytes", int: true};
+    axes.latency = {label: `latency on ${report.target} (ms)`, value: (r) => r.target_latency_ms,
+                    target: "max_latency_ms", int: false};
+  }
+  return axes;
 }
 
 function leafFigures(r, report) {
@@ -425,6 +465,8 @@ function leafFigures(r, report) {
     ["drop from baseline", r.accuracy_drop === null ? "–" : `${(100 * r.accuracy_drop).toFixed(2)} pt`],
     ["size", `${fmtInt(r.tflite_bytes)} B, ${fmtInt(r.gzip_bytes)} B gzipped`],
     ["latency", r.latency_ms === null ? "–" : `${r.latency_ms.toFixed(3)} ms`],
+    ...(report.target && r.target_latency_ms !== null && r.target_latency_ms !== undefined
+      ? [[`on ${report.target}`, `${r.target_latency_ms.toFixed(4)} ms, weights ${fmtInt(r.target_weight_bytes)} B`]] : []),
     ["zeros", fmtPct(r.sparsity)],
     ["unique values", `${fmtInt(r.max_unique_weights)} per tensor, ${fmtInt(r.max_unique_per_channel)} per channel (max)`]);
   if (r.name === report.chosen) lines.push(["chosen", "the smallest leaf meeting every target"]);
@@ -441,11 +483,14 @@ function niceTicks(lo, hi, count) {
 }
 
 function leavesChart(report) {
-  const ok = report.leaves.filter((r) => r.status === "ok" && r.gzip_bytes && r.int8_accuracy !== null);
+  const all = leafAxes(report);
+  const axis = all[state.leavesAxis] || all.gzip;
+  const xOf = axis.value;
+  const ok = report.leaves.filter((r) => r.status === "ok" && xOf(r) !== null && xOf(r) !== undefined && r.int8_accuracy !== null);
   const W = Math.min(900, Math.max(520, (document.getElementById("colopt")?.clientWidth || 900) - 20));
   const H = 380, m = {l: 64, r: 150, t: 24, b: 44};
   const svg = s("svg", {width: W, height: H, id: "colopt-leaves-chart"});
-  svg.append(s("text", {x: 0, y: 14, class: "title"}, "INT8 accuracy (LiteRT) against gzipped size · dotted: the Pareto front · hover a point for its figures"));
+  svg.append(s("text", {x: 0, y: 14, class: "title"}, `INT8 accuracy (LiteRT) against ${axis.label.replace(/ \(.*\)$/, "")} · dotted: the Pareto front · hover a point for its figures`));
   if (!ok.length) {
     svg.append(s("text", {x: m.l, y: H / 2, fill: "#757575"}, "no leaf built yet"));
     return svg;
@@ -458,8 +503,9 @@ function leavesChart(report) {
   const accuracyTarget = known(t.max_accuracy_drop) && known(b.fp32_accuracy)
     ? 100 * (b.fp32_accuracy - t.max_accuracy_drop) : null;
   if (accuracyTarget !== null && accuracyTarget > 0) ys.push(accuracyTarget);
-  const xs = ok.map((r) => r.gzip_bytes);
-  if (t.max_size_bytes) xs.push(t.max_size_bytes);
+  const xs = ok.map(xOf);
+  const xTarget = axis.target ? t[axis.target] : null;
+  if (xTarget) xs.push(xTarget);
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   const px = (x1 - x0) * 0.08 || x0 * 0.1 || 1, py = (y1 - y0) * 0.12 || 1;
@@ -469,7 +515,8 @@ function leavesChart(report) {
   const axes = s("g", {class: "axes"});
   for (const v of niceTicks(x0, x1, 6)) {
     axes.append(s("line", {x1: X(v), x2: X(v), y1: m.t, y2: H - m.b, stroke: "#eeeeee"}));
-    axes.append(s("text", {x: X(v), y: H - m.b + 14, "text-anchor": "middle", fill: "#616161"}, fmtInt(v)));
+    axes.append(s("text", {x: X(v), y: H - m.b + 14, "text-anchor": "middle", fill: "#616161"},
+                       axis.int ? fmtInt(v) : Number(v.toPrecision(3)).toString()));
   }
   const yTicks = niceTicks(y0, y1, 6);
   const yDigits = yTicks.length > 1 && yTicks[1] - yTicks[0] < 1 ? 1 : 0;
@@ -478,7 +525,7 @@ function leavesChart(report) {
     axes.append(s("text", {x: m.l - 6, y: Y(v) + 4, "text-anchor": "end", fill: "#616161"}, `${v.toFixed(yDigits)}%`));
   }
   axes.append(s("rect", {x: m.l, y: m.t, width: W - m.l - m.r, height: H - m.t - m.b, fill: "none", stroke: "#bdbdbd"}));
-  axes.append(s("text", {x: (m.l + W - m.r) / 2, y: H - 8, "text-anchor": "middle", fill: "#424242"}, "gzipped int8 .tflite (bytes)"));
+  axes.append(s("text", {x: (m.l + W - m.r) / 2, y: H - 8, "text-anchor": "middle", fill: "#424242", id: "colopt-leaves-xlabel"}, axis.label));
   axes.append(s("text", {x: 12, y: (m.t + H - m.b) / 2, "text-anchor": "middle", fill: "#424242",
                          transform: `rotate(-90 12 ${(m.t + H - m.b) / 2})`}, "INT8 accuracy"));
   svg.append(axes);
@@ -494,27 +541,27 @@ function leavesChart(report) {
     refLine({x1: m.l, x2: W - m.r, y1: yv, y2: yv, stroke: "#d32f2f", "stroke-dasharray": "5 3"},
       "accuracy target", W - m.r + 4, yv + 4);
   }
-  if (t.max_size_bytes)
-    refLine({x1: X(t.max_size_bytes), x2: X(t.max_size_bytes), y1: m.t, y2: H - m.b, stroke: "#d32f2f", "stroke-dasharray": "8 3 2 3"},
-      "size target", X(t.max_size_bytes) + 3, m.t + 10);
+  if (xTarget)
+    refLine({x1: X(xTarget), x2: X(xTarget), y1: m.t, y2: H - m.b, stroke: "#d32f2f", "stroke-dasharray": "8 3 2 3"},
+      axis.target === "max_latency_ms" ? "latency target" : "size target", X(xTarget) + 3, m.t + 10);
 
   // Pareto front: no other leaf is both smaller and more accurate.
   const front = [];
-  for (const r of [...ok].sort((a, c) => a.gzip_bytes - c.gzip_bytes || c.int8_accuracy - a.int8_accuracy))
+  for (const r of [...ok].sort((a, c) => xOf(a) - xOf(c) || c.int8_accuracy - a.int8_accuracy))
     if (!front.length || r.int8_accuracy > front[front.length - 1].int8_accuracy) front.push(r);
   if (front.length > 1) {
-    let path = `M${X(front[0].gzip_bytes)},${Y(100 * front[0].int8_accuracy)}`;
-    for (const r of front.slice(1)) path += ` H${X(r.gzip_bytes)} V${Y(100 * r.int8_accuracy)}`;
+    let path = `M${X(xOf(front[0]))},${Y(100 * front[0].int8_accuracy)}`;
+    for (const r of front.slice(1)) path += ` H${X(xOf(r))} V${Y(100 * r.int8_accuracy)}`;
     svg.append(s("path", {d: path, fill: "none", stroke: "#9e9e9e", "stroke-dasharray": "2 3"}));
   }
   // Labels beside their points, moved to the next free place when two points are close.
   const placed = ok.map((r) => {
-    const cx = X(r.gzip_bytes), cy = Y(100 * r.int8_accuracy);
+    const cx = X(xOf(r)), cy = Y(100 * r.int8_accuracy);
     return {x0: cx - 7, x1: cx + 7, y0: cy - 7, y1: cy + 7};
   });
   const free = (box) => !placed.some((b) => box.x0 < b.x1 && b.x0 < box.x1 && box.y0 < b.y1 && b.y0 < box.y1);
   ok.forEach((r, i) => {
-    const cx = X(r.gzip_bytes), cy = Y(100 * r.int8_accuracy);
+    const cx = X(xOf(r)), cy = Y(100 * r.int8_accuracy);
     const g = s("g", {class: "leaf", "data-leaf": r.name});
     if (r.name === report.chosen) {
       g.append(s("circle", {cx, cy, r: 12, fill: "none", stroke: "#d32f2f", "stroke-width": 2.5, class: "chosen-ring"}));
@@ -522,7 +569,7 @@ function leavesChart(report) {
       placed.push({x0: cx - 24, x1: cx + 24, y0: cy - 28, y1: cy - 12});
     }
     g.append(s("circle", {cx, cy, r: 6, fill: viridis(i / Math.max(1, ok.length - 1) * 0.85),
-                          stroke: "#212121", class: "point", "data-leaf": r.name}));
+                          stroke: "#212121", class: "point", "data-leaf": r.name, "data-x": String(xOf(r))}));
     const w = textWidth(r.name);
     const spots = [[9, 4], [-9 - w, 4], [9, -10], [-9 - w, -10], [9, 18], [-9 - w, 18],
                    [9, 32], [-9 - w, 32], [9, -24], [-9 - w, -24]];
@@ -558,11 +605,24 @@ function leavesSection(d) {
     report.chosen ? h("span", {class: "badge ok", id: "colopt-chosen"}, `chosen: ${report.chosen}`) : "",
     report.epochs_naive ? ` Epochs trained: ${report.epochs_run} (a separate run per leaf: ${report.epochs_naive}).` : ""));
   for (const v of Object.values(report.missed || {})) sec.append(h("p", {class: "note"}, v));
+  const axes = leafAxes(report);
+  if (Object.keys(axes).length > 1) {
+    const pick = h("select", {id: "colopt-leaves-axis"},
+      Object.entries(axes).map(([k, a]) => {
+        const o = h("option", {value: k}, a.label);
+        if (k === state.leavesAxis) o.selected = true;
+        return o;
+      }));
+    pick.addEventListener("change", () => { state.leavesAxis = pick.value; draw(); });
+    sec.append(h("p", {}, "x axis: ", pick));
+  }
   sec.append(leavesChart(report));
   sec.append(h("table", {class: "grid", id: "colopt-leaves"},
     h("tr", {}, h("th", {class: "name"}, "leaf"), h("th", {class: "text"}, "status"), h("th", {}, "FP32 / fake int8"),
       h("th", {}, "INT8 (LiteRT)"), h("th", {}, "drop"), h("th", {}, ".tflite B"), h("th", {}, "gzip B"),
-      h("th", {}, "latency ms"), h("th", {}, "zeros"), h("th", {}, "max unique / channel"), h("th", {class: "text"}, "")),
+      h("th", {}, "latency ms"),
+      ...(report.target ? [h("th", {}, `${report.target} ms`), h("th", {}, `${report.target} weights B`)] : []),
+      h("th", {}, "zeros"), h("th", {}, "max unique / channel"), h("th", {class: "text"}, "")),
     report.leaves.map((r) => {
       const chosen = r.name === report.chosen;
       const note = chosen ? "★ chosen" : r.status !== "ok" ? (r.reason || "")
@@ -573,6 +633,9 @@ function leavesSection(d) {
         h("td", {}, r.accuracy_drop === null || r.accuracy_drop === undefined ? "–" : `${(100 * r.accuracy_drop).toFixed(2)} pt`),
         h("td", {}, fmtInt(r.tflite_bytes)), h("td", {}, fmtInt(r.gzip_bytes)),
         h("td", {}, r.latency_ms === null || r.latency_ms === undefined ? "–" : r.latency_ms.toFixed(3)),
+        ...(report.target ? [
+          h("td", {}, r.target_latency_ms === null || r.target_latency_ms === undefined ? "–" : r.target_latency_ms.toFixed(4)),
+          h("td", {}, fmtInt(r.target_weight_bytes))] : []),
         h("td", {}, fmtPct(r.sparsity)), h("td", {}, fmtInt(r.max_unique_per_channel)),
         h("td", {class: "text"}, note));
       return hover(row, leafFigures(r, report));
