@@ -406,6 +406,49 @@ def _checked(name, parts, expectation, broken) -> dict:
                         "message": v.message()} for v in broken]}
 
 
+class BestValueReset:
+    """The best-value state of the user's callbacks (a `ModelCheckpoint(save_best_only=True)`,
+    `EarlyStopping`, `ReduceLROnPlateau`: their `best`, `best_weights`, `wait`), put back as it
+    was when the run began at each phase switch. A best carried over from an uncompressed
+    phase would keep the file of that phase (and `restore_best_weights` its weights): every
+    phase starts its own best, so the file left and the weights restored are the best of the
+    phase, holding its invariants. Used by `collaborative_fit` (the callbacks given to it) and
+    by `CollaborativeOptimization` (the callbacks beside it in the same `fit`)."""
+
+    _ATTRS = ("best", "best_weights", "best_epoch", "wait")
+
+    def __init__(self, callbacks):
+        self.saved = [(cb, {a: getattr(cb, a) for a in self._ATTRS if hasattr(cb, a)})
+                      for cb in callbacks if hasattr(cb, "best")]
+
+    def reset(self, label) -> None:
+        for cb, values in self.saved:
+            for attr, value in values.items():
+                setattr(cb, attr, value)
+            log.info("%s: %s starts its own best %s (the best of each phase is kept).", label,
+                     type(cb).__name__, getattr(cb, "monitor", "value"))
+
+
+def sibling_callbacks(callback) -> list:
+    """The other callbacks of the `fit` that is calling `callback` now (from `on_train_begin`):
+    a callback holds no reference to its CallbackList, so it is found up the call stack (the
+    frame of the CallbackList method that is calling it, whose public `callbacks` list holds
+    `callback`). Empty when none is found."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back
+        while f is not None:
+            found = getattr(f.f_locals.get("self"), "callbacks", None)
+            if isinstance(found, list) and any(c is callback for c in found):
+                return [c for c in found if c is not callback]
+            f = f.f_back
+    finally:
+        del frame
+    return []
+
+
 class CollaborativeOptimization(Callback):
     """The whole plan inside one plain `model.fit`: phases switched at epoch boundaries.
 
@@ -441,6 +484,11 @@ class CollaborativeOptimization(Callback):
             Defaults to `None`.
         rate_policy: as for `collaborative_fit`. Defaults to `None` (the probe).
         batch_size: the probe's batch size with array `probe_data`. Defaults to `32`.
+
+    The other callbacks of the same `fit` that keep a best value (`ModelCheckpoint(
+    save_best_only=True)`, `EarlyStopping(restore_best_weights=True)`, `ReduceLROnPlateau`)
+    start their best again at each phase switch, so the file they leave and the weights they
+    restore hold the plan's invariants (the best of the last phase, not an uncompressed epoch).
 
     Example:
         >>> model.fit(x, y, epochs=5, callbacks=[colopt.callbacks.CollaborativeOptimization(
@@ -523,6 +571,9 @@ class CollaborativeOptimization(Callback):
                     "collaborative_fit, which compiles a fresh optimizer per phase.")
         self._pruned, self._clustered = [], []
         self._started = False
+        # The user's best-only ModelCheckpoint / restore_best_weights beside this callback:
+        # each compression phase starts their best again (as collaborative_fit does).
+        self._bests = BestValueReset(sibling_callbacks(self))
         if self.log_dir is not None:
             dashboard.plan(self.log_dir, self.plan)
         if self.distill is not None:
@@ -543,6 +594,8 @@ class CollaborativeOptimization(Callback):
         from keras_colopt import fit as _fit
 
         self.phase_label = planned.label
+        if planned.index > 0:
+            self._bests.reset(planned.label)
         if planned.phase.kind == "train":
             return
         compiled = self._cfg["optimizer_config"].get("learning_rate")

@@ -433,7 +433,7 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
         log_dir=log_dir)
     try:
         before = cbs.layer_stats(run.model, engine)
-        bests = _BestValues(user_callbacks)
+        bests = cbs.BestValueReset(user_callbacks)
         for planned in plan.phases[run.start:]:
             if planned.index > run.start:
                 bests.reset(planned.label)
@@ -472,28 +472,6 @@ def _collaborative_fit(model, x, y, phases, validation_data, batch_size, callbac
     return FitResult(model=run.model, history=_history(run.model, run), plan=plan,
                      stopped_early=run.stopped, folded=run.folded, skipped=run.skipped,
                      resumed_at=None if run.resume is None else run.resume.epochs_done)
-
-
-class _BestValues:
-    """The best-value state of the user's callbacks (a `ModelCheckpoint(save_best_only=True)`,
-    `EarlyStopping`, `ReduceLROnPlateau`: their `best`, `best_weights`, `wait`), put back as it
-    was when the run began at each phase switch. A best carried over from an uncompressed
-    phase would keep the file of that phase (and `restore_best_weights` its weights): every
-    phase starts its own best, so the file left and the weights restored are the best of the
-    phase, holding its invariants."""
-
-    _ATTRS = ("best", "best_weights", "best_epoch", "wait")
-
-    def __init__(self, callbacks):
-        self.saved = [(cb, {a: getattr(cb, a) for a in self._ATTRS if hasattr(cb, a)})
-                      for cb in callbacks if hasattr(cb, "best")]
-
-    def reset(self, label) -> None:
-        for cb, values in self.saved:
-            for attr, value in values.items():
-                setattr(cb, attr, value)
-            log.info("%s: %s starts its own best %s (the best of each phase is kept).", label,
-                     type(cb).__name__, getattr(cb, "monitor", "value"))
 
 
 def _is_arrays(x) -> bool:

@@ -647,3 +647,35 @@ def test_drop_in_resumed_with_initial_epoch_goes_on_from_where_the_model_stands(
             assert np.mean(k == 0) >= 0.49 and np.unique(k).size <= 5, layer.name
     assert cb.phase_label == "Cluster (sparsity-preserving)"
     assert cb._guard is not None and cb._guard.violations == []
+
+
+def test_drop_in_restarts_the_best_of_its_sibling_callbacks_at_each_phase(digits, tmp_path):
+    """ModelCheckpoint(save_best_only=True) and EarlyStopping(restore_best_weights=True) given
+    to the same fit as the drop-in callback: each phase starts their best again, so the last
+    file written and the weights restored come from the pruned phase, not from the
+    uncompressed Train epoch that had the best loss of the run."""
+    from conftest import compile_
+
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    model = compile_(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+        keras.layers.Flatten(), keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits")]), keras=keras)
+    model.fit(x, y, epochs=5, batch_size=32, verbose=0)  # a low loss the Prune phase won't beat
+    model.optimizer.learning_rate.assign(1e-4)
+    ckpt = keras.callbacks.ModelCheckpoint(str(tmp_path / "best-{epoch}.weights.h5"),
+                                           monitor="loss", save_best_only=True,
+                                           save_weights_only=True)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=5, restore_best_weights=True)
+    drop_in = colopt.callbacks.CollaborativeOptimization(
+        [colopt.Train(epochs=1), colopt.Prune(sparsity=0.8, epochs=2, schedule="constant",
+                                              learning_rate=1e-5)])
+    h = model.fit(x, y, epochs=3, batch_size=32, verbose=0,
+                  callbacks=[ckpt, drop_in, stop]).history
+    assert h["loss"][0] < min(h["loss"][1:])  # the Train epoch was the best of the run
+    written = sorted(int(p.name.split("-")[1].split(".")[0]) for p in tmp_path.glob("best-*"))
+    assert written[0] == 1 and written[-1] >= 2, written  # the Prune phase wrote its best
+    assert ckpt.best == pytest.approx(min(h["loss"][1:]))
+    stats = colopt.callbacks.layer_stats(model)
+    assert all(s.sparsity >= 0.79 for s in stats.values()), stats  # restored: a pruned epoch
