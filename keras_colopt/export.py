@@ -92,6 +92,45 @@ def _tensor_io(name, d) -> TensorIO:
                     zero_point=int(zp) if quantized else None)
 
 
+def _flatbuffer(path):
+    """The `.tflite` as TensorFlow's flatbuffer tools read it (its first subgraph, and the
+    name tables of operators and tensor types), without running it."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No .tflite file at {path!r}.")
+    try:
+        model = flatbuffer_utils.read_model(os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - flatbuffers raises assorted types on junk
+        raise ValueError(f"{os.fspath(path)!r} is not a .tflite file ({type(e).__name__}: "
+                         f"{e}).") from None
+    ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    return model, ops, types
+
+
+def operators(path) -> List[str]:
+    """The operators of a `.tflite`'s main graph, in order (e.g. `["QUANTIZE", "CONV_2D",
+    ...]`), read from the file (not as LiteRT's delegates regroup them)."""
+    model, names, _ = _flatbuffer(path)
+    codes = model.operatorCodes
+    return [names.get(max(codes[op.opcodeIndex].builtinCode,
+                          codes[op.opcodeIndex].deprecatedBuiltinCode), "CUSTOM")
+            for op in model.subgraphs[0].operators]
+
+
+def inner_float_tensors(path) -> List[str]:
+    """The float tensors of a `.tflite`'s main graph other than its inputs and outputs: none
+    in a full-integer file (int8 operators throughout), some in a float or dynamic-range one."""
+    model, _, types = _flatbuffer(path)
+    graph = model.subgraphs[0]
+    ends = set(int(i) for i in graph.inputs) | set(int(i) for i in graph.outputs)
+    return [t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            for i, t in enumerate(graph.tensors)
+            if types.get(t.type, "").startswith("FLOAT") and i not in ends]
+
+
 def io_tensors(path):
     """`({input name: TensorIO}, {output name: TensorIO})` of a `.tflite`, named as in its
     signature (the Keras input and output names)."""

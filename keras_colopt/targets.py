@@ -169,12 +169,12 @@ def _sections(prefix: str) -> List[str]:
 
 
 def _integer_file(path: str) -> None:
-    """Raises TargetError for a file an NPU cannot run: float weights or float activations
-    between the operators (a float or dynamic-range file)."""
-    interp = export._interpreter(path)
-    ends = {int(d["index"]) for d in interp.get_input_details() + interp.get_output_details()}
-    floats = [t["name"] for t in interp.get_tensor_details()
-              if np.dtype(t["dtype"]).kind == "f" and int(t["index"]) not in ends]
+    """Raises TargetError for a file an NPU cannot run: float tensors between the operators
+    (a float or dynamic-range file)."""
+    try:
+        floats = export.inner_float_tensors(path)
+    except ValueError as e:
+        raise TargetError(f"{e} Expected a file written by export.to_tflite.") from None
     if floats:
         raise TargetError(
             f"{path!r} is not an integer file: {len(floats)} float tensor(s) between its "
@@ -255,13 +255,7 @@ class EthosU:
         path = os.path.abspath(os.fspath(path))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No .tflite file at {path!r}.")
-        try:
-            _integer_file(path)
-        except (ValueError, RuntimeError) as e:
-            if isinstance(e, TargetError):
-                raise
-            raise TargetError(f"{path!r} is not a .tflite LiteRT can read ({e}). Expected a "
-                              "file written by export.to_tflite.") from e
+        _integer_file(path)
         out = os.path.abspath(os.fspath(output_dir)) if output_dir else self.output_dir_for(path)
         os.makedirs(out, exist_ok=True)
         vela, _ = _vela()
@@ -404,8 +398,7 @@ class LiteRTCPU:
             sample = np.zeros(shape, np.float32)
         weights = export.read_weights(path)
         stored = sum(int(w.nbytes) for w in weights.values())
-        ops = collections.Counter(op["op_name"] for op in export._interpreter(path)
-                                  ._get_ops_details())
+        ops = collections.Counter(export.operators(path))
         return TargetReport(target=self.name, file=path,
                             latency_ms=export.latency_ms(path, sample, runs=self.runs,
                                                          num_threads=self.threads),

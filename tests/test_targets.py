@@ -29,8 +29,7 @@ def _k3_model():
 
 
 def _ops(path):
-    it = Interpreter(model_path=str(path))
-    return {op["op_name"] for op in it._get_ops_details()} - {"DELEGATE"}
+    return set(export.operators(path))
 
 
 @pytest.fixture(scope="module", params=["tfmot", "tfmot-qat", "keras3", "keras3-qat"])
