@@ -51,7 +51,7 @@ def test_explore_refuses_out_dir_holding_another_calls_state(tmp_path):
     first = _run(tmp_path, "--kill-at-fit", "2")
     assert first.returncode == -9
     report_before = (tmp_path / "tree" / "report.json").read_text()
-    changed = _run(tmp_path, "--sparsity", "0.6")
+    changed = _run(tmp_path, "--sparsity", "0.6")  # StateMismatch, a CheckpointMismatch
     assert changed.returncode != 0
     assert "holds the nodes and leaves of a different call: the phases" in changed.stderr
     assert "delete that folder to start over" in changed.stderr
