@@ -15,7 +15,10 @@ integer file (io="int8") through Vela for three NPUs, side by side in one run:
 cosine decay to 0, compiled again at Adam(1e-3)). Tree: explore()'s defaults (Prune 50 % (2),
 Cluster 8 (2), Quantize (2), the library's rate policy), target EthosU("ethos-u55-128"); every
 leaf's file then also on ethos-u65-256 and ethos-u85-256 (Vela's default system configuration
-and memory mode for each). Ratios are to the PTQ leaf of the same model, same NPU.
+and memory mode for each), and on the ethos-u55-128 in Vela's Ethos_U55_Deep_Embedded system
+(200 MHz, flash at 1/16 of the clock: "-deep"). Ratios are to the PTQ leaf of the same model,
+same NPU. The trees are kept in benchmarks/out/ethos_u/ (explore's state: a rerun measures
+again without training them again).
 
 Also, on the DS-CNN from the same baseline:
   palette   Cluster k (2 epochs), k in 4/8/16/32, per tensor and per channel, then PTQ:
@@ -38,7 +41,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,7 +52,15 @@ import keras  # noqa: E402
 import keras_colopt as colopt  # noqa: E402
 import finetune_heldout as fh  # noqa: E402
 
-NPUS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
+NPUS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256", "ethos-u55-128-deep")
+# label -> EthosU arguments: Vela's default system config for each accelerator, and the U55 in
+# Vela's "Deep Embedded" system too (a 200 MHz core and flash at 1/16 of its clock), where
+# reading the weights from flash rather than computing sets the time.
+CONFIGS = {"ethos-u55-128": {"accelerator": "ethos-u55-128"},
+           "ethos-u65-256": {"accelerator": "ethos-u65-256"},
+           "ethos-u85-256": {"accelerator": "ethos-u85-256"},
+           "ethos-u55-128-deep": {"accelerator": "ethos-u55-128",
+                                  "system_config": "Ethos_U55_Deep_Embedded"}}
 MODELS = {"dscnn": "dscnn-decay", "mobilenet": "mobilenet-decay"}  # -> finetune_heldout pair
 
 
@@ -58,7 +68,8 @@ def measure(path):
     """{npu: TargetReport as a dict (without its per-operator rows)} for one file."""
     out = {}
     for npu in NPUS:
-        r = colopt.targets.EthosU(npu).measure(path).as_dict()
+        target = colopt.targets.EthosU(**CONFIGS[npu])
+        r = target.measure(path, output_dir=f"{target.output_dir_for(path)}-{npu}").as_dict()
         r.pop("layers")
         out[npu] = r
     return out
@@ -211,10 +222,13 @@ def main():
 
     results = {"vela": version("ethos-u-vela"), "models": [],
                "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            results["models"].append(tree(name, args, folder))
-            print(table(results), flush=True)
+    # The trees' nodes and leaves are kept here: the same run again reuses them (explore's
+    # state) and only measures again.
+    folder = os.path.join(HERE, "out", "ethos_u_smoke" if args.smoke else "ethos_u")
+    os.makedirs(folder, exist_ok=True)
+    for name in args.models:
+        results["models"].append(tree(name, args, folder))
+        print(table(results), flush=True)
     stem = "ethos_u_smoke" if args.smoke else "ethos_u"
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, stem + ".json"), "w") as f:
