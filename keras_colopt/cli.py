@@ -649,6 +649,16 @@ def _deploy_command(args) -> int:
     return 0
 
 
+def _refusing_bad_input(name: str, command, args) -> int:
+    """Runs a command; a bad input (a ValueError, TargetError included; a missing file; no
+    permission) is one error line and exit status 2, not a traceback."""
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"keras-colopt {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="keras-colopt",
@@ -665,22 +675,12 @@ def main(argv=None) -> int:
     _deploy_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "deploy":
-        from keras_colopt.targets import TargetError
-
-        try:
-            return _deploy_command(args)
-        except (ValueError, FileNotFoundError, TargetError) as e:
-            print(f"keras-colopt deploy: error: {e}", file=sys.stderr)
-            return 2
+        return _refusing_bad_input("deploy", _deploy_command, args)
     _setup_logging(0 if args.quiet else 1)
     if args.command == "run":
         return _run_command(args)
     if args.command == "report":
-        try:
-            return _report_command(args)
-        except (ValueError, FileNotFoundError, PermissionError) as e:
-            print(f"keras-colopt report: error: {e}", file=sys.stderr)
-            return 2
+        return _refusing_bad_input("report", _report_command, args)
     if args.command == "demo":
         out = os.path.abspath(args.out)
         print(f"keras-colopt demo: writing to {out}", flush=True)
