@@ -52,12 +52,22 @@ def fingerprint(model, n_train: Optional[int], n_val: int, settings: dict,
     digest = hashlib.sha256(arch.encode())
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
-    args = {k: checkpoint._plain(fit_args[k]) for k in _TRAINING_ARGS
+    args = {k: checkpoint._plain(_stable(fit_args[k])) for k in _TRAINING_ARGS
             if fit_args.get(k) is not None}
     return {"format": FORMAT, "model": digest.hexdigest()[:16], "model_name": model.name,
             "train_samples": n_train, "validation_samples": int(n_val),
             "settings": json.loads(json.dumps(checkpoint._plain(settings), default=repr)),
             "fit": json.loads(json.dumps(args, default=repr))}
+
+
+def _stable(value):
+    """A fit argument as it can be compared across processes: an object with a config (a
+    `Distill`: its teacher by name) by its config, an array by its shape."""
+    if callable(getattr(value, "get_config", None)):
+        return {"class": type(value).__name__, **value.get_config()}
+    if isinstance(value, np.ndarray):
+        return {"array": list(value.shape)}
+    return value
 
 
 def _differences(saved: dict, now: dict) -> list:

@@ -61,3 +61,24 @@ def test_explore_refuses_out_dir_holding_another_calls_state(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_fingerprint_is_the_same_across_processes_for_the_same_call():
+    """What explore's state compares holds no object address: a Distill's teacher counts by
+    name and its settings, so the same call made again matches, and a changed one does not."""
+    import keras_colopt as colopt
+    from keras_colopt.tree_state import fingerprint
+
+    from conftest import tiny_sequential
+
+    model = tiny_sequential()
+    teacher_a, teacher_b = tiny_sequential(seed=1), tiny_sequential(seed=1)
+
+    def fp(teacher, temperature=3.0):
+        return fingerprint(model, 256, 64, {"prune": {"sparsity": 0.5}}, {
+            "distill": colopt.Distill(teacher=teacher, temperature=temperature),
+            "rate_policy": colopt.RateProbe(), "batch_size": 64, "callbacks": [object()]})
+
+    assert fp(teacher_a) == fp(teacher_b)
+    assert fp(teacher_a) != fp(teacher_a, temperature=2.0)
+    assert json.dumps(fp(teacher_a))  # plain JSON: what explore.json holds
