@@ -348,7 +348,8 @@ def strip(model):
     For a quantization-aware Keras 3 model, each kernel is the one the int8 `.tflite` holds,
     dequantized (its values on the int8 grid); the activations' ranges are gone, so the float
     model computes like the QAT model up to activation rounding. A tfmot quantization-aware
-    model is refused (see `engines.tfmot.wrap.plain`). `model` itself is not changed.
+    model comes back as the stock layers it wraps, with the same kernels
+    (`engines.tfmot.wrap._plain_qat`). `model` itself is not changed.
 
     Example:
         >>> plain = colopt.strip(result.model)

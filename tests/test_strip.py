@@ -62,7 +62,7 @@ def test_keras3_strip_gives_stock_layers_with_the_compression_in_get_weights(
     assert any(type(l).__module__.startswith("keras_colopt") for l in result.model.layers)
 
 
-def test_tfmot_strip_of_a_clustered_model_and_refusal_of_a_qat_one(digits):
+def test_tfmot_strip_of_a_clustered_model(digits):
     from conftest import tiny_sequential
 
     (x, y), _ = digits
@@ -75,10 +75,40 @@ def test_tfmot_strip_of_a_clustered_model_and_refusal_of_a_qat_one(digits):
     kernels = [w for w in mine.get_weights() if w.ndim >= 2]
     assert kernels and all(np.mean(k == 0) >= 0.49 and np.unique(k).size <= 8 for k in kernels)
     assert all(type(l).__module__.startswith("tf_keras.") for l in plain.layers)
+
+
+@pytest.mark.parametrize("plan", ["PQAT", "PCQAT"])
+def test_tfmot_strip_of_a_qat_model_holds_the_int8_files_kernels(digits, tmp_path, plan):
+    """A tfmot quantization-aware model, stripped: stock tf_keras layers of the user's
+    architecture whose kernels are the int8 file's, dequantized (each the file's int8 value
+    times one scale per output channel), zeros and shared values kept."""
+    from conftest import tiny_sequential
+
+    (x, y), (xt, _) = digits
+    phases = [colopt.Prune(0.5, epochs=1)] + (
+        [colopt.Cluster(8, epochs=1)] if plan == "PCQAT" else []) + [colopt.Quantize(epochs=1)]
     qat = colopt.collaborative_fit(tiny_sequential(), x, y, batch_size=64, verbose=0,
-                                   phases=[colopt.Quantize(epochs=1)])
-    with pytest.raises(ValueError, match="no plain tf_keras form yet"):
-        colopt.strip(qat.model)
+                                   phases=phases, rate_policy="compiled").model
+    plain = colopt.strip(qat)
+    assert all(type(l).__module__.startswith("tf_keras.") for l in plain.layers)
+    mine = tiny_sequential()
+    mine.set_weights(plain.get_weights())  # the user's own architecture takes them
+    agree = np.mean(mine.predict(xt, verbose=0).argmax(1) == qat.predict(xt, verbose=0).argmax(1))
+    assert agree >= 0.95  # the activations' ranges are gone: the same argmax almost everywhere
+    path = colopt.export.to_tflite(qat, tmp_path / "qat.tflite", quantization="int8").path
+    stored = colopt.export.read_weights(path)
+    for layer in ("conv", "hidden", "logits"):
+        kernel = mine.get_layer(layer).get_weights()[0]
+        (q,) = [w for name, w in stored.items() if f"quant_{layer}/" in name]
+        q = np.moveaxis(q, 0, -1) if q.ndim == 4 else q.T  # (O,H,W,I) / (O,I) -> Keras order
+        assert q.shape == kernel.shape
+        np.testing.assert_array_equal(kernel == 0, q == 0)
+        scale = np.where(q != 0, kernel / np.where(q != 0, q, 1), np.nan)
+        for channel in range(kernel.shape[-1]):  # one scale per output channel
+            s = scale[..., channel][~np.isnan(scale[..., channel])]
+            assert s.size == 0 or np.allclose(s, s[0], rtol=1e-5), (layer, channel)
+        if plan == "PCQAT":
+            assert stats.unique_values(kernel, axis=-1).max() <= 8, layer
 
 
 def _prune_cluster_weights_hold(model, names):
@@ -135,3 +165,30 @@ def test_tfmot_run_ends_with_the_compressed_values_in_the_raw_kernels(digits):
         if layer.name.endswith(("hidden", "logits")):
             for name, original in layer.original_clusterable_weights.items():
                 assert len(np.unique(original.numpy())) <= 8, (layer.name, name)
+
+
+def test_tfmot_strip_of_a_functional_qat_model_with_batch_norm(digits):
+    """tfmot rewrites a conv before a BatchNormalization (its activation becomes tfmot's
+    NoOpActivation): stripped, it is a plain linear conv again; the input quantizer becomes
+    an Identity layer; the user's architecture takes the weights."""
+    import tf_keras as keras
+
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="img")
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="c")(inputs)
+    h = keras.layers.ReLU(name="r")(keras.layers.BatchNormalization(name="bn")(h))
+    outputs = keras.layers.Dense(10, name="out")(keras.layers.Flatten(name="f")(h))
+    model = compile_(keras.Model(inputs, outputs, name="fn"))
+    qat = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, rate_policy="compiled",
+                                   phases=[colopt.Prune(0.5, epochs=1),
+                                           colopt.Quantize(epochs=1)]).model
+    plain = colopt.strip(qat)
+    assert [type(l).__name__ for l in plain.layers] == [
+        "InputLayer", "Identity", "Conv2D", "BatchNormalization", "ReLU", "Flatten", "Dense"]
+    assert plain.get_layer("c").get_config()["activation"] == "linear"
+    mine = keras.models.clone_model(model)
+    mine.set_weights(plain.get_weights())
+    agree = np.mean(mine.predict(xt, verbose=0).argmax(1) == qat.predict(xt, verbose=0).argmax(1))
+    assert agree >= 0.95
+    assert np.mean(mine.get_layer("out").get_weights()[0] == 0) >= 0.49

@@ -59,20 +59,60 @@ def settle(model) -> None:
 
 
 def plain(model):
-    """`model` without tfmot's pruning and clustering wrappers: tf_keras' stock layers, the
-    zeros and shared values in their kernels. A quantization-aware model is refused: tfmot
-    has no strip for it, and its graph is not the user's (activations folded, BN annotated)."""
+    """`model` without tfmot's wrappers: tf_keras' stock layers, the zeros and shared values
+    in their kernels. A quantization-aware model comes back unwrapped (`_plain_qat`): each
+    kernel as the int8 file holds it, dequantized."""
     from keras_colopt.engines.tfmot.read import is_qat
 
     if is_qat(model):
-        raise ValueError(
-            f"keras_colopt.strip: model '{model.name}' is a tfmot quantization-aware model, "
-            "which has no plain tf_keras form yet (tfmot's QAT wrappers replace the layers, and "
-            "activations were folded into them for preservation). Expected a pruned or "
-            "clustered tf_keras model, or a Keras 3 model (any phase). Strip the model the "
-            "phase before Quantize left (collaborative_fit without the Quantize phase, then "
-            "strip), or deploy the QAT model with keras_colopt.export.to_tflite.")
+        return _plain_qat(model)
     return strip(model)
+
+
+def _plain_qat(model):
+    """A tfmot quantization-aware model as stock tf_keras layers: each QuantizeWrapper becomes
+    a fresh copy of the layer it wraps (same class, config and name), whose kernel is what
+    the wrapper's weight quantizer outputs (the values on the int8 grid the `.tflite` holds,
+    dequantized; zeros and shared values kept) and whose other weights are the trained ones;
+    tfmot's input QuantizeLayer is left out of a Sequential model and becomes an Identity
+    layer in a functional one. The activations' ranges are gone: the float model computes
+    like the QAT one up to the activations' rounding. Activation layers folded into the
+    layer before them (for preserving QAT) stay folded."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+
+    from keras_colopt.engines.tfmot.read import _short, kernels
+
+    def copy(layer):
+        if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            layer = layer.layer
+        elif isinstance(layer, quantize_layer.QuantizeLayer):
+            return tf_keras.layers.Identity(name=layer.name)
+        config = layer.get_config()
+        act = config.get("activation")
+        if isinstance(act, dict) and act.get("class_name") == "QuantizeAwareActivation":
+            act = config["activation"] = act["config"]["activation"]  # tfmot's wrapper of it
+        if isinstance(act, dict) and act.get("class_name") == "NoOpActivation":
+            config["activation"] = "linear"  # a conv before its BatchNormalization
+        return layer.__class__.from_config(config)
+
+    if isinstance(model, tf_keras.Sequential):
+        kept = [l for l in model.layers if not isinstance(l, quantize_layer.QuantizeLayer)]
+        plain_model = tf_keras.Sequential([tf_keras.Input(model.input_shape[1:])]
+                                          + [copy(l) for l in kept], name=model.name)
+    else:
+        kept = list(model.layers)
+        plain_model = tf_keras.models.clone_model(model, clone_function=copy)
+        kept = [l for l in kept if not isinstance(l, tf_keras.layers.InputLayer)]
+    mine = [l for l in plain_model.layers if not isinstance(l, tf_keras.layers.InputLayer)]
+    for wrapped, layer in zip(kept, mine):
+        if isinstance(wrapped, quantize_wrapper.QuantizeWrapper):
+            # By name: a CQAT/PCQAT kernel was moved to the non-trained list (its order).
+            values = {_short(w.name): w.numpy() for w in wrapped.layer.weights}
+            values.update({name: array for name, array, _ in kernels(wrapped)})
+            layer.set_weights([values[_short(w.name)] for w in layer.weights])
+        elif wrapped.weights and not isinstance(wrapped, quantize_layer.QuantizeLayer):
+            layer.set_weights(wrapped.get_weights())
+    return plain_model
 
 
 def keep_output_names(new, old):
