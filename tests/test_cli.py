@@ -127,3 +127,15 @@ def test_dashboard_line_names_the_logs_folder_and_the_tab(tmp_path, monkeypatch)
         "(then open http://localhost:6006/#keras_colopt)")
     elsewhere = "/some where/logs"  # outside the working folder: as given, quoted
     assert "tensorboard --logdir '/some where/logs'" in cli.dashboard_line(elsewhere)
+
+
+def test_report_refuses_a_bad_target_before_training(tmp_path, capsys, monkeypatch):
+    import keras_colopt as colopt
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("explore was called")
+    monkeypatch.setattr(colopt, "explore", refuse)
+    for argv, message in ((["--target", "ethos-u99"], "Unknown Ethos-U `accelerator`"),
+                          (["--memory-mode", "Shared_Sram"], "configure an Ethos-U --target")):
+        assert cli.main(["report", "--out", str(tmp_path / "r"), "--quiet", *argv]) == 2
+        assert message in capsys.readouterr().err
