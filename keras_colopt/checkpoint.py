@@ -57,7 +57,7 @@ def fingerprint(plan, model, steps_per_epoch: int, initial_phase: int,
     settings, when the run distils)."""
     phases = [{"kind": type(p.phase).__name__, "config": _plain(p.phase.get_config())}
               for p in plan]
-    arch = json.dumps(_anonymous(_plain(model.get_config())), sort_keys=True, default=str)
+    arch = architecture(model)
     shapes = [list(map(int, w.shape)) for w in model.weights]
     out = {"phases": phases,
            "model": hashlib.sha256((arch + json.dumps(shapes)).encode()).hexdigest()[:16],
@@ -66,6 +66,12 @@ def fingerprint(plan, model, steps_per_epoch: int, initial_phase: int,
     if distill is not None:
         out["distill"] = distill
     return out
+
+
+def architecture(model) -> str:
+    """The model's architecture as a string that is the same for the same architecture built
+    again (names anonymized, `_anonymous`): what checkpoints and explore's state compare."""
+    return json.dumps(_anonymous(_plain(model.get_config())), sort_keys=True, default=str)
 
 
 def _anonymous(config):

@@ -223,13 +223,8 @@ def target_from(args):
             raise ValueError("--system-config and --memory-mode configure an Ethos-U "
                              "--target. Expected --target ethos-u55-128 (or another).")
         return None
-    if args.target.startswith("ethos-u"):
-        return targets.EthosU(args.target, system_config=args.system_config,
-                              memory_mode=args.memory_mode)
-    if args.system_config or args.memory_mode:
-        raise ValueError(f"--system-config and --memory-mode are Vela's; --target "
-                         f"{args.target} is not an Ethos-U.")
-    return targets.get(args.target)
+    return targets.get(args.target, system_config=args.system_config,
+                       memory_mode=args.memory_mode)
 
 
 def load_model(path):
@@ -500,10 +495,9 @@ def run_recipe(recipe_path, model_path, data_path, out: str, verbose: int = 1,
                                    log_dir=log_dir)
     on_target = None
     if target is not None:  # the file as the device takes it: int8 in and out, batch 1
-        io_info = colopt.export.to_tflite(result.model, os.path.join(out, "model_int8_io.tflite"),
-                                          quantization="int8", representative_data=x[:256],
-                                          io="int8")
-        on_target = target.measure(io_info.path).as_dict()
+        on_target = colopt.export.to_tflite(
+            result.model, os.path.join(out, "model_int8_io.tflite"), quantization="int8",
+            representative_data=x[:256], io="int8", target=target).on_target.as_dict()
     metrics, tflite_accuracy = {}, None
     if val is not None:
         xv, yv = val

@@ -134,7 +134,11 @@ def inner_float_tensors(path) -> List[str]:
 def io_tensors(path):
     """`({input name: TensorIO}, {output name: TensorIO})` of a `.tflite`, named as in its
     signature (the Keras input and output names)."""
-    ins, outs = _signature(_interpreter(path))
+    return _io(_interpreter(path))
+
+
+def _io(interp):
+    ins, outs = _signature(interp)
     return ({n: _tensor_io(n, d) for n, d in ins.items()},
             {n: _tensor_io(n, d) for n, d in outs.items()})
 
@@ -288,8 +292,9 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
         from keras_colopt.tensorboard import summary
 
         table = dict(survival(path, model), quantization=quantization, io=io)
-        if on_target is not None:
-            table["targets"] = [target_table(on_target, model)]
+        if on_target is not None:  # its operators mapped to the layers survival found
+            table["targets"] = [target_table(on_target, [r["layer"] for r in table["layers"]
+                                                          if r["layer"]])]
         summary.tflite(log_dir, table)
     inputs, outputs = io_tensors(path)
     return ExportInfo(path=path, quantization=quantization, tflite_bytes=len(data),
@@ -297,17 +302,12 @@ def to_tflite(model, path, quantization: str = "int8", representative_data=None,
                       on_target=on_target)
 
 
-def target_table(report, model=None) -> dict:
+def target_table(report, layer_names=()) -> dict:
     """A `targets.TargetReport` as the dashboard shows it: its figures, and per operator the
-    Keras layer it belongs to (`layer_of`, given the model)."""
-    names = []
-    if model is not None:
-        from keras_colopt import callbacks
-
-        names = list(callbacks.layer_stats(model))
+    Keras layer it belongs to (`layer_of` among `layer_names`; '' when none)."""
     table = report.as_dict()
     for row in table["layers"]:
-        row["layer"] = layer_of(row["name"], names) if names else ""
+        row["layer"] = layer_of(row["name"], layer_names)
     return table
 
 
@@ -452,10 +452,8 @@ def inspect_tflite(path) -> TFLiteWeights:
         >>> weights.inputs  # {'input': TensorIO(dtype='int8', shape=(1, 8, 8, 1), scale=...)}
     """
     interp = _interpreter(path)
-    ins, outs = _signature(interp)
     return TFLiteWeights([_describe(t, op_name, w) for t, op_name, w in _weights(interp)],
-                         {n: _tensor_io(n, d) for n, d in ins.items()},
-                         {n: _tensor_io(n, d) for n, d in outs.items()})
+                         *_io(interp))
 
 
 def layer_of(tensor_name: str, layer_names) -> str:

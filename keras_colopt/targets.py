@@ -212,8 +212,7 @@ class EthosU:
             system_config = {"U85": "Ethos_U85_SYS_DRAM_Mid", "U65": "Ethos_U65_Client_Server"
                              }.get(family, "Ethos_U55_High_End_Embedded")
         fitting = [s for s in systems if f"_{family}_" in s]
-        if system_config not in systems or (f"_{family}_" not in system_config and fitting
-                                            and system_config.startswith("Ethos_U")):
+        if system_config not in fitting:
             raise ValueError(f"Unknown `system_config` for {accelerator}. Expected one of "
                              f"{fitting} (Vela's vela.ini). Received: "
                              f"system_config={system_config!r}")
@@ -406,13 +405,16 @@ class LiteRTCPU:
                             cpu_ops=dict(ops))
 
 
-def get(name: str):
-    """A target by name: an Ethos-U accelerator configuration ("ethos-u55-128") or
-    "litert-cpu" (the CLI's `--target`)."""
-    if name in ("litert-cpu", "cpu"):
-        return LiteRTCPU()
+def get(name: str, system_config: Optional[str] = None, memory_mode: Optional[str] = None):
+    """A target by name: an Ethos-U accelerator configuration ("ethos-u55-128", with Vela's
+    `system_config` and `memory_mode`) or "litert-cpu" (the CLI's `--target`)."""
     if isinstance(name, str) and name.startswith("ethos-u"):
-        return EthosU(name)
+        return EthosU(name, system_config=system_config, memory_mode=memory_mode)
+    if name in ("litert-cpu", "cpu"):
+        if system_config or memory_mode:
+            raise ValueError(f"system_config and memory_mode are Vela's; target {name!r} is "
+                             "not an Ethos-U.")
+        return LiteRTCPU()
     _, accelerators = _vela()
     raise ValueError(f"Unknown target {name!r}. Expected 'litert-cpu' or an Ethos-U "
                      f"accelerator: {list(accelerators.member_list())}.")

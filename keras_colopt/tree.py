@@ -37,7 +37,7 @@ from keras_colopt.phases import Cluster, Prune, Quantize, Train
 from keras_colopt.plan import resolve
 from keras_colopt.report import Baseline, LeafResult, Report
 from keras_colopt.targets import EthosU, LiteRTCPU
-from keras_colopt.tree_state import TreeState, fingerprint
+from keras_colopt.tree_state import TreeState, fingerprint, slug
 
 log = logging.getLogger("keras_colopt")
 
@@ -128,10 +128,6 @@ def _accuracy(model, x, y, batch_size=256) -> float:
     return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y).reshape(-1)))
 
 
-def _slug(name: str) -> str:
-    return name.lower().replace("+", "_")
-
-
 class _Tree:
     """Builds nodes once (cached) and leaves from them; all files go under `out_dir`."""
 
@@ -195,18 +191,17 @@ class _Tree:
         return _Node(model=model, phases=phases, fp32_accuracy=fp32)
 
     def _build_node(self, name: str) -> _Node:
-        parent_name, kind = NODES[name]
+        parent_name, _ = NODES[name]
+        phases = self.phases_of(name)
         t0 = time.time()
         if parent_name is None:
-            if self.baseline_epochs:
-                phases = [Train(epochs=self.baseline_epochs)]
+            if phases:
                 model = self._fit(self.model, phases, 0, name).model
             else:
-                phases, model = [], self.engine.clone_model(self.model)
+                model = self.engine.clone_model(self.model)
                 self.engine.compile_like(model, self.compile_cfg)
         else:
             parent = self.node(parent_name)
-            phases = parent.phases + [self.make[kind]]
             trained = self._fit(parent.model, phases, len(parent.phases), name).model
             model = self.engine.strip(trained)
             self.engine.compile_like(model, self.compile_cfg)
@@ -272,12 +267,13 @@ class _Tree:
         # The dashboard's "Deployed model" table goes to the run that trained the model: the
         # QAT leaf's own, or the node's for a post-training leaf.
         npu = isinstance(self.target, EthosU)  # a fully integer file, as the NPU runs it
-        info = export.to_tflite(model, os.path.join(folder, f"{_slug(name)}_int8.tflite"),
+        info = export.to_tflite(model, os.path.join(folder, f"{slug(name)}_int8.tflite"),
                                 quantization="int8", representative_data=self.rep,
                                 log_dir=self.log_dir(name if how == "qat" else node),
                                 io="int8" if npu else "float32",
                                 target=self.target if npu else None)
         weights = export.inspect_tflite(info.path)
+        stored = export.read_weights(info.path)
         zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
         size = sum(math.prod(w.shape) for w in weights)
         result = LeafResult(
@@ -290,8 +286,7 @@ class _Tree:
             max_unique_weights=max((w.unique for w in weights), default=0),
             max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0),
             weights_entropy_bytes=sum(w.entropy_bits for w in weights) / 8,
-            weights_gzip_bytes=export.gzip_size(b"".join(
-                a.tobytes() for a in export.read_weights(info.path).values())))
+            weights_gzip_bytes=export.gzip_size(b"".join(a.tobytes() for a in stored.values())))
         if npu:
             on = info.on_target
             result.target_latency_ms, result.target_weight_bytes = on.latency_ms, on.weight_bytes
@@ -300,8 +295,7 @@ class _Tree:
             result.target_compiled = on.compiled
         elif self.target is not None:  # LiteRTCPU: its latency is the one measured above
             result.target_latency_ms = result.latency_ms
-            result.target_weight_bytes = sum(int(w.nbytes) for w in export.read_weights(
-                info.path).values())
+            result.target_weight_bytes = sum(int(a.nbytes) for a in stored.values())
             result.target_cpu_ops = {}
         if sparse:
             self._sparse_variant(result, model)
@@ -309,7 +303,7 @@ class _Tree:
 
     def _sparse_variant(self, result: LeafResult, model) -> None:
         """The converter's sparse weight encoding: its size, and whether LiteRT runs it."""
-        path = os.path.join(self.out_dir, "tflite", f"{_slug(result.name)}_int8_sparse.tflite")
+        path = os.path.join(self.out_dir, "tflite", f"{slug(result.name)}_int8_sparse.tflite")
         try:
             info = export.to_tflite(model, path, quantization="int8",
                                     representative_data=self.rep, sparse=True)

@@ -47,9 +47,7 @@ def fingerprint(model, n_train: Optional[int], n_val: int, settings: dict,
                 fit_args: dict) -> dict:
     """What must match for saved nodes and leaves to be reused: the model's architecture and
     weights, the number of training and validation samples, the phases and fit settings."""
-    arch = json.dumps(checkpoint._anonymous(checkpoint._plain(model.get_config())),
-                      sort_keys=True, default=str)
-    digest = hashlib.sha256(arch.encode())
+    digest = hashlib.sha256(checkpoint.architecture(model).encode())
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
     args = {k: checkpoint._plain(_stable(fit_args[k])) for k in _TRAINING_ARGS
@@ -83,7 +81,8 @@ def _differences(saved: dict, now: dict) -> list:
     return [text for key, text in names.items() if saved.get(key) != now[key]]
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A node's or leaf's name as a file name ("Pruned+PTQ" -> "pruned_ptq")."""
     return name.lower().replace("+", "_")
 
 
@@ -108,7 +107,7 @@ class TreeState:
             write_atomic(path, json.dumps(fp, indent=2, default=json_default).encode())
 
     def _path(self, kind: str, name: str, ext: str) -> str:
-        return os.path.join(self.folder, kind, f"{_slug(name)}.{ext}")
+        return os.path.join(self.folder, kind, f"{slug(name)}.{ext}")
 
     # ------------------------------------------------------------------ nodes
     def save_node(self, name: str, model, fp32_accuracy: float) -> None:

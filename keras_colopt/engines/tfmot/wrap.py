@@ -100,9 +100,8 @@ def _plain_qat(model):
         plain_model = tf_keras.Sequential([tf_keras.Input(model.input_shape[1:])]
                                           + [copy(l) for l in kept], name=model.name)
     else:
-        kept = list(model.layers)
+        kept = [l for l in model.layers if not isinstance(l, tf_keras.layers.InputLayer)]
         plain_model = tf_keras.models.clone_model(model, clone_function=copy)
-        kept = [l for l in kept if not isinstance(l, tf_keras.layers.InputLayer)]
     mine = [l for l in plain_model.layers if not isinstance(l, tf_keras.layers.InputLayer)]
     for wrapped, layer in zip(kept, mine):
         if isinstance(wrapped, quantize_wrapper.QuantizeWrapper):
@@ -110,7 +109,7 @@ def _plain_qat(model):
             values = {_short(w.name): w.numpy() for w in wrapped.layer.weights}
             values.update({name: array for name, array, _ in kernels(wrapped)})
             layer.set_weights([values[_short(w.name)] for w in layer.weights])
-        elif wrapped.weights and not isinstance(wrapped, quantize_layer.QuantizeLayer):
+        elif layer.weights:  # not the input quantizer's Identity, which holds none
             layer.set_weights(wrapped.get_weights())
     return plain_model
 
