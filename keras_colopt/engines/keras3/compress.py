@@ -33,14 +33,15 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, ops
 
 # class -> (kernel property read by call(), raw attribute or None when the property *is* the
 # raw attribute, stored in the instance dict)
 _KERNEL = {
-    keras.layers.Dense: ("kernel", "_kernel"),
-    keras.layers.Conv1D: ("kernel", "_kernel"),
-    keras.layers.Conv2D: ("kernel", "_kernel"),
+    keras.layers.Dense: ("kernel", compat.raw_kernel_attribute()),
+    keras.layers.Conv1D: ("kernel", compat.raw_kernel_attribute()),
+    keras.layers.Conv2D: ("kernel", compat.raw_kernel_attribute()),
     keras.layers.DepthwiseConv2D: ("kernel", None),
 }
 SUPPORTED = tuple(_KERNEL)
@@ -180,7 +181,7 @@ def fake_quant_range(x, var, training: bool):
 
 
 def is_training(layer) -> bool:
-    ctx = layer._get_call_context()
+    ctx = compat.call_context(layer)
     return bool(ctx is not None and ctx.training)
 
 
@@ -393,13 +394,13 @@ def _materialize(layer) -> None:
 @contextlib.contextmanager
 def unlocked(obj):
     """Lets a built layer or model take new state (Keras locks its tracker after build)."""
-    locked = obj._tracker.locked
-    obj._tracker.unlock()
+    locked = compat.tracker(obj).locked
+    compat.tracker(obj).unlock()
     try:
         yield
     finally:
         if locked:
-            obj._tracker.lock()
+            compat.tracker(obj).lock()
 
 
 def _set(layer, attr, var) -> None:
@@ -424,7 +425,7 @@ def _add(layer, name, value, dtype="float32", trainable=False, aggregation="none
 def _drop(layer, attr):
     var = getattr(layer, attr, None)
     if var is not None:
-        layer._untrack_variable(var)
+        compat.untrack_variable(layer, var)
         _set(layer, attr, None)
 
 
@@ -590,7 +591,7 @@ def effective_numpy(layer) -> np.ndarray:
                          autograph=False)  # no tensor-dependent Python flow to convert
         # Each of these functions is traced once; TensorFlow counts the traces of all of
         # them together (one lambda's code) and would warn of "retracing" to the user.
-        fn._omit_frequent_tracing_warning = True
+        compat.omit_frequent_tracing_warning(fn)
         cached = (key, fn)
         object.__setattr__(layer, "_colopt_effective_fn", cached)
     return np.asarray(cached[1]())

@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 
 from keras_colopt.engines import _flavour
+from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.phases import CosineDecay
 
@@ -15,9 +16,7 @@ def is_model(obj) -> bool:
 
 
 def _is_graph(model) -> bool:
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, (keras.Sequential, Functional))
+    return isinstance(model, (keras.Sequential, compat.functional_class()))
 
 
 def check_model(model, compiled: bool = True) -> None:
@@ -116,13 +115,13 @@ class ContinuedSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def compile_config(model) -> dict:
     opt = model.optimizer
-    lr = getattr(opt, "_learning_rate", None)
+    lr = compat.optimizer_learning_rate(opt)
     if isinstance(lr, ContinuedSchedule):
         lr = lr.schedule
     schedule = lr if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) else None
     ocfg = opt.get_config()
-    compile_cfg = dict(model._compile_config.config) if getattr(
-        model, "_compile_config", None) is not None else {}
+    held = compat.compile_config(model)
+    compile_cfg = dict(held.config) if held is not None else {}
     return {"optimizer_class": type(opt), "optimizer_config": {
                 **ocfg, "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate))
                 if schedule is None else ocfg["learning_rate"]},

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from keras_colopt.engines.keras3 import compress
+from keras_colopt.engines.keras3 import compat, compress
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.engines.keras3.models import _is_graph
 
@@ -112,7 +112,7 @@ def _linear(layer) -> bool:
 
 
 def _graph(model):
-    return getattr(model, "_functional", None) or model
+    return compat.sequential_functional(model) or model
 
 
 def plan_ranges(model) -> Tuple[Dict[str, Tuple[bool, bool]], List[str]]:
@@ -127,14 +127,14 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
     g = _graph(model)
     consumers = {}
     fed_by_input = set()
-    for nodes in g._nodes_by_depth.values():
+    for nodes in compat.nodes_by_depth(g).values():
         for node in nodes:
             for kt in node.arguments.keras_tensors:
-                producer = kt._keras_history.operation
+                producer = compat.keras_history(kt).operation
                 consumers.setdefault(id(producer), []).append(node.operation)
                 if isinstance(producer, L.InputLayer):
                     fed_by_input.add(id(node.operation))
-    outputs = {id(t._keras_history.operation) for t in g.outputs}
+    outputs = {id(compat.keras_history(t).operation) for t in g.outputs}
     only = {}  # layer -> the one layer reading its output (none for a model output)
     for layer in model.layers:
         readers = consumers.get(id(layer), [])

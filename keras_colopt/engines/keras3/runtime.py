@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from keras_colopt.engines import _flavour
+from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, tf
 
 
@@ -91,12 +92,12 @@ def distillation(model, teacher, settings) -> list:
         tracker.update_state(soft)
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         if y is None:  # metrics against the teacher's labels; the loss is the soft loss
-            self._loss_tracker.update_state(soft, sample_weight=batch)
+            compat.loss_tracker(self).update_state(soft, sample_weight=batch)
             logs = self.compute_metrics(
                 x, distill.teacher_labels(target, logits, sparse), y_pred, sample_weight=None)
         else:
             # Keras' own step logs the labels' loss through its loss tracker (unscaled).
-            self._loss_tracker.update_state(hard * replicas, sample_weight=batch)
+            compat.loss_tracker(self).update_state(hard * replicas, sample_weight=batch)
             logs = self.compute_metrics(x, y, y_pred, sample_weight=sw)
         logs["distill_loss"] = tracker.result()
         return logs
