@@ -15,24 +15,13 @@ import tensorflow as tf
 _prev_legacy = os.environ.get("TF_USE_LEGACY_KERAS")
 tf.keras.__name__  # noqa: B018 (resolves the lazy module)
 import tf_keras  # noqa: E402
-from tf_keras.src.saving import serialization_lib  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
-from tensorflow_model_optimization.python.core.clustering.keras import (  # noqa: E402
-    cluster_wrapper, clustering_registry)
-from tensorflow_model_optimization.python.core.quantization.keras import (  # noqa: E402
-    quantize_wrapper)
-from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (  # noqa: E402,E501
-    cluster_preserve_quantize_registry as cpq)
-from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (  # noqa: E402,E501
-    prune_preserve_quantize_registry as ppq)
-from tensorflow_model_optimization.python.core.sparsity.keras import (  # noqa: E402
-    prune_registry, pruning_wrapper)
 
 if _prev_legacy is None:
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
 else:
     os.environ["TF_USE_LEGACY_KERAS"] = _prev_legacy
 
-__all__ = ["tf", "tf_keras", "serialization_lib", "tfmot", "cluster_wrapper",
-           "clustering_registry", "quantize_wrapper", "cpq", "ppq", "prune_registry",
-           "pruning_wrapper"]
+# tfmot's private modules (its wrapper, registry and quantizer classes) are imported by
+# `compat`, with every other private name the engine touches.
+__all__ = ["tf", "tf_keras", "tfmot"]

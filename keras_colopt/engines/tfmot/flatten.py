@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from keras_colopt.engines.tfmot import compat
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
 from keras_colopt.engines.tfmot.layers import base_layer
 
@@ -35,7 +36,7 @@ SEP = "/"
 def _is_nested(layer) -> bool:
     """Whether `layer` is a Sequential or Functional model (which can be flattened)."""
     return isinstance(layer, tf_keras.Model) and (
-        isinstance(layer, tf_keras.Sequential) or getattr(layer, "_is_graph_network", False))
+        isinstance(layer, tf_keras.Sequential) or compat.is_graph_network(layer))
 
 
 def walk(model, prefix: str = "") -> List[Tuple[str, object]]:
@@ -132,7 +133,7 @@ def flatten_nested(model):
             inner = kwargs.get("training", training)  # an explicit argument wins, as in Keras
             inputs = args[0] if args else kwargs.get("inputs")
             flat = (tf.nest.flatten(inputs) if isinstance(layer, tf_keras.Sequential)
-                    else layer._flatten_to_reference_inputs(inputs))
+                    else compat.flatten_to_reference_inputs(layer, inputs))
             out = _replay(layer, list(flat), lambda l, a, k: emit(
                 l, a, k, path + SEP, inner, trainable and layer.trainable))
             return _outputs_like(layer, out)
@@ -144,7 +145,7 @@ def flatten_nested(model):
             copy.trainable = bool(trainable and layer.trainable)
             copies[id(layer)] = entry = (copy, layer)
         if training is not None and "training" not in kwargs and \
-                getattr(layer, "_expects_training_arg", False):
+                compat.expects_training_arg(layer):
             kwargs = dict(kwargs, training=training)
         return entry[0](*args, **kwargs)
 
@@ -198,7 +199,7 @@ def restore_training_args(model, reference):
 def _training_args(model) -> Dict[str, object]:
     """{base layer name: the `training=` it is called with} in `model`'s own graph."""
     out = {}
-    for depth_nodes in getattr(model, "_nodes_by_depth", {}).values():
+    for depth_nodes in compat.nodes_by_depth(model, {}).values():
         for node in depth_nodes:
             if not node.is_input and "training" in node.call_kwargs:
                 out[base_layer(node.layer).name] = node.call_kwargs["training"]
@@ -213,8 +214,8 @@ def _new_inputs(model) -> list:
 
 def _functional_like(model, inputs, outputs):
     """A Functional model on new `inputs`/`outputs` (flat lists) structured like `model`'s."""
-    nested_in = getattr(model, "_nested_inputs", None)
-    nested_out = getattr(model, "_nested_outputs", None)
+    nested_in = compat.nested_inputs(model)
+    nested_out = compat.nested_outputs(model)
     return tf_keras.Model(
         tf.nest.pack_sequence_as(nested_in, inputs) if nested_in is not None else inputs,
         tf.nest.pack_sequence_as(nested_out, outputs) if nested_out is not None else outputs,
@@ -223,7 +224,7 @@ def _functional_like(model, inputs, outputs):
 
 def _outputs_like(model, flat):
     """Flat output tensors in the structure `model` returns them in."""
-    structure = getattr(model, "_nested_outputs", None)
+    structure = compat.nested_outputs(model)
     if isinstance(model, tf_keras.Sequential) or structure is None:
         return flat[0] if len(flat) == 1 else flat
     return tf.nest.pack_sequence_as(structure, flat)
@@ -238,12 +239,13 @@ def _replay(model, flat_inputs, call) -> list:
         for layer in model.layers:
             x = call(layer, (x,), {})
         return tf.nest.flatten(x)
-    counts = model._tensor_usage_count
+    counts = compat.tensor_usage_count(model)
     tensors = {}
     for x, y in zip(model.inputs, flat_inputs):
         tensors[str(id(x))] = [y] * counts[str(id(x))]
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
+    nodes = compat.nodes_by_depth(model)
+    for depth in sorted(nodes, reverse=True):
+        for node in nodes[depth]:
             if node.is_input or any(i not in tensors for i in node.flat_input_ids):
                 continue
             args, kwargs = node.map_arguments(tensors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+from keras_colopt.engines.tfmot import compat
 from keras_colopt.engines.tfmot._deps import tf_keras
 from keras_colopt.engines.tfmot.layers import _find, activation_after
 from keras_colopt.engines.tfmot.quantize import _rebuilding
@@ -43,8 +44,8 @@ def fold_plan(model) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, str]]:
         if act is None:
             unfoldable[wname] = (f"activation layer '{aname}' is not a plain relu/relu6 "
                                  "(it has a threshold, a slope or another max_value)")
-        elif len(w._outbound_nodes) != 1 or len(w._inbound_nodes) != 1 \
-                or len(a._inbound_nodes) != 1:
+        elif len(compat.outbound_nodes(w)) != 1 or len(compat.inbound_nodes(w)) != 1 \
+                or len(compat.inbound_nodes(a)) != 1:
             unfoldable[wname] = f"'{wname}' or '{aname}' is shared or has several consumers"
         elif tf_keras.activations.serialize(w.activation) != "linear":
             unfoldable[wname] = f"'{wname}' already has an activation"

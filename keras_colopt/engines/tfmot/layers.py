@@ -6,7 +6,9 @@ import numpy as np
 from typing import Dict, List, Tuple
 
 from keras_colopt.engines import _flavour
-from keras_colopt.engines.tfmot._deps import clustering_registry, prune_registry, tf_keras, tfmot
+from keras_colopt.engines.tfmot import compat
+from keras_colopt.engines.tfmot._deps import tf_keras, tfmot
+from keras_colopt.engines.tfmot.compat import clustering_registry, prune_registry
 
 _INITS = {
     "kmeans++": tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS,
@@ -54,7 +56,7 @@ def _registry_names(registry, layer) -> List[str]:
     Bidirectional or MultiHeadAttention, which it wraps through their cells and sublayers):
     for those, their kernels (the trainable weights of rank 2 or more)."""
     try:
-        return list(registry._weight_names(layer))
+        return list(compat.registry_weight_names(registry, layer))
     except KeyError:
         return [w.name for w in layer.trainable_weights if len(w.shape) >= 2]
 
@@ -147,7 +149,7 @@ def activation_after(model) -> Dict[str, str]:
     for layer in (base_layer(l) for l in model.layers):
         if not isinstance(layer, _WEIGHTED):
             continue
-        for node in layer._outbound_nodes:
+        for node in compat.outbound_nodes(layer):
             nxt = base_layer(node.outbound_layer)
             if _is_relu_layer(nxt):
                 found[layer.name] = nxt.name

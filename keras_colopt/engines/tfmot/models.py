@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from keras_colopt.engines import _flavour
+from keras_colopt.engines.tfmot import compat
 from keras_colopt.engines.tfmot._deps import tf, tf_keras
 from keras_colopt.phases import CosineDecay
 
@@ -23,7 +24,7 @@ def check_model(model, compiled: bool = True) -> None:
         raise TypeError(
             "Expected a compiled tf_keras Sequential or Functional model. "
             f"Received: model={model!r} of type {type(model).__name__}")
-    if not (isinstance(model, tf_keras.Sequential) or getattr(model, "_is_graph_network", False)):
+    if not (isinstance(model, tf_keras.Sequential) or compat.is_graph_network(model)):
         raise TypeError(
             f"Model '{model.name}' is a subclassed tf_keras.Model ({type(model).__name__}); "
             "tfmot can only re-wrap the layers of Sequential and Functional models. Expected "
@@ -121,9 +122,9 @@ class ContinuedSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
 
 
 def _compiled_schedule(opt):
-    lr = getattr(opt, "_learning_rate", None)
-    if lr is None and hasattr(opt, "_get_hyper"):  # a legacy optimizer
-        lr = opt._get_hyper("learning_rate")
+    lr = compat.optimizer_learning_rate(opt)
+    if lr is None:  # a legacy optimizer
+        lr = compat.legacy_learning_rate(opt)
     if isinstance(lr, ContinuedSchedule):  # a model compiled by an earlier run: its offset
         lr = lr.schedule                     # is derived from the plan again
     return lr if isinstance(lr, tf_keras.optimizers.schedules.LearningRateSchedule) else None
@@ -134,18 +135,18 @@ def compile_config(model) -> dict:
     cl = model.compiled_loss
     cm = model.compiled_metrics
     opt = model.optimizer
+    steps = compat.steps_per_execution(model)
     return {
         "optimizer_class": type(opt),
         "optimizer_config": opt.get_config(),
         "schedule": _compiled_schedule(opt),
         "loss": model.loss,
-        "loss_weights": getattr(cl, "_user_loss_weights", None),
-        "metrics": getattr(cm, "_user_metrics", None),
-        "weighted_metrics": getattr(cm, "_user_weighted_metrics", None),
-        "run_eagerly": model._run_eagerly,
-        "jit_compile": getattr(model, "_jit_compile", None),
-        "steps_per_execution": int(model._steps_per_execution.numpy())
-        if getattr(model, "_steps_per_execution", None) is not None else 1,
+        "loss_weights": compat.user_loss_weights(cl),
+        "metrics": compat.user_metrics(cm),
+        "weighted_metrics": compat.user_weighted_metrics(cm),
+        "run_eagerly": compat.run_eagerly_setting(model),
+        "jit_compile": compat.jit_compile_setting(model),
+        "steps_per_execution": int(steps.numpy()) if steps is not None else 1,
     }
 
 

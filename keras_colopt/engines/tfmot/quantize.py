@@ -7,7 +7,9 @@ import logging
 import numpy as np
 from typing import Dict, List
 
-from keras_colopt.engines.tfmot._deps import cpq, ppq, quantize_wrapper, serialization_lib, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot import compat
+from keras_colopt.engines.tfmot._deps import tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot.compat import cpq, ppq, quantize_wrapper, serialization_lib
 from keras_colopt.engines.tfmot.flatten import restore_training_args, walk
 from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS, _find, _has_kernel, base_layer, base_name
 from keras_colopt import stats
@@ -112,16 +114,16 @@ def freeze_rewritten_kernels(model) -> List[str]:
         if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
             continue
         inner = layer.layer
-        for w, _, qvars in getattr(layer, "_weight_vars", []):
+        for w, _, qvars in compat.weight_vars(layer):
             if not (isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars):
                 continue
             # The lists tf_keras gathers trained variables from: the layer's, and the copy
             # QuantizeWrapperV2 keeps of them (its own order).
-            lists = (inner._trainable_weights, layer._trainable_weights)
+            lists = (compat.own_trainable_weights(inner), compat.own_trainable_weights(layer))
             if any(v is w for t in lists for v in t):
                 for t in lists:
                     t[:] = [v for v in t if v is not w]
-                inner._non_trainable_weights.append(w)
+                compat.own_non_trainable_weights(inner).append(w)
                 frozen.append(w.name)
     return frozen
 
@@ -203,7 +205,7 @@ def _preserving(layer) -> bool:
     """Whether a QAT wrapper's kernel quantizer preserves sparsity or clusters."""
     return any(isinstance(q, (cpq.ClusterPreserveDefaultWeightsQuantizer,
                               ppq.PrunePreserveDefaultWeightsQuantizer))
-               for _, q, _ in getattr(layer, "_weight_vars", []))
+               for _, q, _ in compat.weight_vars(layer))
 
 
 @contextlib.contextmanager
@@ -290,7 +292,7 @@ def unpreserved_clusters(model, names) -> Dict[str, str]:
         name = base_name(layer)
         if name not in names or not isinstance(layer, quantize_wrapper.QuantizeWrapper):
             continue
-        for w, q, qvars in getattr(layer, "_weight_vars", []):
+        for w, q, qvars in compat.weight_vars(layer):
             if isinstance(q, cpq.ClusterPreserveDefaultWeightsQuantizer) and not (
                     isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars):
                 k = np.asarray(w.numpy())
@@ -326,7 +328,7 @@ def gradless_by_design(model) -> set:
     the trained centroids (tf_keras warns 'Gradients do not exist' for them)."""
     names = set()
     for _, layer in walk(model):
-        for w, _, qvars in getattr(layer, "_weight_vars", []) if isinstance(
+        for w, _, qvars in compat.weight_vars(layer) if isinstance(
                 layer, quantize_wrapper.QuantizeWrapper) else []:
             if isinstance(qvars, dict) and cpq.CLUSTER_CENTROIDS in qvars:
                 names.add(w.name)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from typing import Dict, List, Optional, Tuple
 
-from keras_colopt.engines.tfmot._deps import cluster_wrapper, cpq, ppq, pruning_wrapper, quantize_wrapper
+from keras_colopt.engines.tfmot import compat
+from keras_colopt.engines.tfmot.compat import (
+    cluster_wrapper, cpq, ppq, pruning_wrapper, quantize_wrapper)
 from keras_colopt.engines.tfmot.flatten import walk
 from keras_colopt.engines.tfmot.layers import _KERNEL_ATTRS
 
@@ -41,7 +43,7 @@ def kernels(layer) -> List[Tuple[str, np.ndarray, Optional[int]]]:
                 for n in layer.original_clusterable_weights]
     if isinstance(layer, quantize_wrapper.QuantizeWrapper):
         out = []
-        for w, quantizer, qvars in getattr(layer, "_weight_vars", []):
+        for w, quantizer, qvars in compat.weight_vars(layer):
             n = _short(w.name)
             if n not in _KERNEL_ATTRS:
                 continue
@@ -97,7 +99,7 @@ def expectations(model) -> Dict[str, dict]:
                  "per_channel": bool(layer.cluster_per_channel), "wrapper": "cluster"}
         elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
             sp, cl, pc = None, None, False
-            for _, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            for _, quantizer, qvars in compat.weight_vars(layer):
                 if isinstance(quantizer, cpq.ClusterPreserveDefaultWeightsQuantizer):
                     cent = qvars.get(cpq.CLUSTER_CENTROIDS)
                     if cent is not None:
@@ -175,4 +177,4 @@ def quantized_per_channel(layer) -> bool:
     """Whether a QAT wrapper quantizes this layer's kernel per output channel."""
     if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
         return False
-    return any(getattr(q, "per_axis", False) for _, q, _ in getattr(layer, "_weight_vars", []))
+    return any(getattr(q, "per_axis", False) for _, q, _ in compat.weight_vars(layer))

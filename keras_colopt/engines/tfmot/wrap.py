@@ -6,7 +6,10 @@ import logging
 import numpy as np
 from typing import List
 
-from keras_colopt.engines.tfmot._deps import cluster_wrapper, clustering_registry, pruning_wrapper, quantize_wrapper, tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot import compat
+from keras_colopt.engines.tfmot._deps import tf, tf_keras, tfmot
+from keras_colopt.engines.tfmot.compat import (
+    cluster_wrapper, clustering_registry, pruning_wrapper, quantize_wrapper)
 from keras_colopt.engines.tfmot.flatten import walk
 from keras_colopt.engines.tfmot.layers import _INITS, _find, _has_kernel, base_layer, base_name, select_layers
 from keras_colopt.engines.tfmot.quantize import _quantize
@@ -78,8 +81,7 @@ def _plain_qat(model):
     layer in a functional one. The activations' ranges are gone: the float model computes
     like the QAT one up to the activations' rounding. Activation layers folded into the
     layer before them (for preserving QAT) stay folded."""
-    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
-
+    from keras_colopt.engines.tfmot.compat import quantize_layer
     from keras_colopt.engines.tfmot.read import _short, kernels
 
     def copy(layer):
@@ -127,10 +129,10 @@ def keep_output_names(new, old):
     (an activation folded into the layer before it).
     """
     names = getattr(old, "output_names", None)
-    if not names or not getattr(new, "_is_graph_network", False):
+    if not names or not compat.is_graph_network(new):
         return new
-    before = [base_name(l) for l in old._output_layers]
-    after = [base_name(l) for l in new._output_layers]
+    before = [base_name(l) for l in compat.output_layers(old)]
+    after = [base_name(l) for l in compat.output_layers(new)]
     if len(set(before)) == len(before) == len(names) and sorted(after) == sorted(before):
         by_layer = dict(zip(before, names))
         _set_output_names(new, [by_layer[n] for n in after])
@@ -194,12 +196,13 @@ def _freeze(layer) -> None:
         # The kernel a QAT wrapper fake-quantizes is in its `_weight_vars`, no longer among
         # its inner layer's weights.
         inner = {id(w) for w in base_layer(layer).weights} | {
-            id(w) for w, _, _ in getattr(layer, "_weight_vars", [])}
-        moved = [w for w in layer._trainable_weights if id(w) in inner]
-        layer._trainable_weights[:] = [w for w in layer._trainable_weights
-                                       if id(w) not in inner]
-        known = {id(w) for w in layer._non_trainable_weights}
-        layer._non_trainable_weights.extend(w for w in moved if id(w) not in known)
+            id(w) for w, _, _ in compat.weight_vars(layer)}
+        trained = compat.own_trainable_weights(layer)
+        frozen = compat.own_non_trainable_weights(layer)
+        moved = [w for w in trained if id(w) in inner]
+        trained[:] = [w for w in trained if id(w) not in inner]
+        known = {id(w) for w in frozen}
+        frozen.extend(w for w in moved if id(w) not in known)
 
 
 def _wrap_for_phase(model, planned, steps_per_epoch: int):
