@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from keras_colopt import stats
+from keras_colopt import _tf_compat, stats
 from keras_colopt._files import check_writable, write_atomic  # noqa: F401 (public here too)
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
@@ -95,9 +95,7 @@ def _tensor_io(name, d) -> TensorIO:
 def _flatbuffer(path):
     """The `.tflite` as TensorFlow's flatbuffer tools read it (its first subgraph, and the
     name tables of operators and tensor types), without running it."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
+    schema, flatbuffer_utils = _tf_compat.tflite_schema(), _tf_compat.flatbuffer_utils()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No .tflite file at {path!r}.")
     try:
@@ -396,7 +394,7 @@ def _weights(interp):
     `.tflite`: the filters of CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D, ... (following a
     DEQUANTIZE for float16/dynamic files), in op order."""
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
-    ops = interp._get_ops_details()
+    ops = _tf_compat.ops_details(interp)
     producer = {}
     for op in ops:
         for out in op["outputs"]:
