@@ -292,7 +292,14 @@ class Cluster(Phase):
             preserved, since zero takes one of them.
         epochs: number of epochs. Must be >= 1.
         init: centroid initialization, one of `"kmeans++"`, `"linear"`,
-            `"density"`, `"random"`. Defaults to `"kmeans++"`.
+            `"density"`, `"random"`. Defaults to `"kmeans++"`. On Keras 3,
+            `"kmeans++"` gives the optimal 1-D k-means centroids of each
+            kernel (or channel): the least within-cluster sum of squares,
+            which k-means++ seeding with Lloyd iterations only approaches
+            (`keras_colopt.kmeans.kmeans_1d`); on tf_keras it is tfmot's
+            k-means++. `"linear"`: equally spaced between the smallest and
+            the largest weight; `"density"`: equally spaced in their
+            cumulative distribution; `"random"`: uniform between the two.
         per_channel: cluster each Conv2D output channel separately.
             Dense layers are always clustered per tensor. Defaults to `False`.
         preserve_sparsity: `"auto"` (preserve when a Prune phase comes

@@ -1,4 +1,5 @@
-"""keras_colopt.kmeans: the exact 1-D k-means against brute force and scikit-learn."""
+"""keras_colopt.kmeans: the exact 1-D k-means against brute force and scikit-learn, and the
+Keras 3 engine's centroids built on it."""
 
 import itertools
 
@@ -126,3 +127,31 @@ def test_refuses_nan_and_bad_shapes():
     with pytest.raises(ValueError, match="1-D or 2-D"):
         kmeans_1d(np.zeros((2, 2, 2)), 2)
 
+
+# ------------------------------------------------------------ the Keras 3 engine's centroids
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("skip_zeros", [False, True], ids=["all", "non-zero"])
+def test_engine_kernel_centroids_are_the_exact_ones_channel_by_channel(per_channel, skip_zeros):
+    from keras_colopt.engines.keras3 import compress
+
+    rng = np.random.default_rng(0)
+    view = rng.normal(0, 0.1, (72, 6)).astype(np.float32)
+    view[np.abs(view) < 0.05] = 0
+    view[:, 5] = 0  # a channel with no non-zero weight
+    c = compress.kernel_centroids(view, 4, "kmeans++", rng, per_channel, skip_zeros)
+    assert c.dtype == np.float32 and c.shape == ((6, 4) if per_channel else (4,))
+
+    def expect(values):
+        return kmeans_1d(values[values != 0] if skip_zeros else values, 4)
+    want = (np.stack([expect(view[:, j].astype(np.float64)) for j in range(6)]) if per_channel
+            else expect(view.ravel().astype(np.float64)))
+    np.testing.assert_allclose(c, want.astype(np.float32), rtol=1e-6)
+    for j in range(6 if per_channel else 0):
+        np.testing.assert_array_equal(
+            c[j], compress.init_centroids(view[:, j][view[:, j] != 0] if skip_zeros
+                                          else view[:, j], 4, "kmeans++", rng))
+    # 'linear' stays linear: equally spaced between the smallest and largest value
+    lin = compress.kernel_centroids(view, 4, "linear", rng, False, skip_zeros)
+    kept = view[view != 0] if skip_zeros else view
+    np.testing.assert_allclose(lin, np.linspace(kept.min(), kept.max(), 4), rtol=1e-6)

@@ -190,12 +190,8 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
                                         preserve_sparsity=planned.preserve_sparsity)
             view = np.asarray(compress.raw_kernel(layer).numpy()).reshape(
                 -1, compress.view_channels(layer))
-
-            def centroids(values):
-                kept = values[values != 0] if planned.preserve_sparsity else values
-                return compress.init_centroids(kept, k, phase.init, rng)
-            c = (np.stack([centroids(view[:, j]) for j in range(view.shape[1])])
-                 if per_channel else centroids(view))
+            c = compress.kernel_centroids(view, k, phase.init, rng, per_channel,
+                                          skip_zeros=planned.preserve_sparsity)
             compress.make_clusterable(layer, spec, c)
         for _, layer in walk(model):
             compress.freeze_statistics(layer)

@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from keras_colopt import kmeans
 from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, ops
 
@@ -600,10 +601,22 @@ def effective_numpy(layer) -> np.ndarray:
 # --------------------------------------------------------------------------- centroids
 
 def init_centroids(values: np.ndarray, k: int, method: str, rng: np.random.Generator):
-    """`k` initial centroids of a 1-D array (tfmot's four initializations)."""
+    """`k` initial centroids of a 1-D array, sorted, by the Cluster phase's `init`:
+
+    - "kmeans++" (the default): the optimal 1-D k-means centroids, `kmeans.kmeans_1d` (the
+      least within-cluster sum of squares; what k-means++ seeding and Lloyd iterations
+      approximate). Fewer distinct values than `k`: those values, the largest repeated.
+    - "linear": equally spaced between the smallest and the largest value.
+    - "density": equally spaced in the cumulative distribution of the values.
+    - "random": uniform between the smallest and the largest value, drawn from `rng`.
+
+    Fewer values than `k`: "linear", "density" and "random" give "linear"; no value: zeros.
+    """
     values = np.asarray(values, np.float64).ravel()
     if values.size == 0:
         return np.zeros(k, np.float32)
+    if method == "kmeans++":
+        return kmeans.kmeans_1d(values, k).astype(np.float32)
     lo, hi = float(values.min()), float(values.max())
     if method == "linear" or values.size < k:
         return np.linspace(lo, hi, k).astype(np.float32)
@@ -612,23 +625,28 @@ def init_centroids(values: np.ndarray, k: int, method: str, rng: np.random.Gener
     if method == "density":
         # Equally spaced in the cumulative distribution of the weights.
         return np.quantile(values, np.linspace(0, 1, k)).astype(np.float32)
-    # kmeans++ seeding, then Lloyd iterations (as sklearn would, without the dependency on
-    # its random state): deterministic under `rng`.
-    centers = [values[rng.integers(values.size)]]
-    for _ in range(1, k):
-        d = np.min(np.abs(values[:, None] - np.asarray(centers)[None]), axis=1) ** 2
-        total = d.sum()
-        centers.append(values[rng.integers(values.size)] if total == 0 else
-                       values[rng.choice(values.size, p=d / total)])
-    c = np.sort(np.asarray(centers))
-    for _ in range(30):
-        idx = np.argmin(np.abs(values[:, None] - c[None]), axis=1)
-        new = np.array([values[idx == j].mean() if np.any(idx == j) else c[j]
-                        for j in range(k)])
-        if np.allclose(new, c):
-            break
-        c = new
-    return np.sort(c).astype(np.float32)
+    raise ValueError(f"init_centroids: unknown method. Expected one of 'kmeans++', 'linear', "
+                     f"'density', 'random'. Received: method={method!r}")
+
+
+def kernel_centroids(view: np.ndarray, k: int, method: str, rng: np.random.Generator,
+                     per_channel: bool, skip_zeros: bool) -> np.ndarray:
+    """The initial centroids of a kernel seen as `(values, channels)` (`view_channels`):
+    `(channels, k)` per channel, else `(k,)`; with `skip_zeros`, of its non-zero values only
+    (zero being kept apart by the mask). "kmeans++" solves every channel at once
+    (`kmeans.kmeans_1d` over the rows); the other methods go channel by channel through
+    `init_centroids`."""
+    view = np.asarray(view)
+    if method == "kmeans++":
+        rows = view.T if per_channel else view.reshape(1, -1)
+        c = kmeans.kmeans_1d(rows, k, keep=rows != 0 if skip_zeros else None)
+        c = c.astype(np.float32)
+        return c if per_channel else c[0]
+
+    def one(values):
+        return init_centroids(values[values != 0] if skip_zeros else values, k, method, rng)
+    return (np.stack([one(view[:, j]) for j in range(view.shape[1])]) if per_channel
+            else one(view))
 
 
 for _stock_class in SUPPORTED:  # registered at import: a saved model loads in a new process
