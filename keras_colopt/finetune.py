@@ -269,10 +269,12 @@ def _reset(opt, rate: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PhaseRate:
-    """A phase's rate: what its optimizer is built with, and the log line's text."""
+    """A phase's rate: what its optimizer is built with, the log line's text, and the rate
+    the policy chose (None: the compiled one), which a checkpoint keeps for a resume."""
 
     schedule: object
     text: str
+    chosen: Optional[float] = None
 
     def __str__(self):
         return self.text
@@ -286,7 +288,7 @@ def phase_schedule(phase, choice: RateChoice, compiled, steps_per_epoch: int) ->
     text = choice.text()
     if isinstance(schedule, CosineDecay):
         text += f", decaying along a cosine to 0 over the phase's {schedule.steps} steps"
-    return PhaseRate(schedule, text)
+    return PhaseRate(schedule, text, choice.rate)
 
 
 def choose(policy, phase, compiled, data, compile_at, model, companions=()) -> RateChoice:

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from keras_colopt import callbacks as cbs
+from keras_colopt.kernels import effective_kernels
 from keras_colopt import distill as distill_mod
 from keras_colopt import export
 from keras_colopt._files import make_writable_folder
@@ -158,7 +158,7 @@ class _Tree:
     def _keep_kernels(self, stage, model):
         self.stage_kernels[stage] = {
             name: np.concatenate([np.ravel(w) for _, w, _ in ks])
-            for name, ks in cbs.effective_kernels(model, self.engine).items()}
+            for name, ks in effective_kernels(model, self.engine).items()}
 
     def phases_of(self, node: str) -> list:
         """The phases that make `node` from the model given to `explore`."""

@@ -193,11 +193,11 @@ def test_foreign_files_and_bad_folders_are_refused(digits, tmp_path):
 def test_the_restart_marker_touches_only_the_run_s_own_folders(tmp_path):
     """A resumed run tells TensorBoard its epochs restart: in its own folders (train/,
     validation/, compression/, colopt/), never in another run's under a shared parent."""
-    from keras_colopt import fit
+    from keras_colopt.tensorboard import summary
 
     for folder in ("train", "validation", "compression", "colopt", "other_run/train", "notes"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "events.out.tfevents.1700000000.host.1.v2").write_bytes(b"")
-    fit._restart_tensorboard_runs(tmp_path, 3)
+    summary.restart_runs(tmp_path, 3)
     marked = sorted(str(p.parent.relative_to(tmp_path)) for p in tmp_path.rglob("*~restart*"))
     assert marked == ["colopt", "compression", "train", "validation"]

@@ -11,7 +11,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cl
     cluster_preserve_quantize_registry as cpq)
 
 import keras_colopt as colopt
-from keras_colopt import Cluster, Prune, Quantize, Train, stats
+from keras_colopt import Cluster, Prune, Quantize, Train, fit_inputs, stats
 from keras_colopt.callbacks import layer_stats
 from keras_colopt.engines import tfmot as engine
 from keras_colopt.engines.tfmot import checks as engine_checks
@@ -522,7 +522,7 @@ def test_fit_arguments_pass_through(digits):
         batch_size=64, validation_split=0.25, class_weight={i: 1.0 + i for i in range(10)},
         shuffle=False, callbacks=[Params()], verbose=0)
     assert seen == [6, 6]
-    assert colopt.fit.steps_per_epoch_of(x, 64, None, 0.25) == 6
+    assert fit_inputs.steps_per_epoch_of(x, 64, None, 0.25) == 6
     assert len(r.history.history["val_loss"]) == 2
     assert layer_stats(r.model)["hidden"].sparsity >= 0.5 - TOL
 

@@ -163,7 +163,7 @@ def close_all() -> None:
 # ---------------------------------------------------------------------------- what is written
 def epoch(log_dir, epoch: int, layer_stats: dict, per_channel: Iterable[str] = (),
           wrappers: Optional[str] = None) -> str:
-    """One epoch's per-layer statistics (`callbacks.layer_stats`), in model order.
+    """One epoch's per-layer statistics (`kernels.layer_stats`), in model order.
 
     Args:
         log_dir: the run's log directory.
@@ -216,3 +216,50 @@ def tflite(log_dir, table: dict, step: int = 0) -> str:
 def leaves(log_dir, report: dict, step: int) -> str:
     """`explore`'s report (`Report.as_dict()`), rewritten as leaves are built."""
     return write(log_dir, metadata.LEAVES_TAG, report, step)
+
+
+# The folders a run writes its event files to, under its log_dir.
+RUN_FOLDERS = ("train", "validation", "compression", metadata.RUN_FOLDER)
+
+
+def restart_runs(log_dir, epoch: int) -> None:
+    """Tells TensorBoard that this run's folders under `log_dir` (`RUN_FOLDERS`: Keras'
+    train/ and validation/, compression/, the dashboard's colopt/) restart at `epoch`; any
+    other folder there (another run's, in a shared parent) is left as it is.
+
+    A kill after an epoch's summaries were written but before its checkpoint was would show
+    that epoch twice. A `SessionLog.START` event at step `epoch` makes TensorBoard drop the
+    events of steps >= `epoch` read before it (its `purge_orphaned_data`, on by default).
+    TensorBoard reads a run's event files in name order, and names start with the creation
+    second: the marker is named to sort after every existing file, and this waits until
+    the clock has passed its second, so that the files written from now on sort after it.
+    """
+    import tempfile
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    newest = 0
+    for root in (os.path.join(os.fspath(log_dir), sub) for sub in RUN_FOLDERS):
+        files = os.listdir(root) if os.path.isdir(root) else []
+        events = [f for f in files if ".tfevents." in f]
+        if not events:
+            continue
+        stamps = [int(p) for f in events for p in f.split(".tfevents.")[1].split(".")[:1]
+                  if p.isdigit()]
+        second = max(stamps + [int(time.time())])
+        newest = max(newest, second)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".colopt-") as tmp:
+            writer = EventFileWriter(tmp)
+            # TensorBoard takes a run's first START for its beginning, not a restart (Keras
+            # writes none), so the restart is the second one.
+            for _ in range(2):
+                writer.add_event(event_pb2.Event(
+                    step=epoch, wall_time=time.time(),
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            writer.close()
+            made = os.path.join(tmp, os.listdir(tmp)[0])
+            os.replace(made, os.path.join(
+                root, f"events.out.tfevents.{second:010d}.~restart.{os.getpid()}.{epoch}"))
+    while newest and int(time.time()) <= newest:
+        time.sleep(0.05)
