@@ -40,10 +40,83 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
 
 @pytest.mark.parametrize("engine", engines(), ids=lambda e: e.name)
 def test_every_engine_implements_the_whole_interface(engine):
-    missing = [n for n in base.INTERFACE if getattr(type(engine), n) is getattr(base.Engine, n)]
+    missing = [n for n in base.REQUIRED if getattr(type(engine), n) is getattr(base.Engine, n)]
     assert missing == []
     for flag in ("supports_checkpoints", "supports_quantize_configs", "supports_drop_in"):
         assert isinstance(getattr(engine, flag), bool)
+
+
+def test_the_base_engine_has_a_default_for_each_optional_method_only():
+    """A method is optional exactly where the base does something sensible: each default runs
+    without raising NotImplementedError, each required one raises it."""
+    class Layer:
+        name = "dense"
+
+    class Model:
+        name = "m"
+
+    e = base.Engine()
+    assert e.base_name(Layer()) == "dense"
+    assert e.fold_plan(Model()) == ({}, {})
+    model = Model()
+    assert e.fold_activations(model, {}) is model
+    assert e.unpreserved_clusters(model, ["dense"]) == {}
+    with pytest.raises(TypeError, match="collaborative_fit"):
+        e.switch_phase(model, None, 1, (), {})
+    with pytest.raises(TypeError, match="switch_phase"):
+        e.switch_optimizer(model, {})
+    for name in base.REQUIRED:
+        assert name not in base.DEFAULTS
+    with pytest.raises(NotImplementedError):
+        e.walk(model)
+
+
+class _Marked:
+    """A model of a flavour no built-in engine takes."""
+    name = "marked"
+
+
+def _marker_engine(name="marker"):
+    class MarkerEngine(base.Engine):
+        pass
+
+    for method in base.REQUIRED:  # a stand-in for every required method
+        setattr(MarkerEngine, method, lambda self, *a, **k: None)
+    MarkerEngine.accepts = lambda self, model: isinstance(model, _Marked)
+    MarkerEngine.name = name
+    return MarkerEngine()
+
+
+def test_a_registered_engine_is_asked_after_the_built_in_ones(monkeypatch):
+    from keras_colopt import engines as registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", [])
+    assert engine_of(_Marked()) is None
+    mine = registry.register(_marker_engine())
+    assert engine_of(_Marked()) is mine and get_engine(_Marked()) is mine
+    assert engines()[-1] is mine and [e.name for e in engines()[:2]] == ["tfmot", "keras3"]
+    with pytest.raises(ValueError, match="'marker' is registered already"):
+        registry.register(_marker_engine())
+    with pytest.raises(ValueError, match="'keras3' is registered already"):
+        registry.register(_marker_engine("keras3"))
+
+
+def test_register_refuses_what_is_not_a_whole_engine(monkeypatch):
+    from keras_colopt import engines as registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", [])
+
+    class Half(base.Engine):
+        name = "half"
+
+        def accepts(self, model):
+            return False
+
+    with pytest.raises(TypeError, match=r"does not implement the required method\(s\) \["):
+        registry.register(Half())
+    with pytest.raises(TypeError, match="takes an engine"):
+        registry.register(object())
+    assert registry._REGISTERED == []
 
 
 def test_get_engine_asks_each_engine(seq_model):

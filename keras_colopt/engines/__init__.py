@@ -1,8 +1,9 @@
 """Engines apply phases to a model of one Keras flavour, behind one interface
 (`keras_colopt.engines.base.Engine`). Only `engines/` imports tf_keras, tfmot or keras.
 
-`get_engine(model)` asks each engine whether it accepts the model; the first that does
-checks it and is returned. `default_engine()` is the engine of the library's own demo.
+`get_engine(model)` asks each registered engine whether it accepts the model; the first that
+does checks it and is returned. The library's two engines register themselves on first use;
+`register(engine)` adds another. `default_engine()` is the engine of the library's own demo.
 """
 
 from __future__ import annotations
@@ -11,18 +12,44 @@ from typing import List
 
 
 def engines() -> List[object]:
-    """The registered engines, in the order they are asked (imported on first use: TF's
-    import costs seconds)."""
-    global _ENGINES
-    if _ENGINES is None:
+    """The registered engines, in the order they are asked. The library's own are imported on
+    first use (TF's import costs seconds) and asked first."""
+    global _BUILT_IN
+    if _BUILT_IN is None:
         from keras_colopt.engines.tfmot import TfmotEngine  # first: it resolves tf.keras
         from keras_colopt.engines.keras3 import Keras3Engine
 
-        _ENGINES = [TfmotEngine(), Keras3Engine()]
-    return _ENGINES
+        _BUILT_IN = [TfmotEngine(), Keras3Engine()]
+    return _BUILT_IN + _REGISTERED
 
 
-_ENGINES = None
+_BUILT_IN = None
+_REGISTERED: List[object] = []
+
+
+def register(engine) -> object:
+    """Adds `engine` (an instance of a `base.Engine` subclass implementing `base.REQUIRED`)
+    to the engines `get_engine` asks, after the library's own; returns it. Registering the
+    same name twice is refused.
+
+    Example:
+        >>> colopt.engines.register(MyFlavourEngine())
+    """
+    from keras_colopt.engines.base import REQUIRED, Engine
+
+    if not isinstance(engine, Engine):
+        raise TypeError("register() takes an engine: an instance of a "
+                        "keras_colopt.engines.base.Engine subclass. Received: "
+                        f"{type(engine).__name__}")
+    missing = [n for n in REQUIRED if getattr(type(engine), n) is getattr(Engine, n)]
+    if missing:
+        raise TypeError(f"Engine {engine.name!r} does not implement the required method(s) "
+                        f"{missing}. Expected every method of base.REQUIRED.")
+    if any(e.name == engine.name for e in engines()):
+        raise ValueError(f"An engine named {engine.name!r} is registered already. Expected a "
+                         "new name.")
+    _REGISTERED.append(engine)
+    return engine
 
 
 def engine_of(model):

@@ -9,13 +9,15 @@ import sys
 
 import numpy as np
 
-from keras_colopt.engines.base import INTERFACE, Callback, Engine
+from keras_colopt.engines.base import INTERFACE, REQUIRED, Callback, Engine
 
 
 def delegate(engine_class, module_name: str):
-    """Makes every interface method of `engine_class` (except `accepts`) call the function of
-    the same name in module `module_name`, looked up when called (so that a test can replace
-    one with `monkeypatch.setattr(package, name, ...)`)."""
+    """Makes every interface method of `engine_class` (except `accepts`) that module
+    `module_name` has a function for call that function, looked up when called (so that a
+    test can replace one with `monkeypatch.setattr(package, name, ...)`); a method with a
+    default in `Engine` and no function there keeps the default. A required method with no
+    function is an error here, at import, not at the first call."""
     def method_for(name):
         def method(self, *args, **kwargs):
             return getattr(sys.modules[module_name], name)(*args, **kwargs)
@@ -23,8 +25,13 @@ def delegate(engine_class, module_name: str):
         method.__doc__ = getattr(Engine, name).__doc__
         return method
 
+    module = sys.modules[module_name]
+    missing = [n for n in REQUIRED if n != "accepts" and not hasattr(module, n)]
+    if missing:
+        raise TypeError(f"{engine_class.__name__}: module {module_name} has no function for "
+                        f"the required engine method(s) {missing}.")
     for name in INTERFACE:
-        if name != "accepts":
+        if name != "accepts" and hasattr(module, name):
             setattr(engine_class, name, method_for(name))
     return engine_class
 

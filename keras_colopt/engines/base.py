@@ -21,8 +21,11 @@ callers ask instead of switching on Keras flavours:
     supports_drop_in      phases switched in place inside one plain `model.fit`
                           (`callbacks.CollaborativeOptimization`, `switch_phase`)
 
-A new engine is a subclass registered in `keras_colopt.engines.ENGINES` that passes the
-conformance suite (`tests/test_contract.py`, parametrized over engines).
+A new engine is a subclass that implements the `REQUIRED` methods (the others have a
+default here, for an engine that needs nothing there: no activations to fold, no nested
+models to inline, no switch inside one `fit`), registered with
+`keras_colopt.engines.register(MyEngine())`, and that passes the conformance suite
+(`tests/test_contract.py`, parametrized over the registered engines).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ Kernel = Tuple[str, object, Optional[int]]
 
 
 class Engine:
-    """Base class of every engine. Each method documents the contract; the base raises
-    `NotImplementedError` so that a missing method is found by the conformance test."""
+    """Base class of every engine. Each method documents the contract; a method without a
+    default raises `NotImplementedError` (`REQUIRED`), so that a missing one is found by the
+    interface test; the others (`DEFAULTS`) do what an engine that needs nothing there
+    does."""
 
     name = "base"
     supports_checkpoints = False
@@ -101,8 +106,9 @@ class Engine:
 
     # ------------------------------------------------------------------ planning
     def base_name(self, layer) -> str:
-        """The user's name of a (possibly wrapped) layer."""
-        raise NotImplementedError
+        """The user's name of a (possibly wrapped) layer. Default: its name (an engine
+        without wrapper layers)."""
+        return layer.name
 
     def can_touch(self, layer, kind: str) -> bool:
         """Whether a phase of `kind` ("prune", "cluster", "quantize") can apply to `layer`."""
@@ -113,12 +119,14 @@ class Engine:
         raise NotImplementedError
 
     def fold_plan(self, model):
-        """(foldable, unfoldable) standalone activations after weighted layers."""
-        raise NotImplementedError
+        """(foldable, unfoldable) standalone activations after weighted layers, that this
+        engine's preserving QAT would lose unless folded. Default: none to fold."""
+        return {}, {}
 
     def fold_activations(self, model, pairs):
-        """A copy of `model` with the `fold_plan` pairs folded (same function)."""
-        raise NotImplementedError
+        """A copy of `model` with the `fold_plan` pairs folded (same function). Default:
+        `model` (nothing to fold)."""
+        return model
 
     def preflight(self, model, plan) -> Dict[str, List[str]]:
         """Checks every phase of `plan` against `model` before training; returns
@@ -135,14 +143,18 @@ class Engine:
                      learning_rate=None, step_offset: int = 0):
         """Switches `model` to `planned` in place at the beginning of an epoch of a running
         `fit()` (a fresh optimizer like `cfg`'s, the step functions traced again); returns
-        the layers it touches. Engines with `supports_drop_in` only."""
-        raise NotImplementedError
+        the layers it touches. Engines with `supports_drop_in` only: the default says so."""
+        raise TypeError(
+            f"The {self.name} engine cannot switch phases inside one model.fit (model "
+            f"'{model.name}'). Use colopt.collaborative_fit(model, x, y, phases=[...]), which "
+            "runs one fit() per phase on one epoch axis.")
 
     def switch_optimizer(self, model, cfg: dict, learning_rate=None,
                          step_offset: int = 0) -> None:
         """Gives `model` a fresh optimizer like `cfg`'s at `learning_rate` inside a running
         `fit()` (the rate probe of a drop-in phase). Engines with `supports_drop_in` only."""
-        raise NotImplementedError
+        raise TypeError(f"The {self.name} engine cannot switch optimizers inside one "
+                        f"model.fit (model '{model.name}'): see `switch_phase`.")
 
     def strip(self, model):
         """`model` without its pruning/clustering wrappers (QAT stays for the converter)."""
@@ -163,8 +175,9 @@ class Engine:
         raise NotImplementedError
 
     def unpreserved_clusters(self, model, names) -> Dict[str, str]:
-        """{layer: why} for clustered layers a CQAT/PCQAT model would train without clusters."""
-        raise NotImplementedError
+        """{layer: why} for clustered layers a CQAT/PCQAT model would train without clusters.
+        Default: none (an engine whose QAT keeps every clustered kernel's clusters)."""
+        return {}
 
     def quiet_expected_warnings(self, model):
         """A context manager hiding warnings that are expected by design while training."""
@@ -316,3 +329,7 @@ class Callback:
 
 
 INTERFACE = sorted(n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_"))
+# The methods with a default in `Engine`: an engine overrides them only where it needs to.
+DEFAULTS = ("base_name", "fold_activations", "fold_plan", "switch_optimizer", "switch_phase",
+            "unpreserved_clusters")
+REQUIRED = sorted(set(INTERFACE) - set(DEFAULTS))
