@@ -1,4 +1,4 @@
-"""Every private module and attribute of TensorFlow Lite and the LiteRT interpreter that the
+"""Every private module of TensorFlow Lite that the
 engine-neutral modules (`export`) touch, each behind one small accessor, and why no public
 API does.
 
@@ -25,10 +25,6 @@ PRIVATE = {
         "tensorflow.lite.tools.flatbuffer_utils",
         "read_model(path): a .tflite read as the schema's objects (operators, tensors, "
         "buffers) without running it; not part of TensorFlow's public `tf.lite` API."),
-    "ops_details": (
-        "Interpreter._get_ops_details",
-        "every operator of a loaded .tflite with its op_name, inputs and outputs: which "
-        "tensor is a stored weight; the public interpreter lists tensors only."),
 }
 
 
@@ -47,9 +43,3 @@ def flatbuffer_utils():
     from tensorflow.lite.tools import flatbuffer_utils as tools
 
     return tools
-
-
-def ops_details(interp) -> list:
-    """Every operator of a LiteRT interpreter's graph, `[{"op_name", "inputs", "outputs",
-    ...}]` (`interp._get_ops_details()`)."""
-    return interp._get_ops_details()

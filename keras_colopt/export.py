@@ -389,32 +389,58 @@ class TFLiteWeight:
         return dataclasses.asdict(self)
 
 
-def _weights(interp):
-    """(tensor details, op name, stored array) of every stored weight tensor of a loaded
+def _weights(path):
+    """(tensor description, op name, stored array) of every stored weight tensor of a
     `.tflite`: the filters of CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D, ... (following a
-    DEQUANTIZE for float16/dynamic files), in op order."""
-    tensors = {t["index"]: t for t in interp.get_tensor_details()}
-    ops = _tf_compat.ops_details(interp)
-    producer = {}
-    for op in ops:
-        for out in op["outputs"]:
-            producer[int(out)] = op
-    for op in ops:
-        if op["op_name"] not in _WEIGHT_OPS or len(op["inputs"]) < 2:
+    DEQUANTIZE for float16/dynamic files), in op order, read from the file's flatbuffer.
+    A description is `{"name", "index", "quantization_parameters": {"scales",
+    "zero_points", "quantized_dimension"}}`, as LiteRT's tensor details name them."""
+    model, names, types = _flatbuffer(path)
+    graph, codes = model.subgraphs[0], model.operatorCodes
+
+    def op_name(op):
+        code = codes[op.opcodeIndex]
+        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+
+    producer = {int(out): op for op in graph.operators for out in op.outputs}
+    for op in graph.operators:
+        name = op_name(op)
+        if name not in _WEIGHT_OPS or len(op.inputs) < 2:
             continue
-        idx = int(op["inputs"][1])
+        idx = int(op.inputs[1])
         src = producer.get(idx)
-        if src is not None and src["op_name"] == "DEQUANTIZE":  # float16 / dynamic weights
-            idx = int(src["inputs"][0])
+        if src is not None and op_name(src) == "DEQUANTIZE":  # float16 / dynamic weights
+            idx = int(src.inputs[0])
         elif src is not None:
             continue  # a computed tensor, not a stored weight
-        yield tensors[idx], op["op_name"], np.asarray(interp.get_tensor(idx))
+        tensor = graph.tensors[idx]
+        yield _described(tensor, idx), name, _array(model, tensor, types)
+
+
+def _described(tensor, index) -> dict:
+    q = tensor.quantization
+    return {"name": tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name),
+            "index": index,
+            "quantization_parameters": {
+                "scales": np.asarray([] if q is None or q.scale is None else q.scale,
+                                     np.float32),
+                "zero_points": np.asarray([] if q is None or q.zeroPoint is None
+                                          else q.zeroPoint, np.int64),
+                "quantized_dimension": 0 if q is None else int(q.quantizedDimension)}}
+
+
+def _array(model, tensor, types) -> np.ndarray:
+    """A constant tensor's stored values, as the file holds them (int8, float16, ...)."""
+    dtype = np.dtype(types[tensor.type].lower())  # "INT8" -> int8, "FLOAT16" -> float16
+    data = model.buffers[tensor.buffer].data
+    raw = np.zeros(0, np.uint8) if data is None else np.asarray(data, np.uint8)
+    return raw.view(dtype).reshape([int(d) for d in tensor.shape])
 
 
 def read_weights(path) -> Dict[str, np.ndarray]:
     """`{tensor name: stored array}` of the weight tensors of a `.tflite` (int8 for int8
     models), as deployed."""
-    return {t["name"]: w for t, _, w in _weights(_interpreter(path))}
+    return {t["name"]: w for t, _, w in _weights(path)}
 
 
 def _describe(t, op_name, w) -> TFLiteWeight:
@@ -449,9 +475,8 @@ def inspect_tflite(path) -> TFLiteWeights:
         ...     print(w.name, w.sparsity, w.unique_per_channel_max)
         >>> weights.inputs  # {'input': TensorIO(dtype='int8', shape=(1, 8, 8, 1), scale=...)}
     """
-    interp = _interpreter(path)
-    return TFLiteWeights([_describe(t, op_name, w) for t, op_name, w in _weights(interp)],
-                         *_io(interp))
+    return TFLiteWeights([_describe(t, op_name, w) for t, op_name, w in _weights(path)],
+                         *_io(_interpreter(path)))
 
 
 def layer_of(tensor_name: str, layer_names) -> str:
@@ -471,7 +496,7 @@ def survival(path, model=None) -> dict:
     """What survived in a `.tflite`, per weight tensor: as deployed (sparsity, unique values
     per tensor and per output channel, stored bytes and their gzip size) and, given the
     model it was exported from, the Keras layer it belongs to with that layer's statistics
-    in Keras (`callbacks.layer_stats`), in model order (tensors of no layer last).
+    in Keras (`kernels.layer_stats`), in model order (tensors of no layer last).
 
     Returns:
         `{"file", "tflite_bytes", "gzip_bytes", "layers": [row, ...]}`, a row holding
@@ -485,12 +510,12 @@ def survival(path, model=None) -> dict:
     """
     keras = {}
     if model is not None:
-        from keras_colopt import callbacks
+        from keras_colopt.kernels import layer_stats
 
-        keras = callbacks.layer_stats(model)
+        keras = layer_stats(model)
     order = {name: i for i, name in enumerate(keras)}
     rows = []
-    for t, op_name, w in _weights(_interpreter(path)):
+    for t, op_name, w in _weights(path):
         d = _describe(t, op_name, w)
         layer = layer_of(d.name, keras) if keras else ""
         k = keras.get(layer)

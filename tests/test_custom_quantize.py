@@ -116,12 +116,10 @@ def test_custom_layer_is_quantized_to_int8_and_resumes(digits, tmp_path):
     path = export.to_tflite(result.model, tmp_path / "custom.tflite").path
     weights = export.inspect_tflite(path)
     assert len(weights) == 4 and {w.dtype for w in weights} == {"int8"}
-    interp = export._interpreter(path)
-    tensors = {t["index"]: t for t in interp.get_tensor_details()}
-    ops = [op for op in interp._get_ops_details() if op["op_name"] != "DELEGATE"]
-    assert "MUL" in [op["op_name"] for op in ops]     # the custom layer's scale, in int8
-    for op in ops[1:-1]:  # QUANTIZE in, DEQUANTIZE out: every op between runs on int8
-        assert tensors[op["outputs"][0]]["dtype"] == np.int8, op["op_name"]
+    ops = export.operators(path)
+    assert "MUL" in ops                      # the custom layer's scale, in int8
+    assert ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE"
+    assert export.inner_float_tensors(path) == []  # every op between runs on int8
     assert agreement(path, result.model, xt) >= 0.9
     again = call()  # a checkpoint of a run with quantize_configs is found again and resumed
     assert again.resumed_at == 2
