@@ -13,6 +13,14 @@ Epoch logs: `loss` is the labels' loss as without distillation (comparable with 
 the soft loss when there are no labels), `distill_loss` the soft-target term; without labels
 the training metrics (e.g. `accuracy`) compare with the teacher's predictions (agreement).
 Validation is unchanged (the labels' loss and metrics).
+
+Keras 3.15's `keras.distillation.Distiller` is not used for the Keras 3 engine (read on
+3.15.1): it is a third model wrapping teacher and student, so the drop-in
+`CollaborativeOptimization` (which trains the user's own model object inside the user's
+`fit`) could not use it, and the user's callbacks and checkpoints would see the wrapper, not
+their model; its `LogitsDistillation` divides the outputs by `T` and applies softmax, which is
+wrong for a model that outputs probabilities; and its `compute_loss` leaves `sample_weight`
+unused, so `class_weight` would be dropped without a word.
 """
 
 from __future__ import annotations
