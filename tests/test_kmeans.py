@@ -46,6 +46,32 @@ def test_equals_brute_force_on_tiny_inputs(seed):
         np.testing.assert_allclose(sse(v, c), best, rtol=1e-9, atol=1e-12)
 
 
+def _plain_dp(values, k):
+    """The least SSE by the plain O(k n^2) dynamic programme (no pruning of candidates)."""
+    u = np.sort(np.asarray(values, np.float64))
+    u = u - u.mean()
+    i = np.arange(u.size + 1)
+    p1, p2 = np.concatenate([[0], np.cumsum(u)]), np.concatenate([[0], np.cumsum(u * u)])
+    a, b = i[:, None], i[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(b > a, p2[b] - p2[a] - (p1[b] - p1[a]) ** 2 / (b - a), np.inf)
+    best = cost[0]
+    for _ in range(1, k):
+        best = np.min(best[:, None] + cost, axis=0)
+    return best[-1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_equals_the_plain_dynamic_programme_on_longer_rows(seed):
+    # the divide and conquer and Knuth's bound prune candidates: none of the optimum's
+    rng = np.random.default_rng(seed)
+    for t in range(40):
+        n, k = int(rng.integers(20, 150)), int(rng.integers(2, 20))
+        v = list(_rows(seed * 100 + t, n).values())[t % 5]
+        best = _plain_dp(v, min(k, len(np.unique(v))))
+        np.testing.assert_allclose(sse(v, kmeans_1d(v, k)), best, rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("k", [2, 5, 16])
 def test_never_worse_than_scikit_learn(seed, k):
