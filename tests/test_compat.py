@@ -160,7 +160,7 @@ def _(raw_kernel_attribute):
         layer.build(shape)
         raw = getattr(layer, name)
         assert isinstance(raw, keras.Variable) and raw is layer.kernel
-    # DepthwiseConv2D's kernel is a plain attribute: `_KERNEL` says None for it.
+    # DepthwiseConv2D's kernel is a plain attribute: its Adapter says raw=None.
     assert not isinstance(inspect.getattr_static(keras.layers.DepthwiseConv2D, "kernel", None),
                           property)
 

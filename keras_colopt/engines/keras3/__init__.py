@@ -12,9 +12,9 @@ export through TF's converter from the trained graph.
 
 from keras_colopt.engines.keras3 import compress, quantize  # noqa: F401  (registers the layer classes)
 from keras_colopt.engines.keras3.apply import (  # noqa: F401
-    base_name, can_touch, expectations, fold_activations, fold_plan, is_qat, kernels,
-    preflight, quantized_per_channel, quiet_expected_warnings, select_layers, strip,
-    apply_phase, plain, settle, switch_optimizer, switch_phase, unpreserved_clusters, wrapper_kind)
+    can_touch, expectations, is_qat, kernels, preflight, quantized_per_channel,
+    quiet_expected_warnings, select_layers, strip, apply_phase, plain, settle, switch_optimizer,
+    switch_phase, wrapper_kind)
 from keras_colopt.engines.keras3.models import (  # noqa: F401
     ContinuedSchedule, check_model, clone_model, compile_config, compile_like,
     flatten_nested, is_model, nested_models, rebuild, snapshot, walk)

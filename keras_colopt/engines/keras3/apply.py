@@ -17,10 +17,6 @@ from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, wal
 log = logging.getLogger("keras_colopt")
 
 
-def base_name(layer) -> str:
-    return layer.name
-
-
 def _has_kernel(layer) -> bool:
     return compress.supports(layer) or any(
         getattr(layer, a, None) is not None for a in ("kernel", "depthwise_kernel",
@@ -33,7 +29,7 @@ def can_touch(layer, kind: str) -> bool:
 
 def _too_small(layer, phase) -> bool:
     size = int(np.prod(compress.raw_kernel(layer).shape))
-    if phase.per_channel and not isinstance(layer, keras.layers.Dense):
+    if phase.per_channel and compress.adapter(layer).per_channel:
         size //= compress.view_channels(layer)
     return size <= phase.clusters
 
@@ -65,17 +61,9 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
         raise ValueError(
             f"{type(phase).__name__}: the Keras 3 engine cannot {kind} the layer(s) {refused} "
             f"you named (type {[type(by_name[n]).__name__ for n in refused]}). Expected "
-            "Dense, Conv1D, Conv2D or DepthwiseConv2D layers with more weights than clusters. "
+            f"{compress.supported_names()} layers with more weights than clusters. "
             f"Remove them from `layers=`. Received: layers={sel!r}")
     return touched, skipped
-
-
-def fold_plan(model):
-    return {}, {}
-
-
-def fold_activations(model, pairs):
-    return model
 
 
 def preflight(model, plan) -> Dict[str, List[str]]:
@@ -94,8 +82,8 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "
                     f"the layer(s) {unknown} (type "
                     f"{sorted({type(layers[n]).__name__ for n in unknown})}), so it cannot "
-                    "train the model as the int8 file will run it. Expected Dense, Conv1D, "
-                    "Conv2D, DepthwiseConv2D and the layers "
+                    "train the model as the int8 file will run it. Expected "
+                    f"{compress.supported_names(quantize=True)} and the layers "
                     f"{sorted({c.__name__ for c in quantize.KNOWN} - {'InputLayer'})}. Drop "
                     "the Quantize phase and export with post-training int8 (it calibrates "
                     "every layer and keeps the zeros and per-channel clusters): "
@@ -106,12 +94,13 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         if not touched:
             raise ValueError(
                 f"{planned.label}: no layer of model '{model.name}' can be {kind}d. Expected "
-                "at least one Dense, Conv1D, Conv2D or DepthwiseConv2D layer. Received: "
+                f"at least one {compress.supported_names()} layer. Received: "
                 f"layers={planned.phase.layers!r}")
         if kind == "prune" and planned.phase.m_by_n is not None:
             n = planned.phase.m_by_n[1]
             layers = dict(walk(model))
-            bad = [t for t in touched if int(compress.raw_kernel(layers[t]).shape[-2]) % n]
+            bad = [t for t in touched if int(compress.raw_kernel(layers[t]).shape[
+                compress.adapter(layers[t]).input_axis]) % n]
             if bad:
                 raise ValueError(
                     f"{planned.label}: m_by_n={planned.phase.m_by_n} groups {n} consecutive "
@@ -185,11 +174,10 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
         for name in touched:
             layer = layers[name]
             # Per output channel for convolutions; a Dense kernel per tensor (as in tfmot).
-            per_channel = phase.per_channel and not isinstance(layer, keras.layers.Dense)
+            per_channel = phase.per_channel and compress.adapter(layer).per_channel
             spec = compress.ClusterSpec(clusters=k, per_channel=per_channel,
                                         preserve_sparsity=planned.preserve_sparsity)
-            view = np.asarray(compress.raw_kernel(layer).numpy()).reshape(
-                -1, compress.view_channels(layer))
+            view = compress.view(layer, np.asarray(compress.raw_kernel(layer).numpy()))
             c = compress.kernel_centroids(view, k, phase.init, rng, per_channel,
                                           skip_zeros=planned.preserve_sparsity)
             compress.make_clusterable(layer, spec, c)
@@ -215,8 +203,8 @@ def _apply_quantize(model, planned, touched, held) -> None:
         layer = layers[name]
         raw = np.asarray(compress.raw_kernel(layer).numpy())
         zeros = planned.preserve_sparsity and not np.all(raw)
-        per_channel = planned.per_channel and not isinstance(layer, keras.layers.Dense)
-        c = _codebook(raw.reshape(-1, compress.view_channels(layer)), per_channel, zeros,
+        per_channel = planned.per_channel and compress.adapter(layer).per_channel
+        c = _codebook(compress.view(layer, raw), per_channel, zeros,
                       planned.clusters) if planned.preserve_clusters and name in held else None
         if c is not None:  # (with the zeros' mask when preserving them)
             compress.make_clusterable(layer, compress.ClusterSpec(
@@ -291,10 +279,6 @@ def _quantized(layer):
     return spec is not None and spec.quantize is not None
 
 
-def unpreserved_clusters(model, names) -> Dict[str, str]:
-    return {}
-
-
 def quiet_expected_warnings(model):
     return contextlib.nullcontext()
 
@@ -308,13 +292,12 @@ def quantized_per_channel(layer) -> bool:
 
 def kernels(layer):
     """`[(name, array, channel axis)]`: the kernel the layer computes with (masked, clustered),
-    a DepthwiseConv2D's as `(kh, kw, channels)` so that its channels are the converted ones."""
+    its output channels on one axis in the converted file's order (a DepthwiseConv2D's as
+    `(kh, kw, channels)`; see `compress.Adapter.readable`)."""
     if not compress.supports(layer):
         return []
-    w = compress.effective_numpy(layer)
-    if compress._stock(type(layer)) is keras.layers.DepthwiseConv2D:
-        w = w.reshape(w.shape[:-2] + (-1,))
-    return [("kernel", w, -1)]
+    w, axis = compress.adapter(layer).readable(compress.effective_numpy(layer))
+    return [("kernel", w, axis)]
 
 
 def expectations(model) -> Dict[str, dict]:

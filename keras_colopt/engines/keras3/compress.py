@@ -1,6 +1,6 @@
 """Pruning and weight clustering of Keras 3 layers, in place, written with `keras.ops`.
 
-A supported layer (Dense, Conv1D, Conv2D, DepthwiseConv2D, exactly those classes) is made
+A supported layer (one with an `Adapter` in `ADAPTERS`, exactly that class) is made
 compressible by swapping its class for a subclass whose kernel property returns the kernel
 the layer computes with, the *effective* kernel, instead of the raw variable:
 
@@ -19,9 +19,12 @@ train, save (`save_own_variables`, which the stock method would drop) and checkp
 it; no wrapper layer changes the model's graph, its layer names or its output names.
 `bake` writes the effective kernel back into the raw variable and restores the stock class.
 
-Every kernel is read through one 2-D view `(-1, channels)`: the last axis for Dense and
-Conv (`(kh, kw, in, out)`), `in * multiplier` for a DepthwiseConv2D (`(kh, kw, C, M)`),
-which is the output-channel order of the converted `.tflite` kernel.
+Every kernel is read through one 2-D view `(-1, channels)` whose channels are the output
+channels of the converted `.tflite` kernel, in its order: the last axis for Dense and Conv
+(`(kh, kw, in, out)`), `in * multiplier` for a DepthwiseConv2D (`(kh, kw, C, M)`), the
+second to last for a Conv2DTranspose (`(kh, kw, out, in)`). Each layer class's `Adapter`
+says how (see `ADAPTERS`): supporting a new class is one row there, plus its rows in the
+layer conformance table (`tests/test_layer_conformance.py`).
 """
 
 from __future__ import annotations
@@ -37,15 +40,85 @@ from keras_colopt import kmeans
 from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, ops
 
-# class -> (kernel property read by call(), raw attribute or None when the property *is* the
-# raw attribute, stored in the instance dict)
-_KERNEL = {
-    keras.layers.Dense: ("kernel", compat.raw_kernel_attribute()),
-    keras.layers.Conv1D: ("kernel", compat.raw_kernel_attribute()),
-    keras.layers.Conv2D: ("kernel", compat.raw_kernel_attribute()),
-    keras.layers.DepthwiseConv2D: ("kernel", None),
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """How the engine reads, compresses and exports one Keras layer class's kernel.
+
+    Attributes:
+        kernel: the attribute the layer's `call` reads its kernel from (the engine's subclass
+            turns it into a property returning the effective kernel).
+        raw: the variable behind `kernel` when the stock class already makes `kernel` a
+            property (Dense, Conv: `_kernel`, see `compat.raw_kernel_attribute`); None when
+            `kernel` is the variable itself, kept in the instance dict.
+        perm: the axis order that puts the output channels last (None: they are last).
+        channel_axes: how many trailing axes (after `perm`) make one output channel: 2 for a
+            DepthwiseConv2D, whose `(C, M)` become the converted file's `C * M` channels.
+        input_axis: the axis of the input channels (2:4 pruning groups weights along it).
+        per_channel: whether a per-channel Cluster phase clusters it per output channel (a
+            Dense kernel is clustered per tensor, as in tfmot).
+        quantize: whether the Quantize phase (QAT) knows how LiteRT quantizes it.
+        tflite_op: the `.tflite` operator holding the kernel (export reads its weights there).
+    """
+
+    kernel: str
+    raw: Optional[str]
+    perm: Optional[Tuple[int, ...]] = None
+    channel_axes: int = 1
+    input_axis: int = -2
+    per_channel: bool = True
+    quantize: bool = True
+    tflite_op: str = "CONV_2D"
+
+    def channels(self, shape) -> int:
+        shape = [int(d) for d in shape]
+        if self.perm is not None:
+            shape = [shape[a] for a in self.perm]
+        return int(np.prod(shape[len(shape) - self.channel_axes:]))
+
+    def view(self, w):
+        """`w` as `(values, output channels)` (a tensor, or an array for an array)."""
+        xp = np if isinstance(w, np.ndarray) else ops
+        channels = self.channels(w.shape)
+        if self.perm is not None:
+            w = xp.transpose(w, self.perm)
+        return xp.reshape(w, (-1, channels))
+
+    def unview(self, v, shape):
+        """The kernel of `shape` that `view` made `v` from."""
+        xp = np if isinstance(v, np.ndarray) else ops
+        if self.perm is None:
+            return xp.reshape(v, shape)
+        permuted = [shape[a] for a in self.perm]
+        return xp.transpose(xp.reshape(v, permuted), [self.perm.index(a)
+                                                       for a in range(len(self.perm))])
+
+    def readable(self, w: np.ndarray):
+        """`(array, channel axis)` as the statistics count it: the output channels on one
+        axis, in the converted file's order."""
+        if self.channel_axes == 2:
+            return w.reshape(w.shape[:-2] + (-1,)), -1
+        if self.perm is not None:
+            return w, self.perm[-1] - len(self.perm)
+        return w, -1
+
+
+_RAW = compat.raw_kernel_attribute()
+# One row per layer class the engine compresses (exactly that class: a subclass may read its
+# kernel differently).
+ADAPTERS = {
+    keras.layers.Dense: Adapter("kernel", _RAW, per_channel=False, input_axis=0,
+                                tflite_op="FULLY_CONNECTED"),
+    keras.layers.Conv1D: Adapter("kernel", _RAW),
+    keras.layers.Conv2D: Adapter("kernel", _RAW),
+    keras.layers.DepthwiseConv2D: Adapter("kernel", None, channel_axes=2,
+                                          tflite_op="DEPTHWISE_CONV_2D"),
+    # (kh, kw, out, in): the output channels are the second to last axis; LiteRT's
+    # TRANSPOSE_CONV stores (out, kh, kw, in). QAT does not range it yet: post-training int8.
+    keras.layers.Conv2DTranspose: Adapter("kernel", None, perm=(0, 1, 3, 2), input_axis=-1,
+                                          quantize=False, tflite_op="TRANSPOSE_CONV"),
 }
-SUPPORTED = tuple(_KERNEL)
+SUPPORTED = tuple(ADAPTERS)
+QUANTIZABLE = tuple(c for c, a in ADAPTERS.items() if a.quantize)
 _COMPRESSED = {}  # stock class -> its compressible subclass
 
 
@@ -92,8 +165,14 @@ FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
 _OBSERVED = {}  # stock class -> its range-observing subclass (`quantize`)
 
 
-def kernel_names(layer) -> Tuple[str, Optional[str]]:
-    return _KERNEL[_stock(type(layer))]
+def adapter(layer) -> Adapter:
+    return ADAPTERS[_stock(type(layer))]
+
+
+def supported_names(quantize: bool = False) -> str:
+    """The supported classes' names, for messages: "Dense, Conv1D, ... or Conv2DTranspose"."""
+    names = [c.__name__ for c in (QUANTIZABLE if quantize else SUPPORTED)]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _stock(cls):
@@ -106,7 +185,7 @@ def _stock(cls):
 
 def supports(layer) -> bool:
     """Exactly a supported class (a user subclass may not read its kernel property)."""
-    return _stock(type(layer)) in _KERNEL and layer.built
+    return _stock(type(layer)) in ADAPTERS and layer.built
 
 
 def is_compressed(layer) -> bool:
@@ -114,15 +193,17 @@ def is_compressed(layer) -> bool:
 
 
 def raw_kernel(layer):
-    prop, raw = kernel_names(layer)
-    return getattr(layer, raw) if raw else layer.__dict__[prop]
+    a = adapter(layer)
+    return getattr(layer, a.raw) if a.raw else layer.__dict__[a.kernel]
 
 
 def view_channels(layer) -> int:
-    shape = tuple(raw_kernel(layer).shape)
-    if _stock(type(layer)) is keras.layers.DepthwiseConv2D:
-        return int(shape[-2] * shape[-1])
-    return int(shape[-1])
+    return adapter(layer).channels(raw_kernel(layer).shape)
+
+
+def view(layer, w):
+    """`w` (a kernel of `layer`) as `(values, output channels)`: see `Adapter.view`."""
+    return adapter(layer).view(w)
 
 
 # --------------------------------------------------------------------------- the math
@@ -153,11 +234,12 @@ def fake_quant_weights(layer, w, per_channel: bool):
     holds it: a per-channel quantized reshape. Measured on the demo CNN: a PCQAT epoch 4 %
     shorter, not worth it.)"""
     shape = ops.shape(w)
-    v = ops.reshape(w, (-1, view_channels(layer)) if per_channel else (-1,))
+    v = view(layer, w) if per_channel else ops.reshape(w, (-1,))
     m = ops.max(ops.abs(v), axis=0)
     scale = ops.where(m > 0, m / 127.0, ops.ones_like(m))
     q = ops.clip(ops.round(v / scale), -127.0, 127.0) * scale
-    return ops.reshape(v + ops.stop_gradient(q - v), shape)
+    out = v + ops.stop_gradient(q - v)
+    return adapter(layer).unview(out, shape) if per_channel else ops.reshape(out, shape)
 
 
 RANGE_DECAY = 0.999  # tfmot's MovingAverageQuantizer
@@ -204,21 +286,20 @@ def activation_name(layer) -> str:
 
 def _clustered(layer, raw, spec: ClusterSpec):
     shape = ops.shape(raw)
-    c = view_channels(layer)
-    v = ops.reshape(raw, (-1, c))
     centroids = layer._colopt_centroids
     if spec.per_channel:  # centroids (channels, k)
+        v = view(layer, raw)
         dist = ops.abs(ops.expand_dims(v, -1) - ops.expand_dims(centroids, 0))
         idx = ops.argmin(dist, axis=-1)
         onehot = ops.one_hot(idx, spec.clusters, dtype=v.dtype)
-        clustered = ops.sum(onehot * ops.expand_dims(centroids, 0), axis=-1)
+        clustered = adapter(layer).unview(
+            ops.sum(onehot * ops.expand_dims(centroids, 0), axis=-1), shape)
     else:  # centroids (k,): the nearest by bisection between the sorted centroids' midpoints,
         # twice as fast as a (weights x k) distance matrix (same values, same gradients)
         ordered = ops.sort(centroids)
         mids = (ordered[1:] + ordered[:-1]) / 2
-        idx = ops.searchsorted(mids, ops.reshape(v, (-1,)))
-        clustered = ops.take(ordered, idx)
-    clustered = ops.reshape(clustered, shape)
+        idx = ops.searchsorted(mids, ops.reshape(raw, (-1,)))
+        clustered = ops.reshape(ops.take(ordered, idx), shape)
     # Straight-through: the raw kernel trains as if it were the clustered one (tfmot's
     # ClusterWeights does the same), so the association can move as training goes.
     return clustered + (raw - ops.stop_gradient(raw))  # exactly `clustered` in value
@@ -246,17 +327,18 @@ def magnitude_mask(w, sparsity):
     return ops.where(drop > 0, above, ops.ones_like(w))
 
 
-def m_by_n_mask(w, m: int, n: int):
+def m_by_n_mask(w, m: int, n: int, input_axis: int = -2):
     """Keeps the `m` largest of every `n` consecutive weights along the input axis."""
     rank = len(w.shape)
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]  # input axis last
+    axis = input_axis % rank
+    perm = [a for a in range(rank) if a != axis] + [axis]  # input axis last
     t = ops.transpose(ops.abs(w), perm)
     tshape = ops.shape(t)
     groups = ops.reshape(t, (-1, n))
     order = ops.argsort(-groups, axis=-1)
     ranks = ops.argsort(order, axis=-1)
     keep = ops.cast(ranks < m, w.dtype)
-    return ops.transpose(ops.reshape(keep, tshape), perm)
+    return ops.transpose(ops.reshape(keep, tshape), [perm.index(a) for a in range(rank)])
 
 
 def _update_mask(layer, spec: PruneSpec):
@@ -273,7 +355,7 @@ def _update_mask(layer, spec: PruneSpec):
 
     def new_mask():
         if spec.m_by_n is not None:
-            return m_by_n_mask(raw, *spec.m_by_n)
+            return m_by_n_mask(raw, *spec.m_by_n, input_axis=adapter(layer).input_axis)
         return magnitude_mask(raw, target_sparsity(spec, t))
     mask.assign(ops.cond(due, new_mask, lambda: ops.convert_to_tensor(mask)))
     step.assign(t)
@@ -284,7 +366,7 @@ def _update_mask(layer, spec: PruneSpec):
 def _compressible_class(stock):
     if stock in _COMPRESSED:
         return _COMPRESSED[stock]
-    prop, raw_attr = _KERNEL[stock]
+    prop, raw_attr = ADAPTERS[stock].kernel, ADAPTERS[stock].raw
 
     def getter(self):
         raw = getattr(self, raw_attr, None) if raw_attr else self.__dict__.get(prop)

@@ -153,7 +153,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
             continue
         if stock is L.InputLayer:
             continue
-        if not (stock in compress.SUPPORTED or stock in KNOWN):
+        if not (stock in compress.QUANTIZABLE or stock in KNOWN):
             unknown.append(name)
             continue
         into_folded_bn = reader is not None and id(reader) in folded

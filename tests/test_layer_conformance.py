@@ -1,0 +1,104 @@
+"""Layer conformance of the Keras 3 engine: one row per layer class it compresses (one
+`compress.Adapter` each). Every row must keep, on a tiny model holding that layer:
+
+- the pruning mask at every training step (not only at epoch ends);
+- its clusters, per tensor and per output channel, with the pruned zeros kept;
+- both through a `.keras` save and load;
+- and in the int8 `.tflite`, in the operator its adapter names: the zeros, and at most the
+  clusters' count of values per output channel.
+
+Adding a layer class to the engine is one `Adapter` plus its row here.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_colopt as colopt
+from keras_colopt.engines.keras3 import compress
+
+SPARSITY, CLUSTERS, TOL = 0.5, 4, 0.01
+L = keras.layers
+
+
+def _head(h):
+    return L.Dense(10, name="logits")(L.Flatten()(h))
+
+
+# The layer class -> a model on the 8x8x1 digits holding one such layer named "it".
+ROWS = {
+    L.Dense: lambda i: _head(L.Dense(16, activation="relu", name="it")(L.Flatten()(i))),
+    L.Conv1D: lambda i: _head(L.Conv1D(8, 3, activation="relu", name="it")(L.Reshape((8, 8))(i))),
+    L.Conv2D: lambda i: _head(L.Conv2D(8, 3, activation="relu", name="it")(i)),
+    L.DepthwiseConv2D: lambda i: _head(L.DepthwiseConv2D(
+        3, depth_multiplier=2, activation="relu", name="it")(L.Conv2D(4, 1, name="pw")(i))),
+    L.Conv2DTranspose: lambda i: _head(L.Conv2DTranspose(
+        6, 3, strides=2, padding="same", activation="relu", name="it")(
+            L.Conv2D(4, 3, strides=2, name="down")(i))),
+}
+
+
+def test_every_layer_class_the_engine_compresses_has_a_row():
+    assert set(ROWS) == set(compress.ADAPTERS)
+
+
+def _model(cls):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, ROWS[cls](inputs))
+    model.compile(keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+class MaskAtEveryStep(keras.callbacks.Callback):
+    """The sparsity of layer "it", as it computes, after every training batch of a Prune
+    phase (a constant schedule: the target holds from the first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if colopt.engines.get_engine(self.model, compiled=False).wrapper_kind(
+                self.model) == "prune":
+            self.seen.append(colopt.callbacks.layer_stats(self.model)["it"].sparsity)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("cls", list(ROWS), ids=lambda c: c.__name__)
+def test_layer_keeps_its_compression_in_keras_on_disk_and_in_the_tflite(digits, tmp_path,
+                                                                          cls, per_channel):
+    (x, y), _ = digits
+    x, y = x[:256], y[:256]
+    model = _model(cls)
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    adapter = compress.ADAPTERS[cls]
+    steps = MaskAtEveryStep()
+    r = colopt.collaborative_fit(
+        model, x, y, batch_size=64, verbose=0, callbacks=[steps], phases=[
+            colopt.Prune(SPARSITY, epochs=1, schedule="constant", layers=["it"]),
+            colopt.Cluster(CLUSTERS, epochs=1, per_channel=per_channel, layers=["it"])])
+    # The mask, after every step of the Prune phase.
+    assert len(steps.seen) == 4 and min(steps.seen) >= SPARSITY - TOL, steps.seen
+    # The clusters (zero is one of them), per output channel where the adapter clusters so.
+    st = colopt.callbacks.layer_stats(r.model)["it"]
+    assert st.sparsity >= SPARSITY - TOL
+    by_channel = per_channel and adapter.per_channel
+    assert (st.unique_per_channel_max if by_channel else st.unique) <= CLUSTERS
+    if by_channel:
+        assert st.unique > CLUSTERS  # per channel, not per tensor
+    # Saved and loaded: the same kernel as it computes.
+    path = tmp_path / "m.keras"
+    r.model.save(path)
+    again = keras.models.load_model(path)
+    np.testing.assert_array_equal(colopt.callbacks.effective_kernels(again)["it"][0][1],
+                                  colopt.callbacks.effective_kernels(r.model)["it"][0][1])
+    # In the int8 file: the adapter's operator holds the zeros and the clusters per channel.
+    tflite = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                     representative_data=x[:64]).path
+    (w,) = [w for w in colopt.export.inspect_tflite(tflite)
+            if colopt.export.layer_of(w.name, ["it", "logits", "pw", "down"]) == "it"]
+    assert w.op == adapter.tflite_op and w.dtype == "int8"
+    assert w.per_channel_quantized  # counted per output channel, the file's own axis
+    assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS
