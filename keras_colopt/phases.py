@@ -89,6 +89,15 @@ def _check_layers(cls: str, layers) -> None:
 # a decaying schedule out of their basin: benchmarks/results/finetune_heldout.md).
 
 
+def polynomial_sparsity(initial, final, progress):
+    """The sparsity of a polynomial pruning ramp at `progress` (0 to 1) through it: tfmot's
+    `PolynomialDecay` (power 3), for floats, arrays and backend tensors alike. The one
+    formula of the schedule: the Keras 3 engine's masks follow it in-graph, the tfmot engine
+    builds tfmot's `PolynomialDecay` from the same `Prune.ramp` (a test compares the two at
+    every step)."""
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
 class Phase:
     """Base class of every phase. Subclasses define `kind` and their arguments.
 

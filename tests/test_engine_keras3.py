@@ -45,6 +45,9 @@ def test_keras3_model_is_taken_by_the_keras3_engine():
 
 
 def test_prune_follows_the_polynomial_schedule_at_every_step():
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
     m = _model()
     spec = compress.PruneSpec(0.75, initial_sparsity=0.0, end_step=6, frequency=2)
     for l in m.layers:
@@ -61,6 +64,12 @@ def test_prune_follows_the_polynomial_schedule_at_every_step():
         t = batch + 1
         last = max(u for u in range(1, min(t, 6) + 1) if u == 1 or u % 2 == 0)
         target = 0.75 * (1 - (1 - last / 6) ** 3)
+        # The library's one formula, and tfmot's own PolynomialDecay (as the tfmot engine
+        # builds it), say the same
+        assert colopt.phases.polynomial_sparsity(0.0, 0.75, last / 6) == pytest.approx(target)
+        _, tfmot_target = tfmot.sparsity.keras.PolynomialDecay(
+            0.0, 0.75, begin_step=0, end_step=6, frequency=2)(tf.constant(last, tf.int64))
+        assert float(tfmot_target) == pytest.approx(target, abs=1e-6)
         assert zeros, batch
         for name, z in zeros.items():
             size = compress.raw_kernel(m.get_layer(name)).shape

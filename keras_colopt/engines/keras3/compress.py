@@ -39,6 +39,7 @@ import numpy as np
 from keras_colopt import kmeans
 from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, ops
+from keras_colopt.phases import polynomial_sparsity
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
@@ -311,7 +312,7 @@ def target_sparsity(spec: PruneSpec, step):
     if spec.schedule == "constant" or spec.m_by_n is not None:
         return ops.convert_to_tensor(spec.sparsity, "float32")
     progress = ops.minimum(ops.cast(step, "float32") / float(max(1, spec.end_step)), 1.0)
-    return spec.sparsity + (spec.initial_sparsity - spec.sparsity) * (1.0 - progress) ** 3
+    return polynomial_sparsity(spec.initial_sparsity, spec.sparsity, progress)
 
 
 def magnitude_mask(w, sparsity):
