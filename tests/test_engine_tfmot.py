@@ -10,6 +10,7 @@ import tf_keras as keras
 
 from keras_colopt import Cluster, Prune, resolve, stats
 from keras_colopt.engines import tfmot as engine
+from keras_colopt.engines.tfmot import wrap
 
 from conftest import compile_, tiny_sequential
 
@@ -129,8 +130,8 @@ def test_kmeans_short_channels_are_detected():
     k[0, 0, 0, 1] = 5.0  # channel 1: a single non-zero weight
     conv.kernel.assign(k)
     phase = Cluster(clusters=3, epochs=1, per_channel=True)
-    assert engine._kmeans_short_channels(conv, phase, preserve_sparsity=True) == [1]
-    assert engine._kmeans_short_channels(
+    assert wrap._kmeans_short_channels(conv, phase, preserve_sparsity=True) == [1]
+    assert wrap._kmeans_short_channels(
         conv, Cluster(clusters=3, epochs=1, per_channel=True, init="linear"), True) == []
 
 

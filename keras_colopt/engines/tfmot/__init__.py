@@ -12,19 +12,18 @@ from keras_colopt.engines.tfmot._deps import tf_keras, tfmot  # noqa: F401
 from keras_colopt.engines.tfmot.fold import (  # noqa: F401
     fold_activations, fold_plan)
 from keras_colopt.engines.tfmot.layers import (  # noqa: F401
-    _find, _has_kernel, activation_after, base_layer, base_name, can_touch, select_layers)
+    activation_after, base_layer, base_name, can_touch, select_layers)
 from keras_colopt.engines.tfmot.models import (  # noqa: F401
     ContinuedSchedule, check_model, clone_model, compile_config, compile_like, rebuild,
     snapshot)
 from keras_colopt.engines.tfmot.checks import check_precision, preflight  # noqa: F401
 from keras_colopt.engines.tfmot.quantize import (  # noqa: F401
-    _clustered_centroids, custom_classes, dry_run_quantize, expected_gradient_warning,
+    custom_classes, dry_run_quantize, expected_gradient_warning,
     gradless_by_design, quiet_expected_warnings, unpreserved_clusters)
 from keras_colopt.engines.tfmot.read import (  # noqa: F401
     expectations, is_qat, kernels, quantized_per_channel, wrapper_kind)
 from keras_colopt.engines.tfmot.wrap import (  # noqa: F401
-    _kmeans_short_channels, apply_phase, keep_output_names, plain, pruning_schedule, settle, strip,
-    switch_phase)
+    apply_phase, keep_output_names, plain, pruning_schedule, settle, strip, switch_phase)
 from keras_colopt.engines.tfmot.runtime import (  # noqa: F401,E402
     check_callbacks, check_distill, check_strategy, custom_object_scope, demo_model,
     distillation, fit_arguments, history, is_model, is_progbar, is_sequence, load_model,
