@@ -35,6 +35,8 @@ ROWS = {
     L.Conv2DTranspose: lambda i: _head(L.Conv2DTranspose(
         6, 3, strides=2, padding="same", activation="relu", name="it")(
             L.Conv2D(4, 3, strides=2, name="down")(i))),
+    L.Conv1DTranspose: lambda i: _head(L.Conv1DTranspose(
+        6, 3, strides=2, padding="same", activation="relu", name="it")(L.Reshape((8, 8))(i))),
 }
 
 

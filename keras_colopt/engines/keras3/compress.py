@@ -117,6 +117,9 @@ ADAPTERS = {
     # TRANSPOSE_CONV stores (out, kh, kw, in). QAT does not range it yet: post-training int8.
     keras.layers.Conv2DTranspose: Adapter("kernel", None, perm=(0, 1, 3, 2), input_axis=-1,
                                           quantize=False, tflite_op="TRANSPOSE_CONV"),
+    # (k, out, in); the converter expands it to a TRANSPOSE_CONV of (out, 1, k, in).
+    keras.layers.Conv1DTranspose: Adapter("kernel", None, perm=(0, 2, 1), input_axis=-1,
+                                          quantize=False, tflite_op="TRANSPOSE_CONV"),
 }
 SUPPORTED = tuple(ADAPTERS)
 QUANTIZABLE = tuple(c for c, a in ADAPTERS.items() if a.quantize)
