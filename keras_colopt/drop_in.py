@@ -158,7 +158,7 @@ class CollaborativeOptimization(Callback):
         if planned is None:
             return
         if planned.phase.kind == "train":
-            runner.resume(planned)  # trains with the compiled optimizer as it is
+            runner.begin(planned)  # trains with the compiled optimizer as it is
             return
         eng, model, offset = runner.engine, self.model, planned.start_epoch * runner.steps
 
@@ -204,7 +204,7 @@ class CollaborativeOptimization(Callback):
                  done.label, len(runner.pruned), len(runner.clustered))
         if current is None or current.start_epoch == epoch:
             return False  # the next phase is switched to as usual
-        runner.resume(current)
+        runner.begin(current)
         touched = {"prune": runner.pruned, "cluster": runner.clustered,
                    "quantize": sorted(found), "train": []}[current.phase.kind]
         self._guard = runner.guard(current, touched, [])

@@ -113,9 +113,10 @@ class PhaseRunner:
         self.clustered = sorted(n for n, e in found.items() if e.get("clusters") is not None)
 
     # ------------------------------------------------------------------ phases
-    def resume(self, planned: PlannedPhase) -> None:
-        """Marks `planned` as the phase training now without entering it (a run resumed
-        inside it: it was entered before)."""
+    def begin(self, planned: PlannedPhase) -> None:
+        """Marks `planned` as the phase training now without entering it: a Train phase of
+        the drop-in (the compiled optimizer trains it as it is), or the phase a resumed fit
+        starts inside (it was entered before the interruption)."""
         self.label = planned.label
 
     def enter(self, planned: PlannedPhase, apply, compile_at, saved_rate=None,
