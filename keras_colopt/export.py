@@ -112,10 +112,18 @@ def operators(path) -> List[str]:
     """The operators of a `.tflite`'s main graph, in order (e.g. `["QUANTIZE", "CONV_2D",
     ...]`), read from the file (not as LiteRT's delegates regroup them)."""
     model, names, _ = _flatbuffer(path)
-    codes = model.operatorCodes
-    return [names.get(max(codes[op.opcodeIndex].builtinCode,
-                          codes[op.opcodeIndex].deprecatedBuiltinCode), "CUSTOM")
-            for op in model.subgraphs[0].operators]
+    return [_op_name(model, names, op) for op in model.subgraphs[0].operators]
+
+
+def _op_name(model, names, op) -> str:
+    """An operator's name ("CONV_2D"), from its code (newer codes are in `builtinCode`, the
+    first 127 also in `deprecatedBuiltinCode`)."""
+    code = model.operatorCodes[op.opcodeIndex]
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+
+
+def _tensor_name(tensor) -> str:
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
 def inner_float_tensors(path) -> List[str]:
@@ -124,8 +132,7 @@ def inner_float_tensors(path) -> List[str]:
     model, _, types = _flatbuffer(path)
     graph = model.subgraphs[0]
     ends = set(int(i) for i in graph.inputs) | set(int(i) for i in graph.outputs)
-    return [t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-            for i, t in enumerate(graph.tensors)
+    return [_tensor_name(t) for i, t in enumerate(graph.tensors)
             if types.get(t.type, "").startswith("FLOAT") and i not in ends]
 
 
@@ -396,20 +403,15 @@ def _weights(path):
     A description is `{"name", "index", "quantization_parameters": {"scales",
     "zero_points", "quantized_dimension"}}`, as LiteRT's tensor details name them."""
     model, names, types = _flatbuffer(path)
-    graph, codes = model.subgraphs[0], model.operatorCodes
-
-    def op_name(op):
-        code = codes[op.opcodeIndex]
-        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
-
+    graph = model.subgraphs[0]
     producer = {int(out): op for op in graph.operators for out in op.outputs}
     for op in graph.operators:
-        name = op_name(op)
+        name = _op_name(model, names, op)
         if name not in _WEIGHT_OPS or len(op.inputs) < 2:
             continue
         idx = int(op.inputs[1])
         src = producer.get(idx)
-        if src is not None and op_name(src) == "DEQUANTIZE":  # float16 / dynamic weights
+        if src is not None and _op_name(model, names, src) == "DEQUANTIZE":  # float16 / dynamic weights
             idx = int(src.inputs[0])
         elif src is not None:
             continue  # a computed tensor, not a stored weight
@@ -419,8 +421,7 @@ def _weights(path):
 
 def _described(tensor, index) -> dict:
     q = tensor.quantization
-    return {"name": tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name),
-            "index": index,
+    return {"name": _tensor_name(tensor), "index": index,
             "quantization_parameters": {
                 "scales": np.asarray([] if q is None or q.scale is None else q.scale,
                                      np.float32),
