@@ -198,7 +198,7 @@ class CollaborativeOptimization(Callback):
                 "object an interrupted fit left (its layers keep their masks, centroids and "
                 "ranges), or fit from epoch 0. To resume across processes, use "
                 "collaborative_fit(..., checkpoint_dir=...). Nothing was trained.")
-        runner.carried_by(self.model)
+        runner.carried_by(found)
         log.info("CollaborativeOptimization: fit starts at epoch %d, after %s; the model "
                  "carries its compression (%d pruned, %d clustered layer(s)).", epoch,
                  done.label, len(runner.pruned), len(runner.clustered))

@@ -352,11 +352,11 @@ def _enter_phase(run: _Run, planned: PlannedPhase, shared):
             ckpt.save_entry(planned.index, stripped.get_weights())
 
         def apply(held):
-            return engine.apply_phase(stripped, planned, run.runner.steps, hold=held)
+            return engine.apply_phase(stripped, planned, runner.steps, hold=held)
 
         def compile_at(model, rate):
             engine.compile_like(model, runner.cfg, rate,
-                                step_offset=planned.start_epoch * run.runner.steps)
+                                step_offset=planned.start_epoch * runner.steps)
         entry = runner.enter(planned, apply, compile_at, saved.get(str(planned.index)),
                              resumed=resuming)
         if ckpt is not None and entry.rate.chosen is not None:

@@ -105,10 +105,9 @@ class PhaseRunner:
             elif planned.phase.kind == "cluster":
                 self.clustered = self.engine.select_layers(model, planned.phase, "cluster")[0]
 
-    def carried_by(self, model) -> None:
-        """The layers `model`'s own compression says were pruned and clustered (a model that
-        an interrupted `fit` left, switched in place)."""
-        found = self.engine.expectations(model)
+    def carried_by(self, found: dict) -> None:
+        """The layers a model's own compression (`found`: the engine's `expectations` of a
+        model an interrupted `fit` left, switched in place) says were pruned and clustered."""
         self.pruned = sorted(n for n, e in found.items() if e.get("sparsity") is not None)
         self.clustered = sorted(n for n, e in found.items() if e.get("clusters") is not None)
 

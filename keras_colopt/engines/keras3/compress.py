@@ -41,6 +41,7 @@ from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, ops
 from keras_colopt.phases import polynomial_sparsity
 
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """How the engine reads, compresses and exports one Keras layer class's kernel.
@@ -58,7 +59,9 @@ class Adapter:
         per_channel: whether a per-channel Cluster phase clusters it per output channel (a
             Dense kernel is clustered per tensor, as in tfmot).
         quantize: whether the Quantize phase (QAT) knows how LiteRT quantizes it.
-        tflite_op: the `.tflite` operator holding the kernel (export reads its weights there).
+        tflite_op: the `.tflite` operator the converter stores the kernel in (the layer
+            conformance test looks for the compression there; `export` finds weights by
+            operator on its own, engine-neutral).
     """
 
     kernel: str
