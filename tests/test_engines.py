@@ -1,7 +1,6 @@
 """The engine boundary: only `engines/` imports tf_keras, tfmot or keras; every engine
 implements the whole interface; `get_engine` asks each engine."""
 
-import ast
 import pathlib
 
 import pytest
@@ -9,18 +8,15 @@ import pytest
 import keras_colopt
 from keras_colopt.engines import base, engine_of, engines, get_engine
 
+from test_layout import _imports as imports_of
+
 PACKAGE = pathlib.Path(keras_colopt.__file__).parent
 KERAS_FLAVOURS = ("tf_keras", "tensorflow_model_optimization", "keras")
 
 
 def _imports(path):
     """Top-level package names a module imports (at any depth of its code)."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module.split(".")[0]
+    return {module.split(".")[0] for module in imports_of(path)}
 
 
 def test_only_engines_import_a_keras_flavour():

@@ -13,9 +13,10 @@ def _module(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: pathlib.Path, name: str, package: bool):
-    """Every keras_colopt module `path` imports, at any depth (a function's own import
-    counts: it closes a circle as surely when it runs)."""
+def _imports(path: pathlib.Path, name: str = "", package: bool = False):
+    """Every module `path` imports, at any depth (a function's own import counts: it closes
+    a circle as surely when it runs), relative imports resolved from module `name` (a
+    package's `__init__` when `package`); `from a import b` yields `a` and `a.b`."""
     here = name if package else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
