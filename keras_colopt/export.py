@@ -23,8 +23,11 @@ from keras_colopt._files import check_writable, write_atomic  # noqa: F401 (publ
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "none")
 IO_TYPES = ("float32", "int8")
+# The operators that hold weights -> the axis of their output channels.
 _WEIGHT_OPS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3,
-               "TRANSPOSE_CONV": 0, "CONV_3D": 4}
+               "TRANSPOSE_CONV": 0, "CONV_3D": 4, "GATHER": 1}
+# Which input holds the weights (1 where not named): a GATHER's table is its first.
+_WEIGHT_INPUT = {"GATHER": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +70,10 @@ class TensorIO:
 
     def quantize(self, x) -> np.ndarray:
         """`x` (real values) as this tensor takes them: rounded onto its grid and clipped
-        to its integer type, or as float32."""
-        x = np.asarray(x, dtype=np.float32)
+        to its integer type, or in the tensor's own type (float32; int32 token ids)."""
         if self.scale is None:
-            return x
+            return np.asarray(x).astype(self.dtype)
+        x = np.asarray(x, dtype=np.float32)
         info = np.iinfo(self.dtype)
         return np.clip(np.round(x / self.scale + self.zero_point), info.min,
                        info.max).astype(self.dtype)
@@ -172,6 +175,13 @@ def _check_target_path(path) -> str:
     return path
 
 
+def _as_input(sample) -> np.ndarray:
+    """One representative sample, batched, as the converter feeds it: float32, or int32
+    for integer inputs (token ids of an Embedding)."""
+    sample = np.asarray(sample)[None]
+    return sample.astype(np.int32 if np.issubdtype(sample.dtype, np.integer) else np.float32)
+
+
 def _representative(data, limit=256):
     import tensorflow as tf
 
@@ -184,7 +194,7 @@ def _representative(data, limit=256):
                     if n >= limit:
                         return
                     n += 1
-                    yield [sample[None].astype(np.float32)]
+                    yield [_as_input(sample)]
         return gen
     arr = np.asarray(data)
     if arr.ndim < 2 or len(arr) == 0:
@@ -193,7 +203,7 @@ def _representative(data, limit=256):
 
     def gen():
         for sample in arr[:limit]:
-            yield [sample[None].astype(np.float32)]
+            yield [_as_input(sample)]
     return gen
 
 
@@ -409,13 +419,16 @@ def _weights(path):
         name = _op_name(model, names, op)
         if name not in _WEIGHT_OPS or len(op.inputs) < 2:
             continue
-        idx = int(op.inputs[1])
+        idx = int(op.inputs[_WEIGHT_INPUT.get(name, 1)])
         src = producer.get(idx)
         if src is not None and _op_name(model, names, src) == "DEQUANTIZE":  # float16 / dynamic weights
             idx = int(src.inputs[0])
         elif src is not None:
             continue  # a computed tensor, not a stored weight
         tensor = graph.tensors[idx]
+        if name == "GATHER" and (len(tensor.shape) < 2 or types[tensor.type] in ("INT32",
+                                                                                 "INT64")):
+            continue  # a shape or index table, not an embedding
         yield _described(tensor, idx), name, _array(model, tensor, types)
 
 
@@ -448,7 +461,14 @@ def _describe(t, op_name, w) -> TFLiteWeight:
     q = t.get("quantization_parameters", {})
     scales = np.asarray(q.get("scales", []))
     axis = int(q.get("quantized_dimension", 0)) if scales.size > 1 else _WEIGHT_OPS[op_name]
-    s = stats.tensor_stats(t["name"], w, channel_axis=axis if w.ndim > 1 else None)
+    zero = np.asarray(q.get("zero_points", []))
+    if zero.size and zero.any():  # asymmetric (a GATHER's table): a zero is stored as its point
+        zero = zero.reshape([-1 if a == axis % w.ndim and zero.size > 1 else 1
+                             for a in range(w.ndim)])
+        counted = w.astype(np.int32) - zero
+    else:
+        counted = w
+    s = stats.tensor_stats(t["name"], counted, channel_axis=axis if w.ndim > 1 else None)
     return TFLiteWeight(name=t["name"], op=op_name, dtype=str(w.dtype),
                         shape=tuple(int(d) for d in w.shape), sparsity=s.sparsity,
                         unique=s.unique,

@@ -154,7 +154,9 @@ def _(raw_kernel_attribute):
     name = raw_kernel_attribute()
     for layer, shape in ((keras.layers.Dense(2), (None, 4)),
                          (keras.layers.Conv1D(2, 3), (None, 5, 4)),
-                         (keras.layers.Conv2D(2, 3), (None, 5, 5, 4))):
+                         (keras.layers.Conv2D(2, 3), (None, 5, 5, 4)),
+                         (keras.layers.Conv3D(2, 3), (None, 5, 5, 5, 4)),
+                         (keras.layers.EinsumDense("ab,bc->ac", 2), (None, 4))):
         # `kernel` is a property (the compressible subclass overrides it) over this variable.
         assert isinstance(inspect.getattr_static(type(layer), "kernel"), property)
         layer.build(shape)
@@ -163,6 +165,15 @@ def _(raw_kernel_attribute):
     # DepthwiseConv2D's kernel is a plain attribute: its Adapter says raw=None.
     assert not isinstance(inspect.getattr_static(keras.layers.DepthwiseConv2D, "kernel", None),
                           property)
+
+
+@check("keras3", "raw_embeddings_attribute")
+def _(raw_embeddings_attribute):
+    layer = keras.layers.Embedding(5, 3)
+    assert isinstance(inspect.getattr_static(type(layer), "embeddings"), property)
+    layer.build((None, 2))
+    raw = getattr(layer, raw_embeddings_attribute())
+    assert isinstance(raw, keras.Variable) and raw is layer.embeddings
 
 
 @check("keras3", "call_context")

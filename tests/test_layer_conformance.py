@@ -25,29 +25,47 @@ def _head(h):
     return L.Dense(10, name="logits")(L.Flatten()(h))
 
 
-# The layer class -> a model on the 8x8x1 digits holding one such layer named "it".
-ROWS = {
-    L.Dense: lambda i: _head(L.Dense(16, activation="relu", name="it")(L.Flatten()(i))),
-    L.Conv1D: lambda i: _head(L.Conv1D(8, 3, activation="relu", name="it")(L.Reshape((8, 8))(i))),
-    L.Conv2D: lambda i: _head(L.Conv2D(8, 3, activation="relu", name="it")(i)),
-    L.DepthwiseConv2D: lambda i: _head(L.DepthwiseConv2D(
+# (id, the layer class, a model holding one such layer named "it" from its input, the
+# input's shape: the 8x8x1 digits unless named; (64,) are the digits' pixels as tokens 0-16).
+ROWS = [
+    ("Dense", L.Dense,
+     lambda i: _head(L.Dense(16, activation="relu", name="it")(L.Flatten()(i))), None),
+    ("Conv1D", L.Conv1D,
+     lambda i: _head(L.Conv1D(8, 3, activation="relu", name="it")(L.Reshape((8, 8))(i))), None),
+    ("Conv2D", L.Conv2D, lambda i: _head(L.Conv2D(8, 3, activation="relu", name="it")(i)), None),
+    ("DepthwiseConv2D", L.DepthwiseConv2D, lambda i: _head(L.DepthwiseConv2D(
         3, depth_multiplier=2, activation="relu", name="it")(L.Conv2D(4, 1, name="pw")(i))),
-    L.Conv2DTranspose: lambda i: _head(L.Conv2DTranspose(
+     None),
+    ("Conv2DTranspose", L.Conv2DTranspose, lambda i: _head(L.Conv2DTranspose(
         6, 3, strides=2, padding="same", activation="relu", name="it")(
-            L.Conv2D(4, 3, strides=2, name="down")(i))),
-    L.Conv1DTranspose: lambda i: _head(L.Conv1DTranspose(
+            L.Conv2D(4, 3, strides=2, name="down")(i))), None),
+    ("Conv1DTranspose", L.Conv1DTranspose, lambda i: _head(L.Conv1DTranspose(
         6, 3, strides=2, padding="same", activation="relu", name="it")(L.Reshape((8, 8))(i))),
-}
+     None),
+    ("Conv3D", L.Conv3D, lambda i: _head(L.Conv3D(6, 3, activation="relu", name="it")(
+        L.Reshape((4, 4, 4, 1))(i))), None),
+    ("Embedding", L.Embedding, lambda i: _head(L.Embedding(17, 8, name="it")(i)), (64,)),
+    # MultiHeadAttention's query projection: kernel (c, d, e), output channels d*e.
+    ("EinsumDense", L.EinsumDense, lambda i: _head(L.EinsumDense(
+        "abc,cde->abde", (8, 2, 4), bias_axes="de", activation="relu", name="it")(
+            L.Reshape((8, 8))(i))), None),
+    # Its output projection: kernel (d, e, c) summed over d and e.
+    ("EinsumDense_output", L.EinsumDense, lambda i: _head(L.EinsumDense(
+        "abde,dec->abc", (8, 6), bias_axes="c", name="it")(L.Reshape((8, 2, 4))(i))), None),
+    # The summed axis last in the kernel: the adapter's axis order puts it first.
+    ("EinsumDense_transposed", L.EinsumDense, lambda i: _head(L.EinsumDense(
+        "abc,dc->abd", (8, 6), name="it")(L.Reshape((8, 8))(i))), None),
+]
 
 
 def test_every_layer_class_the_engine_compresses_has_a_row():
-    assert set(ROWS) == set(compress.ADAPTERS)
+    assert {cls for _, cls, _, _ in ROWS} == set(compress.ADAPTERS)
 
 
-def _model(cls):
+def _model(build, shape):
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    model = keras.Model(inputs, ROWS[cls](inputs))
+    inputs = keras.Input(shape or (8, 8, 1), dtype="int32" if shape else "float32")
+    model = keras.Model(inputs, build(inputs))
     model.compile(keras.optimizers.Adam(1e-2), metrics=["accuracy"],
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -68,14 +86,17 @@ class MaskAtEveryStep(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
-@pytest.mark.parametrize("cls", list(ROWS), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_layer_keeps_its_compression_in_keras_on_disk_and_in_the_tflite(digits, tmp_path,
-                                                                          cls, per_channel):
+                                                                          row, per_channel):
     (x, y), _ = digits
+    _, cls, build, shape = row
     x, y = x[:256], y[:256]
-    model = _model(cls)
+    if shape:  # the pixels (0-16, scaled to [0, 1]) as tokens
+        x = np.rint(x.reshape(len(x), -1) * 16).astype("int32")
+    model = _model(build, shape)
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    adapter = compress.ADAPTERS[cls]
+    adapter = compress.adapter(model.get_layer("it"))
     steps = MaskAtEveryStep()
     r = colopt.collaborative_fit(
         model, x, y, batch_size=64, verbose=0, callbacks=[steps], phases=[
@@ -101,6 +122,7 @@ def test_layer_keeps_its_compression_in_keras_on_disk_and_in_the_tflite(digits, 
                                      representative_data=x[:64]).path
     (w,) = [w for w in colopt.export.inspect_tflite(tflite)
             if colopt.export.layer_of(w.name, ["it", "logits", "pw", "down"]) == "it"]
-    assert w.op == adapter.tflite_op and w.dtype == "int8"
-    assert w.per_channel_quantized  # counted per output channel, the file's own axis
+    assert w.op == adapter.tflite_op and w.dtype == adapter.tflite_dtype
+    if w.dtype == "int8" and w.op != "GATHER":  # LiteRT quantizes a GATHER's table per tensor
+        assert w.per_channel_quantized  # counted per output channel, the file's own axis
     assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS

@@ -22,9 +22,12 @@ PRIVATE = {
         "name for it, and a Functional model is told from a subclassed one by it."),
     "raw_kernel_attribute": (
         "_kernel",
-        "the variable behind the public `kernel` property of Dense, Conv1D and Conv2D: the "
-        "compressible subclass overrides the property to return the effective kernel, so "
-        "the raw variable is read and written by this name."),
+        "the variable behind the public `kernel` property of Dense, Conv1D, Conv2D, Conv3D "
+        "and EinsumDense: the compressible subclass overrides the property to return the "
+        "effective kernel, so the raw variable is read and written by this name."),
+    "raw_embeddings_attribute": (
+        "_embeddings",
+        "the variable behind Embedding's public `embeddings` property, for the same reason."),
     "call_context": (
         "_get_call_context",
         "the `training` flag of the call being traced, read inside a compressible layer's "
@@ -78,10 +81,16 @@ def functional_class():
 
 
 def raw_kernel_attribute() -> str:
-    """The name of the private attribute holding the kernel variable of Dense, Conv1D and
-    Conv2D (`_kernel`): their `kernel` is a property, which the compressible subclass
-    overrides."""
+    """The name of the private attribute holding the kernel variable of Dense, Conv1D,
+    Conv2D, Conv3D and EinsumDense (`_kernel`): their `kernel` is a property, which the
+    compressible subclass overrides."""
     return "_kernel"
+
+
+def raw_embeddings_attribute() -> str:
+    """The name of the private attribute holding Embedding's table (`_embeddings`): its
+    `embeddings` is a property, which the compressible subclass overrides."""
+    return "_embeddings"
 
 
 def call_context(layer):

@@ -22,8 +22,9 @@ it; no wrapper layer changes the model's graph, its layer names or its output na
 Every kernel is read through one 2-D view `(-1, channels)` whose channels are the output
 channels of the converted `.tflite` kernel, in its order: the last axis for Dense and Conv
 (`(kh, kw, in, out)`), `in * multiplier` for a DepthwiseConv2D (`(kh, kw, C, M)`), the
-second to last for a Conv2DTranspose (`(kh, kw, out, in)`). Each layer class's `Adapter`
-says how (see `ADAPTERS`): supporting a new class is one row there, plus its rows in the
+second to last for a Conv2DTranspose (`(kh, kw, out, in)`), the axes of the output for an
+EinsumDense (from its equation), the features of an Embedding's table. Each layer class's
+`Adapter` says how (see `ADAPTERS`): supporting a new class is one row there, plus its rows in the
 layer conformance table (`tests/test_layer_conformance.py`).
 """
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -62,6 +63,12 @@ class Adapter:
         tflite_op: the `.tflite` operator the converter stores the kernel in (the layer
             conformance test looks for the compression there; `export` finds weights by
             operator on its own, engine-neutral).
+        tflite_dtype: how an int8 file stores it: "float32" where LiteRT keeps the operator
+            in float (CONV_3D), so the zeros and clusters survive in float values.
+        specialize: for a class whose axes depend on the layer's configuration (an
+            EinsumDense's equation), `layer -> Adapter` for that layer, or None where the
+            engine cannot say which axes are the output channels (the layer is then named as
+            one it cannot touch).
     """
 
     kernel: str
@@ -72,6 +79,8 @@ class Adapter:
     per_channel: bool = True
     quantize: bool = True
     tflite_op: str = "CONV_2D"
+    tflite_dtype: str = "int8"
+    specialize: Optional[Callable] = None
 
     def channels(self, shape) -> int:
         shape = [int(d) for d in shape]
@@ -99,11 +108,40 @@ class Adapter:
     def readable(self, w: np.ndarray):
         """`(array, channel axis)` as the statistics count it: the output channels on one
         axis, in the converted file's order."""
-        if self.channel_axes == 2:
-            return w.reshape(w.shape[:-2] + (-1,)), -1
+        if self.channel_axes > 1:
+            if self.perm is not None:
+                return self.view(w), -1
+            return w.reshape(w.shape[:-self.channel_axes] + (-1,)), -1
         if self.perm is not None:
             return w, self.perm[-1] - len(self.perm)
         return w, -1
+
+
+def _einsum_adapter(layer) -> Optional[Adapter]:
+    """An EinsumDense's axes from its equation (e.g. MultiHeadAttention's query projection
+    "abc,cde->abde": kernel (c, d, e), output channels d*e). LiteRT converts such a layer to a
+    FULLY_CONNECTED whose filter is the kernel as `(output channels, inputs)`: the kernel
+    axes summed over (in the input, not the output) come first, the axes of the output last.
+    None for an equation where a kernel axis is in both (a batched product) or in neither,
+    or with an ellipsis: no FULLY_CONNECTED filter, and no output channels to say."""
+    equation = str(layer.equation).replace(" ", "")
+    try:
+        inputs, rest = equation.split(",")
+        kernel, output = rest.split("->")
+    except ValueError:
+        return None
+    if "." in equation:
+        return None
+    summed = [a for a, c in enumerate(kernel) if c in inputs and c not in output]
+    produced = [a for a, c in enumerate(kernel) if c in output and c not in inputs]
+    if not summed or not produced or len(summed) + len(produced) != len(kernel):
+        return None
+    perm = tuple(summed + produced)
+    return Adapter("kernel", _RAW, perm=None if perm == tuple(range(len(kernel))) else perm,
+                   channel_axes=len(produced), per_channel=False, quantize=False,
+                   # 2:4 groups along the innermost input axis of the flattened filter
+                   input_axis=max(summed, key=lambda a: inputs.index(kernel[a])),
+                   tflite_op="FULLY_CONNECTED")
 
 
 _RAW = compat.raw_kernel_attribute()
@@ -123,6 +161,16 @@ ADAPTERS = {
     # (k, out, in); the converter expands it to a TRANSPOSE_CONV of (out, 1, k, in).
     keras.layers.Conv1DTranspose: Adapter("kernel", None, perm=(0, 2, 1), input_axis=-1,
                                           quantize=False, tflite_op="TRANSPOSE_CONV"),
+    # LiteRT 2.21 keeps CONV_3D in float32 in an int8 file (no int8 kernel for it).
+    keras.layers.Conv3D: Adapter("kernel", _RAW, quantize=False, tflite_op="CONV_3D",
+                                 tflite_dtype="float32"),
+    # (input_dim, output_dim): a GATHER's table; an output channel is one embedding feature.
+    keras.layers.Embedding: Adapter("embeddings", compat.raw_embeddings_attribute(),
+                                    input_axis=-1, per_channel=False, quantize=False,
+                                    tflite_op="GATHER"),
+    keras.layers.EinsumDense: Adapter("kernel", _RAW, quantize=False,
+                                      tflite_op="FULLY_CONNECTED",
+                                      specialize=_einsum_adapter),
 }
 SUPPORTED = tuple(ADAPTERS)
 QUANTIZABLE = tuple(c for c, a in ADAPTERS.items() if a.quantize)
@@ -172,8 +220,10 @@ FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
 _OBSERVED = {}  # stock class -> its range-observing subclass (`quantize`)
 
 
-def adapter(layer) -> Adapter:
-    return ADAPTERS[_stock(type(layer))]
+def adapter(layer) -> Optional[Adapter]:
+    """The layer's adapter (None: its class has one, but not for this configuration)."""
+    a = ADAPTERS[_stock(type(layer))]
+    return a.specialize(layer) if a.specialize is not None else a
 
 
 def supported_names(quantize: bool = False) -> str:
@@ -192,7 +242,7 @@ def _stock(cls):
 
 def supports(layer) -> bool:
     """Exactly a supported class (a user subclass may not read its kernel property)."""
-    return _stock(type(layer)) in ADAPTERS and layer.built
+    return _stock(type(layer)) in ADAPTERS and layer.built and adapter(layer) is not None
 
 
 def is_compressed(layer) -> bool:
