@@ -121,3 +121,35 @@ def test_tfmot_compresses_an_lstm_through_its_registries_and_names_the_rest(capl
         colopt.collaborative_fit(model, x, y, batch_size=32, verbose=0,
                                  custom_objects={"Wrapped": _wrapped(keras)},
                                  phases=[colopt.Prune(0.5, epochs=1, layers=wrapped)])
+
+
+def test_keras3_names_an_einsum_dense_whose_output_channels_it_cannot_say(caplog):
+    """An EinsumDense is compressed when its equation sums some kernel axes and outputs the
+    rest (a FULLY_CONNECTED filter); with a kernel axis in both input and output (a batched
+    product: no such filter) it is named, and refused when named in `layers=`."""
+    import keras
+    import keras_colopt as colopt
+
+    def model():
+        keras.utils.set_random_seed(0)
+        i = keras.Input((10, 8))
+        h = keras.layers.EinsumDense("abc,bcd->abd", (10, 6), name="batched")(i)
+        h = keras.layers.EinsumDense("abc,cd->abd", (10, 6), name="projection")(h)
+        o = keras.layers.Dense(4, name="out")(keras.layers.Flatten()(h))
+        m = keras.Model(i, o)
+        m.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    x, y = _data()
+    with caplog.at_level(logging.WARNING, logger="keras_colopt"):
+        result = colopt.collaborative_fit(model(), x, y, batch_size=32, verbose=0,
+                                          phases=[colopt.Prune(0.5, epochs=1)])
+    assert result.skipped["Prune"] == ["batched"]
+    assert any("cannot touch" in r.getMessage() and "batched" in r.getMessage()
+               for r in caplog.records)
+    stats = colopt.callbacks.layer_stats(result.model)
+    assert stats["projection"].sparsity >= 0.49 and stats["out"].sparsity >= 0.49
+    with pytest.raises(ValueError, match="batched"):
+        colopt.collaborative_fit(model(), x, y, batch_size=32, verbose=0,
+                                 phases=[colopt.Prune(0.5, epochs=1, layers=["batched"])])
