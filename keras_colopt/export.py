@@ -502,13 +502,23 @@ def inspect_tflite(path) -> TFLiteWeights:
 
 def layer_of(tensor_name: str, layer_names) -> str:
     """The Keras layer a `.tflite` tensor name belongs to ('' when none matches): a part of
-    the name is the layer's (last path component of a nested layer's) name, tfmot's
-    `quant_<name>`, or Keras 3's export scope `<name>_<n>`."""
+    the name is the layer's (last path component of a nested layer's, every component where
+    the file names them all) name, tfmot's `quant_<name>`, or Keras 3's export scope
+    `<name>_<n>`."""
     parts = [p for chunk in tensor_name.split(";") for p in chunk.split("/")]
-    for name in sorted(layer_names, key=len, reverse=True):
+
+    def names(part, own):
+        return part in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", part)
+
+    def in_order(path):  # each component of the path, in order, among the parts
+        rest = iter(parts)
+        return all(any(names(p, own) for p in rest) for own in path.split("/"))
+    ordered = sorted(layer_names, key=len, reverse=True)
+    # A whole path first (a MultiHeadAttention's 'mha_2/query' among several 'query'), then
+    # its last component (where the file does not name the nested model).
+    for name in [n for n in ordered if "/" in n and in_order(n)] + ordered:
         own = name.split("/")[-1]
-        if any(p in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", p)
-               for p in parts):
+        if any(names(p, own) for p in parts):
             return name
     return ""
 

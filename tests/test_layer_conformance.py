@@ -72,17 +72,18 @@ def _model(build, shape):
 
 
 class MaskAtEveryStep(keras.callbacks.Callback):
-    """The sparsity of layer "it", as it computes, after every training batch of a Prune
-    phase (a constant schedule: the target holds from the first step)."""
+    """The least sparsity of the named layers, as they compute, after every training batch of
+    a Prune phase (a constant schedule: the target holds from the first step)."""
 
-    def __init__(self):
+    def __init__(self, names=("it",)):
         super().__init__()
-        self.seen = []
+        self.names, self.seen = names, []
 
     def on_train_batch_end(self, batch, logs=None):
         if colopt.engines.get_engine(self.model, compiled=False).wrapper_kind(
                 self.model) == "prune":
-            self.seen.append(colopt.callbacks.layer_stats(self.model)["it"].sparsity)
+            stats = colopt.callbacks.layer_stats(self.model)
+            self.seen.append(min(stats[n].sparsity for n in self.names))
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
@@ -126,3 +127,63 @@ def test_layer_keeps_its_compression_in_keras_on_disk_and_in_the_tflite(digits, 
     if w.dtype == "int8" and w.op != "GATHER":  # LiteRT quantizes a GATHER's table per tensor
         assert w.per_channel_quantized  # counted per output channel, the file's own axis
     assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS
+
+
+PROJECTIONS = ("query", "key", "value", "attention_output")
+
+
+def _attention_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = L.Reshape((8, 8))(inputs)
+    h = L.MultiHeadAttention(2, 4, name="mha")(h, h)
+    model = keras.Model(inputs, _head(h))
+    model.compile(keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_multi_head_attention_projections_keep_their_compression_on_disk_and_in_the_tflite(
+        digits, tmp_path):
+    """A container's sublayers (MultiHeadAttention's four EinsumDense projections) are
+    compressed in place, named by path ('mha/query'); the container's config carries their
+    state, so a `.keras` round trip and a copy keep it; the int8 file holds it in the four
+    FULLY_CONNECTED filters."""
+    (x, y), _ = digits
+    x, y = x[:256], y[:256]
+    model = _attention_model()
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    names = [f"mha/{p}" for p in PROJECTIONS]
+    steps = MaskAtEveryStep(names)
+    r = colopt.collaborative_fit(
+        model, x, y, batch_size=64, verbose=0, callbacks=[steps], phases=[
+            colopt.Prune(SPARSITY, epochs=1, schedule="constant"),
+            colopt.Cluster(CLUSTERS, epochs=1)])
+    assert len(steps.seen) == 4 and min(steps.seen) >= SPARSITY - TOL, steps.seen
+    assert r.skipped == {"Prune": [], "Cluster (sparsity-preserving)": []}
+    stats = colopt.callbacks.layer_stats(r.model)
+    for name in names:
+        assert stats[name].sparsity >= SPARSITY - TOL and stats[name].unique <= CLUSTERS, name
+    path = tmp_path / "m.keras"
+    r.model.save(path)
+    again = keras.models.load_model(path)
+    before, after = (colopt.callbacks.effective_kernels(m) for m in (r.model, again))
+    for name in names:
+        np.testing.assert_array_equal(after[name][0][1], before[name][0][1])
+    # The stock model (a copy with the compression baked in) holds the same kernels.
+    plain = colopt.strip(r.model)
+    assert type(plain.get_layer("mha")) is L.MultiHeadAttention
+    stock = colopt.callbacks.effective_kernels(plain)
+    for name in names:
+        np.testing.assert_array_equal(stock[name][0][1], before[name][0][1])
+    tflite = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8",
+                                     representative_data=x[:64]).path
+    held = {}
+    for w in colopt.export.inspect_tflite(tflite):
+        layer = colopt.export.layer_of(w.name, names + ["logits"])
+        if layer in names:
+            held[layer] = w
+    assert set(held) == set(names), [w.name for w in colopt.export.inspect_tflite(tflite)]
+    for name, w in held.items():
+        assert w.op == "FULLY_CONNECTED" and w.dtype == "int8", name
+        assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS, name

@@ -12,7 +12,7 @@ import numpy as np
 from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3 import compress, quantize, runtime
 from keras_colopt.engines.keras3._deps import keras
-from keras_colopt.engines.keras3.models import clone_model, fresh_optimizer, walk
+from keras_colopt.engines.keras3.models import clone_model, containers, fresh_optimizer, walk
 
 log = logging.getLogger("keras_colopt")
 
@@ -126,7 +126,14 @@ def strip(model):
     copy = clone_model(model)
     for _, layer in walk(copy):
         compress.bake(layer)
+    _carry(copy)
     return copy
+
+
+def _carry(model) -> None:
+    """Each container's class as its sublayers now need (`compress.carry`)."""
+    for container in containers(model):
+        compress.carry(container)
 
 
 def settle(model) -> None:
@@ -142,6 +149,7 @@ def plain(model):
     copy = clone_model(model)
     for _, layer in walk(copy):
         compress.to_stock(layer)
+    _carry(copy)
     return copy
 
 
@@ -189,6 +197,7 @@ def apply_phase(model, planned, steps_per_epoch: int, hold=()):
         raise AssertionError(phase.kind)
     for name in set(hold) - set(touched):
         layers[name].trainable = False
+    _carry(model)
     return model, companions, touched
 
 

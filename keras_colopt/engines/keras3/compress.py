@@ -218,6 +218,16 @@ _STATE = _COMPRESSION + _RANGES
 # an op of its own, whose input needs a range too.
 FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
 _OBSERVED = {}  # stock class -> its range-observing subclass (`quantize`)
+_CARRYING = {}  # stock container class -> its subclass that carries its sublayers' state
+
+# Layers that build supported layers of their own, outside the model's graph, by attribute
+# (MultiHeadAttention's EinsumDense projections): the engine compresses those in place, and
+# the container's config carries their compression, so that a copy or a loaded model builds
+# them with the same variables (its own build makes stock ones).
+CONTAINERS = {
+    keras.layers.MultiHeadAttention: ("_query_dense", "_key_dense", "_value_dense",
+                                      "_output_dense"),
+}
 
 
 def adapter(layer) -> Optional[Adapter]:
@@ -233,7 +243,7 @@ def supported_names(quantize: bool = False) -> str:
 
 
 def _stock(cls):
-    for family in (_COMPRESSED, _OBSERVED):
+    for family in (_COMPRESSED, _OBSERVED, _CARRYING):
         for stock, sub in family.items():
             if sub is cls:
                 return stock
@@ -453,12 +463,7 @@ def _compressible_class(stock):
 
     def get_config(self):
         config = stock.get_config(self)
-        spec = self._colopt_spec
-        config["colopt"] = {
-            "prune": None if spec.prune is None else dataclasses.asdict(spec.prune),
-            "cluster": None if spec.cluster is None else dataclasses.asdict(spec.cluster),
-            "quantize": None if spec.quantize is None else dataclasses.asdict(spec.quantize),
-            "masked": self._colopt_mask is not None}
+        config["colopt"] = _compression_config(self)
         return config
 
     @classmethod
@@ -480,6 +485,77 @@ def _compressible_class(stock):
     sub.__qualname__ = f"compressible.{stock.__name__}"
     keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
     _COMPRESSED[stock] = sub
+    return sub
+
+
+def _compression_config(layer) -> dict:
+    """What a compressible layer's config records of its compression (`_materialize` makes
+    the variables again from it)."""
+    spec = layer._colopt_spec
+    return {
+        "prune": None if spec.prune is None else dataclasses.asdict(spec.prune),
+        "cluster": None if spec.cluster is None else dataclasses.asdict(spec.cluster),
+        "quantize": None if spec.quantize is None else dataclasses.asdict(spec.quantize),
+        "masked": layer._colopt_mask is not None}
+
+
+def sublayers(layer) -> list:
+    """`[(name, sublayer)]` of a built container (`CONTAINERS`); [] for any other layer."""
+    attrs = CONTAINERS.get(_stock(type(layer)))
+    if not attrs or not layer.built:
+        return []
+    subs = [getattr(layer, a, None) for a in attrs]
+    return [(s.name, s) for s in subs if s is not None]
+
+
+def is_container(layer) -> bool:
+    return _stock(type(layer)) in CONTAINERS
+
+
+def carry(container) -> None:
+    """Gives a container the class that carries its compressed sublayers' state in its config
+    while any of them is compressed, and its stock class back when none is."""
+    stock = _stock(type(container))
+    if stock not in CONTAINERS:
+        return
+    held = any(is_compressed(s) for _, s in sublayers(container))
+    object.__setattr__(container, "__class__", _carrying_class(stock) if held else stock)
+
+
+def _carrying_class(stock):
+    if stock in _CARRYING:
+        return _CARRYING[stock]
+    attrs = CONTAINERS[stock]
+
+    def get_config(self):
+        config = stock.get_config(self)
+        config["colopt_sublayers"] = {
+            a: _compression_config(getattr(self, a)) for a in attrs
+            if is_compressed(getattr(self, a, None))}
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        saved = config.pop("colopt_sublayers", None) or {}
+        layer = stock.from_config(config)
+        object.__setattr__(layer, "__class__", cls)
+
+        def materialize_sublayers(container):
+            for attr, state in saved.items():
+                sub = getattr(container, attr)
+                _swap(sub)
+                object.__setattr__(sub, "_colopt_pending", state)
+                _materialize(sub)
+        after_build(layer, materialize_sublayers)
+        return layer
+
+    ns = {"get_config": get_config, "from_config": from_config, "__module__": __name__,
+          "__doc__": f"A {stock.__name__} whose sublayers are compressed (keras_colopt)."}
+    sub = type(stock.__name__, (stock,), ns)
+    sub.__qualname__ = f"carrying.{stock.__name__}"
+    keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
+    _CARRYING[stock] = sub
     return sub
 
 
@@ -790,4 +866,6 @@ def kernel_centroids(view: np.ndarray, k: int, method: str, rng: np.random.Gener
 
 for _stock_class in SUPPORTED:  # registered at import: a saved model loads in a new process
     _compressible_class(_stock_class)
+for _stock_class in CONTAINERS:
+    _carrying_class(_stock_class)
 del _stock_class

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 
 from keras_colopt.engines import _flavour
-from keras_colopt.engines.keras3 import compat
+from keras_colopt.engines.keras3 import compat, compress
 from keras_colopt.engines.keras3._deps import keras
 from keras_colopt.phases import CosineDecay
 
@@ -54,14 +54,28 @@ def check_model(model, compiled: bool = True) -> None:
 
 
 def walk(model, prefix: str = "") -> List[Tuple[str, object]]:
-    """`[(path name, layer)]` of every layer, inside nested models at any depth."""
+    """`[(path name, layer)]` of every layer, inside nested models at any depth; a container
+    (`compress.CONTAINERS`: MultiHeadAttention) stands for its sublayers ('mha/query')."""
     out = []
     for layer in model.layers:
         name = prefix + layer.name
         if isinstance(layer, keras.Model) and _is_graph(layer):
             out += walk(layer, name + "/")
+        elif compress.sublayers(layer):
+            out += [(name + "/" + n, s) for n, s in compress.sublayers(layer)]
         else:
             out.append((name, layer))
+    return out
+
+
+def containers(model) -> list:
+    """The containers (`compress.CONTAINERS`) of `model`, inside nested models too."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and _is_graph(layer):
+            out += containers(layer)
+        elif compress.is_container(layer):
+            out.append(layer)
     return out
 
 
