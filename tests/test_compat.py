@@ -167,6 +167,16 @@ def _(raw_kernel_attribute):
                           property)
 
 
+@check("keras3", "attention_projections")
+def _(attention_projections):
+    layer = keras.layers.MultiHeadAttention(2, 4)
+    layer(keras.ops.zeros((1, 3, 8)), keras.ops.zeros((1, 3, 8)))  # builds the projections
+    inside = attention_projections(layer)
+    assert [type(s) for s in inside] == [keras.layers.EinsumDense] * 4
+    assert [s.name for s in inside] == ["query", "key", "value", "attention_output"]
+    assert {id(v) for s in inside for v in s.weights} == {id(v) for v in layer.weights}
+
+
 @check("keras3", "raw_embeddings_attribute")
 def _(raw_embeddings_attribute):
     layer = keras.layers.Embedding(5, 3)

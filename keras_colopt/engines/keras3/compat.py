@@ -25,6 +25,11 @@ PRIVATE = {
         "the variable behind the public `kernel` property of Dense, Conv1D, Conv2D, Conv3D "
         "and EinsumDense: the compressible subclass overrides the property to return the "
         "effective kernel, so the raw variable is read and written by this name."),
+    "attention_projections": (
+        "_query_dense",
+        "MultiHeadAttention's four EinsumDense projections (`_query_dense`, `_key_dense`, "
+        "`_value_dense`, `_output_dense`), which it builds itself, outside the model's "
+        "graph: the engine compresses them in place."),
     "raw_embeddings_attribute": (
         "_embeddings",
         "the variable behind Embedding's public `embeddings` property, for the same reason."),
@@ -85,6 +90,13 @@ def raw_kernel_attribute() -> str:
     Conv2D, Conv3D and EinsumDense (`_kernel`): their `kernel` is a property, which the
     compressible subclass overrides."""
     return "_kernel"
+
+
+def attention_projections(layer) -> list:
+    """A built MultiHeadAttention's query, key, value and output EinsumDense layers
+    (`layer._query_dense`, ...), in that order."""
+    return [getattr(layer, a) for a in ("_query_dense", "_key_dense", "_value_dense",
+                                        "_output_dense")]
 
 
 def raw_embeddings_attribute() -> str:

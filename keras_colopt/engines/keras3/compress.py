@@ -224,10 +224,7 @@ _CARRYING = {}  # stock container class -> its subclass that carries its sublaye
 # (MultiHeadAttention's EinsumDense projections): the engine compresses those in place, and
 # the container's config carries their compression, so that a copy or a loaded model builds
 # them with the same variables (its own build makes stock ones).
-CONTAINERS = {
-    keras.layers.MultiHeadAttention: ("_query_dense", "_key_dense", "_value_dense",
-                                      "_output_dense"),
-}
+CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections}
 
 
 def adapter(layer) -> Optional[Adapter]:
@@ -501,11 +498,10 @@ def _compression_config(layer) -> dict:
 
 def sublayers(layer) -> list:
     """`[(name, sublayer)]` of a built container (`CONTAINERS`); [] for any other layer."""
-    attrs = CONTAINERS.get(_stock(type(layer)))
-    if not attrs or not layer.built:
+    inside = CONTAINERS.get(_stock(type(layer)))
+    if inside is None or not layer.built:
         return []
-    subs = [getattr(layer, a, None) for a in attrs]
-    return [(s.name, s) for s in subs if s is not None]
+    return [(s.name, s) for s in inside(layer) if s is not None]
 
 
 def is_container(layer) -> bool:
@@ -525,13 +521,11 @@ def carry(container) -> None:
 def _carrying_class(stock):
     if stock in _CARRYING:
         return _CARRYING[stock]
-    attrs = CONTAINERS[stock]
 
     def get_config(self):
         config = stock.get_config(self)
-        config["colopt_sublayers"] = {
-            a: _compression_config(getattr(self, a)) for a in attrs
-            if is_compressed(getattr(self, a, None))}
+        config["colopt_sublayers"] = {name: _compression_config(sub)
+                                      for name, sub in sublayers(self) if is_compressed(sub)}
         return config
 
     @classmethod
@@ -542,8 +536,9 @@ def _carrying_class(stock):
         object.__setattr__(layer, "__class__", cls)
 
         def materialize_sublayers(container):
-            for attr, state in saved.items():
-                sub = getattr(container, attr)
+            inside = dict(sublayers(container))
+            for name, state in saved.items():
+                sub = inside[name]
                 _swap(sub)
                 object.__setattr__(sub, "_colopt_pending", state)
                 _materialize(sub)
