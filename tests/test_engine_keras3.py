@@ -484,6 +484,40 @@ def test_qat_ranges_the_input_of_an_activation_litert_runs_on_its_own(digits, tm
                                r.model.predict(xt[:32], verbose=0), atol=0.02)
 
 
+def test_qat_runs_normalization_in_int8_with_the_tensor_between_its_two_ops_ranged(
+        digits, tmp_path):
+    """A Normalization (EfficientNet's preprocessing; here also mid-network) runs in LiteRT as
+    SUB then MUL: with a range on the tensor between them the int8 file keeps no float
+    tensor, and computes what the QAT model computes; the ranges survive a `.keras` file."""
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((8, 8, 1))
+    h = L.Normalization(axis=-1, mean=100., variance=900., name="pre")(L.Rescaling(255.)(i))
+    h = L.Conv2D(8, 3, activation="relu", name="conv")(h)
+    h = L.Normalization(axis=-1, mean=np.linspace(0, 1, 8), variance=np.linspace(1, 2, 8),
+                        name="mid")(h)
+    model = keras.Model(i, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Quantize(epochs=1)])
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    assert colopt.export.inner_float_tensors(info.path) == []
+    ops = colopt.export.operators(info.path)
+    assert ops.count("SUB") == 2 and ops.count("DEQUANTIZE") == 1, ops
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    r.model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.9
+    assert np.abs(ours - theirs).max() <= 0.03 * np.abs(theirs).max()
+    r.model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    for name in ("pre", "mid"):
+        np.testing.assert_array_equal(back.get_layer(name)._colopt_pre.numpy(),
+                                      r.model.get_layer(name)._colopt_pre.numpy())
+
+
 def test_our_callbacks_leave_keras3_batch_hooks_asynchronous(tmp_path, monkeypatch):
     """On a thread-safe backend (JAX) Keras 3 syncs every step's logs when a callback
     overrides a batch-end hook: ours do not, and a user's subclass that does override one is

@@ -12,6 +12,10 @@ the model inputs and every layer's output, except
   - the outputs of layers that keep their input's scale (max pooling, reshapes, dropout,
     padding): LiteRT requires them to.
 
+A Normalization runs as two int8 operators, SUB then MUL (by 1/std; ADD after MUL when
+inverted), so the tensor between them gets a range too (`_colopt_pre`); without it the
+converter leaves both in float between a DEQUANTIZE and a QUANTIZE.
+
 A layer whose int8 form this engine does not know is refused before training, by name.
 Weights need no range: `compress.fake_quant_weights` puts them on the converter's grid.
 BatchNormalization normalizes with its moving statistics during the phase (it is folded
@@ -35,7 +39,9 @@ SAME_SCALE = (L.InputLayer, L.MaxPooling1D, L.MaxPooling2D, L.GlobalMaxPooling1D
 RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtract,
           L.Multiply, L.Average, L.Maximum, L.Concatenate, L.AveragePooling1D,
           L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
-          L.Rescaling, L.UpSampling2D)
+          L.Rescaling, L.UpSampling2D, L.Normalization)
+# Layers that LiteRT runs as two operators: the tensor between them is ranged too.
+TWO_STEP = (L.Normalization,)
 KNOWN = SAME_SCALE + RANGED
 _FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D)
 
@@ -47,8 +53,12 @@ def _observed_class(stock):
     base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
 
     def call(self, inputs, *args, **kwargs):
+        training = compress.is_training(self)
+        if stock is L.Normalization:
+            return compress.ranged_call(self, inputs, lambda i: _normalize(self, i, training),
+                                        training)
         return compress.ranged_call(self, inputs, lambda i: base.call(self, i, *args, **kwargs),
-                                    compress.is_training(self))
+                                    training)
 
     def get_config(self):
         return {**stock.get_config(self), "colopt_ranges": [self._colopt_in is not None,
@@ -75,6 +85,19 @@ def _observed_class(stock):
     return sub
 
 
+def _normalize(layer, inputs, training: bool):
+    """Keras' Normalization, as LiteRT runs it: (x - mean) -> int8 -> * 1/std (inverted:
+    x * std -> int8 -> + mean)."""
+    ops = keras.ops
+    mean = ops.convert_to_tensor(layer.mean)
+    scale = ops.maximum(ops.sqrt(ops.convert_to_tensor(layer.variance)),
+                        keras.config.epsilon())
+    x = ops.convert_to_tensor(inputs, dtype=layer.compute_dtype)
+    if layer.invert:
+        return compress.fake_quant_range(x * scale, layer._colopt_pre, training) + mean
+    return compress.fake_quant_range(x - mean, layer._colopt_pre, training) / scale
+
+
 def observe(layer, inputs: bool, outputs: bool) -> None:
     """Gives a layer without a kernel fake-quant ranges on its input and/or output (a layer
     without weights is built from the start; a loaded or cloned BatchNormalization makes
@@ -83,10 +106,11 @@ def observe(layer, inputs: bool, outputs: bool) -> None:
     object.__setattr__(layer, "__class__", _observed_class(stock))
     for attr in compress._RANGES:
         compress._set(layer, attr, None)
+    between = stock in TWO_STEP
     if layer.built:
-        compress.add_ranges(layer, inputs, outputs)
+        compress.add_ranges(layer, inputs, outputs, between)
     else:
-        compress.after_build(layer, lambda l: compress.add_ranges(l, inputs, outputs))
+        compress.after_build(layer, lambda l: compress.add_ranges(l, inputs, outputs, between))
 
 
 def is_observed(layer) -> bool:
