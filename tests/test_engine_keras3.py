@@ -429,6 +429,37 @@ def test_pcqat_file_holds_exactly_the_trained_int8_weights(digits, tmp_path):
     assert colopt.export.evaluate_tflite(info.path, xt, yt) > 0.5
 
 
+def test_pcqat_embedding_table_is_the_files_gather_table(digits, tmp_path):
+    """An Embedding's table is a GATHER's input, which LiteRT quantizes per tensor and
+    asymmetrically: PCQAT fake-quantizes it on that grid, gives its token-id input no range,
+    and the int8 file's table, dequantized, is the trained one: 8 values, the zeros kept,
+    no float tensor, the file computing what the model computes."""
+    (x, y), (xt, _) = digits
+    x, xt = (np.rint(a.reshape(len(a), -1) * 16).astype("int32") for a in (x, xt))
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((64,), dtype="int32")
+    h = L.Conv1D(16, 3, activation="relu", name="conv")(L.Embedding(17, 16, name="emb")(i))
+    model = keras.Model(i, L.Dense(10, name="logits")(L.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
+        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PCQAT"
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    assert colopt.export.inner_float_tensors(info.path) == []
+    (table,) = [(t, v) for t, v in _file_tensors(info.path) if v is not None
+                and tuple(v.shape) == (17, 16)]
+    q = table[0]["quantization_parameters"]
+    stored = (table[1].astype(np.float64) - q["zero_points"][0]) * q["scales"][0]
+    trained = compress.effective_numpy(r.model.get_layer("emb"))
+    np.testing.assert_allclose(stored, trained, atol=1e-6)
+    assert np.mean(trained == 0) >= 0.49 and np.unique(trained).size <= 8
+    np.testing.assert_allclose(colopt.export.predict_tflite(info.path, xt[:64]),
+                               r.model.predict(xt[:64], verbose=0), atol=1e-4)
+
+
 def test_qat_model_saves_and_loads_with_its_ranges(digits, tmp_path):
     (x, y), (xt, _) = digits
     r = colopt.collaborative_fit(_bn_model(), x, y, batch_size=64, verbose=0,

@@ -65,6 +65,9 @@ class Adapter:
             operator on its own, engine-neutral).
         tflite_dtype: how an int8 file stores it: "float32" where LiteRT keeps the operator
             in float (CONV_3D), so the zeros and clusters survive in float values.
+        table: a lookup table (an Embedding's, a GATHER's input): LiteRT quantizes it per
+            tensor and asymmetrically, like an activation, and the lookup's output keeps the
+            table's scale; QAT fake-quantizes it so and gives its output no range of its own.
         specialize: for a class whose axes depend on the layer's configuration (an
             EinsumDense's equation), `layer -> Adapter` for that layer, or None where the
             engine cannot say which axes are the output channels (the layer is then named as
@@ -81,6 +84,7 @@ class Adapter:
     tflite_op: str = "CONV_2D"
     tflite_dtype: str = "int8"
     specialize: Optional[Callable] = None
+    table: bool = False
 
     def channels(self, shape) -> int:
         shape = [int(d) for d in shape]
@@ -166,8 +170,8 @@ ADAPTERS = {
                                  tflite_dtype="float32"),
     # (input_dim, output_dim): a GATHER's table; an output channel is one embedding feature.
     keras.layers.Embedding: Adapter("embeddings", compat.raw_embeddings_attribute(),
-                                    input_axis=-1, per_channel=False, quantize=False,
-                                    tflite_op="GATHER"),
+                                    input_axis=-1, per_channel=False, tflite_op="GATHER",
+                                    table=True),
     keras.layers.EinsumDense: Adapter("kernel", _RAW, quantize=False,
                                       tflite_op="FULLY_CONNECTED",
                                       specialize=_einsum_adapter),
@@ -291,12 +295,17 @@ def effective(layer, raw):
 def fake_quant_weights(layer, w, per_channel: bool):
     """`w` on the symmetric int8 grid the converter will put it on: scale max|w|/127 per
     output channel (the last axis of the 2-D view) or per tensor; zeros stay exactly zero
-    and N distinct values stay at most N. The gradient passes straight through.
+    and N distinct values stay at most N. The gradient passes straight through. A lookup
+    table (`Adapter.table`) on its per-tensor asymmetric grid over [min, max] instead.
 
     (Keras' fake-quant over [-m, m], narrow range, computes the same values as one fused
     TensorFlow op, but the converter then refuses the plain-fit model, whose graph still
     holds it: a per-channel quantized reshape. Measured on the demo CNN: a PCQAT epoch 4 %
     shorter, not worth it.)"""
+    if adapter(layer).table:  # per tensor, asymmetric: the converter's grid for a GATHER's
+        lo = ops.stop_gradient(ops.minimum(ops.min(w), 0.0))  # table (0 stays exact)
+        hi = ops.stop_gradient(ops.maximum(ops.max(w), 0.0))
+        return keras.quantizers.fake_quant_with_min_max_vars(w, lo, hi, num_bits=8)
     shape = ops.shape(w)
     v = view(layer, w) if per_channel else ops.reshape(w, (-1,))
     m = ops.max(ops.abs(v), axis=0)

@@ -180,6 +180,9 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if not (stock in compress.QUANTIZABLE or stock in KNOWN):
             unknown.append(name)
             continue
+        if stock in compress.ADAPTERS and compress.ADAPTERS[stock].table:
+            flags[name] = (False, False)  # integer ids in; its output is on the table's grid
+            continue
         into_folded_bn = reader is not None and id(reader) in folded
         # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
