@@ -460,6 +460,70 @@ def test_pcqat_embedding_table_is_the_files_gather_table(digits, tmp_path):
                                r.model.predict(xt[:64], verbose=0), atol=1e-4)
 
 
+def _einsum_model(q_bias=None):
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((8, 8, 1))
+    h = L.EinsumDense("abc,cde->abde", (8, 2, 4), bias_axes=q_bias, activation="relu",
+                      name="q")(L.Reshape((8, 8))(i))
+    h = L.EinsumDense("abde,dec->abc", (8, 6), bias_axes="c", name="o")(h)
+    h = L.EinsumDense("abc,dc->abd", (8, 6), name="t")(h)
+    model = keras.Model(i, L.Dense(10, name="logits")(L.Flatten()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_pcqat_einsum_dense_runs_as_int8_fully_connected_ops(digits, tmp_path):
+    """EinsumDense layers whose FULLY_CONNECTED takes the bias (or have none): PCQAT keeps
+    each one's zeros and clusters in the int8 file, with no float tensor, and the file
+    computes what the model computes."""
+    (x, y), (xt, _) = digits
+    model = _einsum_model()
+    model.fit(x, y, epochs=2, verbose=0)
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
+        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PCQAT"
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    assert colopt.export.inner_float_tensors(info.path) == []
+    held = {colopt.export.layer_of(w.name, ["q", "o", "t", "logits"]): w
+            for w in colopt.export.inspect_tflite(info.path)}
+    for name in ("q", "o", "t"):
+        w = held[name]
+        assert w.op == "FULLY_CONNECTED" and w.dtype == "int8", name
+        assert w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, (name, w)
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    r.model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+
+
+def test_quantize_refuses_an_einsum_dense_whose_bias_litert_adds_apart(digits):
+    (x, y), _ = digits
+    seen = _Seen()
+    with pytest.raises(ValueError, match=r"\['q'\]: an EinsumDense whose bias LiteRT adds "
+                                         r"after a RESHAPE.*post-training"):
+        colopt.collaborative_fit(_einsum_model(q_bias="de"), x, y, verbose=0,
+                                 callbacks=[seen], phases=[colopt.Quantize(epochs=1)])
+    assert seen.steps == 0
+
+
+def test_quantize_refuses_multi_head_attention_by_its_own_name(digits):
+    """Prune and Cluster reach its projections ('mha/query'); QAT of attention is refused
+    before training, naming the layer as the model names it."""
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = keras.layers.Reshape((8, 8))(i)
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h)
+    model = keras.Model(i, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    seen = _Seen()
+    with pytest.raises(ValueError, match=r"\['mha'\] \(type \['MultiHeadAttention'\]\)"):
+        colopt.collaborative_fit(model, x, y, verbose=0, callbacks=[seen], phases=[
+            colopt.Prune(0.5, epochs=1), colopt.Quantize(epochs=1)])
+    assert seen.steps == 0
+
+
 def test_qat_model_saves_and_loads_with_its_ranges(digits, tmp_path):
     (x, y), (xt, _) = digits
     r = colopt.collaborative_fit(_bn_model(), x, y, batch_size=64, verbose=0,

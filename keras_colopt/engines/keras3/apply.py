@@ -66,6 +66,14 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
     return touched, skipped
 
 
+def _layer_at(model, path: str):
+    """The layer at a path name of `plan_ranges` ('backbone/conv'; a container by its own
+    name, which `walk` replaces by its sublayers')."""
+    for part in path.split("/"):
+        model = model.get_layer(part)
+    return model
+
+
 def preflight(model, plan) -> Dict[str, List[str]]:
     """Every phase checked before any training: selections, and what this engine cannot do
     yet (quantization-aware training), refused with what to do instead."""
@@ -77,11 +85,14 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         if kind == "quantize":
             _, unknown = quantize.plan_ranges(model)
             if unknown:
-                layers = dict(walk(model))
+                layers = {n: _layer_at(model, n) for n in unknown}
+                odd = [n for n in unknown if compress.supports(layers[n])]
+                why = (f" ({odd}: an EinsumDense whose bias LiteRT adds after a RESHAPE, in "
+                       "an op of its own, is not trained for it yet)" if odd else "")
                 raise ValueError(
                     f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "
                     f"the layer(s) {unknown} (type "
-                    f"{sorted({type(layers[n]).__name__ for n in unknown})}), so it cannot "
+                    f"{sorted({type(l).__name__ for l in layers.values()})}){why}, so it cannot "
                     "train the model as the int8 file will run it. Expected "
                     f"{compress.supported_names(quantize=True)} and the layers "
                     f"{sorted({c.__name__ for c in quantize.KNOWN} - {'InputLayer'})}. Drop "

@@ -141,8 +141,14 @@ def _einsum_adapter(layer) -> Optional[Adapter]:
     if not summed or not produced or len(summed) + len(produced) != len(kernel):
         return None
     perm = tuple(summed + produced)
+    # QAT where the FULLY_CONNECTED takes the bias: one output axis, the bias on it (or no
+    # bias). Otherwise LiteRT adds the bias after a RESHAPE, in an op whose input would need
+    # a range of its own (MultiHeadAttention's query/key/value projections).
+    bias_axes = str(getattr(layer, "bias_axes", None) or "")
+    fused_bias = getattr(layer, "bias", None) is None or (
+        len(produced) == 1 and bias_axes == kernel[produced[0]])
     return Adapter("kernel", _RAW, perm=None if perm == tuple(range(len(kernel))) else perm,
-                   channel_axes=len(produced), per_channel=False, quantize=False,
+                   channel_axes=len(produced), per_channel=False, quantize=fused_bias,
                    # 2:4 groups along the innermost input axis of the flattened filter
                    input_axis=max(summed, key=lambda a: inputs.index(kernel[a])),
                    tflite_op="FULLY_CONNECTED")
@@ -172,8 +178,7 @@ ADAPTERS = {
     keras.layers.Embedding: Adapter("embeddings", compat.raw_embeddings_attribute(),
                                     input_axis=-1, per_channel=False, tflite_op="GATHER",
                                     table=True),
-    keras.layers.EinsumDense: Adapter("kernel", _RAW, quantize=False,
-                                      tflite_op="FULLY_CONNECTED",
+    keras.layers.EinsumDense: Adapter("kernel", _RAW, tflite_op="FULLY_CONNECTED",
                                       specialize=_einsum_adapter),
 }
 SUPPORTED = tuple(ADAPTERS)
@@ -235,6 +240,15 @@ def adapter(layer) -> Optional[Adapter]:
     """The layer's adapter (None: its class has one, but not for this configuration)."""
     a = ADAPTERS[_stock(type(layer))]
     return a.specialize(layer) if a.specialize is not None else a
+
+
+def quantizable(layer) -> bool:
+    """Whether the Quantize phase knows how LiteRT quantizes this layer's kernel (its class's
+    adapter, specialised to the layer where it depends on its configuration)."""
+    if _stock(type(layer)) not in ADAPTERS or not layer.built:
+        return False
+    a = adapter(layer)
+    return a is not None and a.quantize
 
 
 def supported_names(quantize: bool = False) -> str:

@@ -177,7 +177,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
             continue
         if stock is L.InputLayer:
             continue
-        if not (stock in compress.QUANTIZABLE or stock in KNOWN):
+        if not (compress.quantizable(layer) or stock in KNOWN):
             unknown.append(name)
             continue
         if stock in compress.ADAPTERS and compress.ADAPTERS[stock].table:
