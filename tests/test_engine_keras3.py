@@ -524,6 +524,59 @@ def test_quantize_refuses_multi_head_attention_by_its_own_name(digits):
     assert seen.steps == 0
 
 
+def _hard_swish_model(chained=False):
+    """MobileNetV3's hard-swish and squeeze-excite as Keras writes them: keras.ops arithmetic
+    on tensors (`h + 3.0`), which are operations of the graph, not layers."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+
+    def hard_sigmoid(h):
+        return L.ReLU(6.0)(h + 3.0) * (1.0 / 6.0)
+    i = keras.Input((8, 8, 1))
+    h = L.BatchNormalization()(L.Conv2D(8, 3, use_bias=False, name="conv")(i))
+    h = L.Multiply()([h, hard_sigmoid(h)])
+    s = L.Conv2D(8, 1, activation="relu")(L.GlobalAveragePooling2D(keepdims=True)(h))
+    s = L.Conv2D(8, 1)(s)
+    h = L.Multiply()([h, hard_sigmoid(s * 2.0 if chained else s)])
+    model = keras.Model(i, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_qat_ranges_what_keras_ops_compute_on_the_layer_that_reads_it(digits, tmp_path):
+    """`h + 3.0` and `x * (1/6)` are keras.ops operations with no variables: the layer that
+    reads one takes a range on that input (a Multiply on its second), so the int8 file is
+    integer throughout and computes what the QAT model computes; the ranges survive .keras.
+    (Without them LiteRT kept those ADD and MUL operators in float: a MobileNetV3's QAT file
+    had 37 float tensors.)"""
+    (x, y), (xt, _) = digits
+    model = _hard_swish_model()
+    model.fit(x, y, epochs=2, verbose=0)
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0,
+                                 phases=[colopt.Quantize(epochs=1)])
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    assert colopt.export.inner_float_tensors(info.path) == []
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    r.model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+    r.model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(back.predict(xt[:32], verbose=0),
+                                  r.model.predict(xt[:32], verbose=0))
+
+
+def test_quantize_refuses_keras_ops_it_cannot_range(digits):
+    """`(s * 2.0) + 3.0`: the product is read by another operation, which has nowhere to keep
+    a range; refused before training, naming the operation."""
+    (x, y), _ = digits
+    seen = _Seen()
+    with pytest.raises(ValueError, match=r"\(keras.ops Multiply\)"):
+        colopt.collaborative_fit(_hard_swish_model(chained=True), x, y, verbose=0,
+                                 callbacks=[seen], phases=[colopt.Quantize(epochs=1)])
+    assert seen.steps == 0
+
+
 def test_qat_model_saves_and_loads_with_its_ranges(digits, tmp_path):
     (x, y), (xt, _) = digits
     r = colopt.collaborative_fit(_bn_model(), x, y, batch_size=64, verbose=0,

@@ -236,7 +236,8 @@ def _apply_quantize(model, planned, touched, held) -> None:
         if compress.supports(layer):
             compress.make_quantized(layer, compress.QuantizeSpec(
                 weights=name in touched, per_channel=True, inputs=inputs, outputs=outputs))
-        elif inputs or outputs or isinstance(layer, keras.layers.BatchNormalization):
+        elif inputs is not False or outputs or isinstance(layer,
+                                                           keras.layers.BatchNormalization):
             quantize.observe(layer, inputs, outputs)
     for _, layer in walk(model):
         compress.freeze_statistics(layer)

@@ -359,7 +359,12 @@ def ranged_call(layer, inputs, compute, training: bool):
     """`compute(inputs)` with the layer's input and output fake-quantized where it has their
     ranges (`add_ranges`)."""
     if layer._colopt_in is not None:
-        inputs = fake_quant_range(inputs, layer._colopt_in, training)
+        at = layer.__dict__.get("_colopt_in_at")
+        if at is None:
+            inputs = fake_quant_range(inputs, layer._colopt_in, training)
+        else:  # one of its inputs, which a keras.ops operation computes
+            inputs = list(inputs)
+            inputs[at] = fake_quant_range(inputs[at], layer._colopt_in, training)
     out = compute(inputs)
     if layer._colopt_out is not None:
         out = fake_quant_range(out, layer._colopt_out, training)
@@ -694,9 +699,13 @@ def separate_activation(layer) -> bool:
     return activation_name(layer) not in FUSED_ACTIVATIONS
 
 
-def add_ranges(layer, inputs: bool, outputs: bool, before_activation: bool = False) -> None:
+def add_ranges(layer, inputs, outputs: bool, before_activation: bool = False) -> None:
     """The moving (min, max) ranges of the layer's fake-quantized input and output (and of
-    its output before an activation LiteRT does not fuse)."""
+    its output before an activation LiteRT does not fuse). `inputs`: True for its input (all
+    of it), or the position of the one input that gets a range (an int)."""
+    object.__setattr__(layer, "_colopt_in_at",
+                       None if isinstance(inputs, bool) else int(inputs))
+    inputs = inputs is not False
     for attr, wanted in zip(_RANGES, (inputs, outputs, before_activation)):
         if wanted:
             # Each replica sees its own batch: their moving ranges are averaged.

@@ -43,6 +43,9 @@ RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtra
 # Layers that LiteRT runs as two operators: the tensor between them is ranged too.
 TWO_STEP = (L.Normalization,)
 KNOWN = SAME_SCALE + RANGED
+# keras.ops operations in a functional graph (not layers) whose int8 form is an elementwise
+# operator on a tensor and a constant (the converter quantizes the constant).
+CONSTANT_ARITHMETIC = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 _FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D)
 
 
@@ -61,8 +64,10 @@ def _observed_class(stock):
                                     training)
 
     def get_config(self):
-        return {**stock.get_config(self), "colopt_ranges": [self._colopt_in is not None,
-                                                             self._colopt_out is not None]}
+        at = self.__dict__.get("_colopt_in_at")
+        return {**stock.get_config(self), "colopt_ranges": [
+            at if at is not None else self._colopt_in is not None,
+            self._colopt_out is not None]}
 
     @classmethod
     def from_config(cls, config):
@@ -98,7 +103,7 @@ def _normalize(layer, inputs, training: bool):
     return compress.fake_quant_range(x - mean, layer._colopt_pre, training) / scale
 
 
-def observe(layer, inputs: bool, outputs: bool) -> None:
+def observe(layer, inputs, outputs: bool) -> None:
     """Gives a layer without a kernel fake-quant ranges on its input and/or output (a layer
     without weights is built from the start; a loaded or cloned BatchNormalization makes
     them when Keras builds it, before its saved values are loaded)."""
@@ -151,14 +156,31 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
     g = _graph(model)
     consumers = {}
     fed_by_input = set()
+    fed_by_op = {}  # layer -> the positions of its inputs a keras.ops operation computes
+    ops = []  # the keras.ops operations of the graph (x + 3.0 in MobileNetV3's hard-swish)
+    arity = {}  # layer -> how many tensors it is called on
     for nodes in compat.nodes_by_depth(g).values():
         for node in nodes:
-            for kt in node.arguments.keras_tensors:
+            arity[id(node.operation)] = len(node.arguments.keras_tensors)
+            if not isinstance(node.operation, keras.layers.Layer):
+                ops.append(node)
+            for position, kt in enumerate(node.arguments.keras_tensors):
                 producer = compat.keras_history(kt).operation
                 consumers.setdefault(id(producer), []).append(node.operation)
                 if isinstance(producer, L.InputLayer):
                     fed_by_input.add(id(node.operation))
+                elif not isinstance(producer, keras.layers.Layer):
+                    fed_by_op.setdefault(id(node.operation), []).append(position)
     outputs = {id(compat.keras_history(t).operation) for t in g.outputs}
+    # An operation has no variables to hold its output's range: the layer reading it takes
+    # it as an input range. Known: elementwise arithmetic with a constant, read by layers only.
+    for node in ops:
+        op = node.operation
+        readers = consumers.get(id(op), [])
+        if (type(op).__name__ not in CONSTANT_ARITHMETIC
+                or len(node.arguments.keras_tensors) != 1 or id(op) in outputs or not readers
+                or not all(isinstance(r, keras.layers.Layer) for r in readers)):
+            unknown.append(f"{prefix}{op.name} (keras.ops {type(op).__name__})")
     only = {}  # layer -> the one layer reading its output (none for a model output)
     for layer in model.layers:
         readers = consumers.get(id(layer), [])
@@ -188,7 +210,16 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
             id(layer) in folded or stock in compress.SUPPORTED and _linear(layer))
         out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
-        flags[name] = (reads_input, out)
+        computed = fed_by_op.get(id(layer), [])
+        single = arity.get(id(layer), 1) == 1
+        if computed and (len(computed) > 1 or reads_input or (
+                not single and stock in compress.SUPPORTED)):
+            unknown.append(name)  # two input ranges: not yet
+            continue
+        # The input range: True (its one input, or a model input), or the position of the
+        # one input an operation computes.
+        flags[name] = (True if computed and single else computed[0] if computed
+                       else reads_input, out)
 
 
 for _stock_class in KNOWN:  # registered at import: a saved model loads in a new process
