@@ -68,7 +68,7 @@ def select_layers(model, phase, kind: str) -> Tuple[List[str], List[str]]:
 
 def _layer_at(model, path: str):
     """The layer at a path name of `plan_ranges` ('backbone/conv'; a container by its own
-    name, which `walk` replaces by its sublayers')."""
+    name, which `walk` replaces by its sublayers)."""
     for part in path.split("/"):
         model = model.get_layer(part)
     return model
@@ -85,8 +85,8 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         if kind == "quantize":
             _, unknown = quantize.plan_ranges(model)
             if unknown:
-                layers = {n: _layer_at(model, n) for n in unknown}
-                odd = [n for n in unknown if compress.supports(layers[n])]
+                layers = {n: _layer_at(model, n) for n in unknown if "(keras.ops" not in n}
+                odd = [n for n, layer in layers.items() if compress.supports(layer)]
                 why = (f" ({odd}: an EinsumDense whose bias LiteRT adds after a RESHAPE, in "
                        "an op of its own, is not trained for it yet)" if odd else "")
                 raise ValueError(
