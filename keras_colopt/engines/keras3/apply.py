@@ -87,12 +87,13 @@ def preflight(model, plan) -> Dict[str, List[str]]:
             if unknown:
                 layers = {n: _layer_at(model, n) for n in unknown if "(keras.ops" not in n}
                 odd = [n for n, layer in layers.items() if compress.supports(layer)]
+                kinds = (f" (type {sorted({type(l).__name__ for l in layers.values()})})"
+                         if layers else "")
                 why = (f" ({odd}: an EinsumDense whose bias LiteRT adds after a RESHAPE, in "
                        "an op of its own, is not trained for it yet)" if odd else "")
                 raise ValueError(
                     f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "
-                    f"the layer(s) {unknown} (type "
-                    f"{sorted({type(l).__name__ for l in layers.values()})}){why}, so it cannot "
+                    f"the layer(s) {unknown}{kinds}{why}, so it cannot "
                     "train the model as the int8 file will run it. Expected "
                     f"{compress.supported_names(quantize=True)} and the layers "
                     f"{sorted({c.__name__ for c in quantize.KNOWN} - {'InputLayer'})}. Drop "
