@@ -429,6 +429,18 @@ def test_pcqat_file_holds_exactly_the_trained_int8_weights(digits, tmp_path):
     assert colopt.export.evaluate_tflite(info.path, xt, yt) > 0.5
 
 
+def _integer_pcqat_file(model, x, y, tmp_path):
+    """`model` trained 2 epochs, then Prune 0.5 -> Cluster 8 -> PCQAT (1 each) and its int8
+    file, which must hold no float tensor: (result, ExportInfo)."""
+    model.fit(x, y, epochs=2, verbose=0)
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
+        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
+    assert r.plan.phases[-1].label == "PCQAT"
+    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
+    assert colopt.export.inner_float_tensors(info.path) == []
+    return r, info
+
+
 def test_pcqat_embedding_table_is_the_files_gather_table(digits, tmp_path):
     """An Embedding's table is a GATHER's input, which LiteRT quantizes per tensor and
     asymmetrically: PCQAT fake-quantizes it on that grid, gives its token-id input no range,
@@ -443,12 +455,7 @@ def test_pcqat_embedding_table_is_the_files_gather_table(digits, tmp_path):
     model = keras.Model(i, L.Dense(10, name="logits")(L.GlobalAveragePooling1D()(h)))
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=2, verbose=0)
-    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
-        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
-    assert r.plan.phases[-1].label == "PCQAT"
-    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
-    assert colopt.export.inner_float_tensors(info.path) == []
+    r, info = _integer_pcqat_file(model, x, y, tmp_path)
     (table,) = [(t, v) for t, v in _file_tensors(info.path) if v is not None
                 and tuple(v.shape) == (17, 16)]
     q = table[0]["quantization_parameters"]
@@ -480,12 +487,7 @@ def test_pcqat_einsum_dense_runs_as_int8_fully_connected_ops(digits, tmp_path):
     computes what the model computes."""
     (x, y), (xt, _) = digits
     model = _einsum_model()
-    model.fit(x, y, epochs=2, verbose=0)
-    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
-        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
-    assert r.plan.phases[-1].label == "PCQAT"
-    info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
-    assert colopt.export.inner_float_tensors(info.path) == []
+    r, info = _integer_pcqat_file(model, x, y, tmp_path)
     held = {colopt.export.layer_of(w.name, ["q", "o", "t", "logits"]): w
             for w in colopt.export.inspect_tflite(info.path)}
     for name in ("q", "o", "t"):
