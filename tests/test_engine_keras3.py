@@ -570,13 +570,22 @@ def test_qat_ranges_what_keras_ops_compute_on_the_layer_that_reads_it(digits, tm
 
 def test_quantize_refuses_keras_ops_it_cannot_range(digits):
     """`(s * 2.0) + 3.0`: the product is read by another operation, which has nowhere to keep
-    a range; refused before training, naming the operation."""
+    a range; `x * 2.0` on a model input leaves the input without one: both refused before
+    training, naming the operation."""
     (x, y), _ = digits
     seen = _Seen()
     with pytest.raises(ValueError, match=r"does not know how LiteRT quantizes the layer\(s\) "
                                          r"\['multiply(_\d+)? \(keras.ops Multiply\)'\]"):
         colopt.collaborative_fit(_hard_swish_model(chained=True), x, y, verbose=0,
                                  callbacks=[seen], phases=[colopt.Quantize(epochs=1)])
+    assert seen.steps == 0
+    # On a model input: the input itself would get no range.
+    i = keras.Input((8, 8, 1))
+    model = keras.Model(i, keras.layers.Dense(10)(keras.layers.Flatten()(i * 2.0)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"\['multiply(_\d+)? \(keras.ops Multiply\)'\]"):
+        colopt.collaborative_fit(model, x, y, verbose=0, callbacks=[seen],
+                                 phases=[colopt.Quantize(epochs=1)])
     assert seen.steps == 0
 
 

@@ -173,11 +173,12 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
                     fed_by_op.setdefault(id(node.operation), []).append(position)
     outputs = {id(compat.keras_history(t).operation) for t in g.outputs}
     # An operation has no variables to hold its output's range: the layer reading it takes
-    # it as an input range. Known: elementwise arithmetic with a constant, read by layers only.
+    # it as an input range. Known: elementwise arithmetic with a constant on a layer's output
+    # (not on a model input, which would then have no range), read by layers only.
     for node in ops:
         op = node.operation
         readers = consumers.get(id(op), [])
-        if (type(op).__name__ not in CONSTANT_ARITHMETIC
+        if (type(op).__name__ not in CONSTANT_ARITHMETIC or id(op) in fed_by_input
                 or len(node.arguments.keras_tensors) != 1 or id(op) in outputs or not readers
                 or not all(isinstance(r, keras.layers.Layer) for r in readers)):
             unknown.append(f"{prefix}{op.name} (keras.ops {type(op).__name__})")
