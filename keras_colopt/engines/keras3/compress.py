@@ -245,10 +245,7 @@ def adapter(layer) -> Optional[Adapter]:
 def quantizable(layer) -> bool:
     """Whether the Quantize phase knows how LiteRT quantizes this layer's kernel (its class's
     adapter, specialised to the layer where it depends on its configuration)."""
-    if _stock(type(layer)) not in ADAPTERS or not layer.built:
-        return False
-    a = adapter(layer)
-    return a is not None and a.quantize
+    return supports(layer) and adapter(layer).quantize
 
 
 def supported_names(quantize: bool = False) -> str:

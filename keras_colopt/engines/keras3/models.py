@@ -59,10 +59,11 @@ def walk(model, prefix: str = "") -> List[Tuple[str, object]]:
     out = []
     for layer in model.layers:
         name = prefix + layer.name
+        inside = compress.sublayers(layer)  # [] for all but a container
         if isinstance(layer, keras.Model) and _is_graph(layer):
             out += walk(layer, name + "/")
-        elif compress.sublayers(layer):
-            out += [(name + "/" + n, s) for n, s in compress.sublayers(layer)]
+        elif inside:
+            out += [(name + "/" + n, s) for n, s in inside]
         else:
             out.append((name, layer))
     return out

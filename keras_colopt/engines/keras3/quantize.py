@@ -203,7 +203,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if not (compress.quantizable(layer) or stock in KNOWN):
             unknown.append(name)
             continue
-        if stock in compress.ADAPTERS and compress.ADAPTERS[stock].table:
+        if compress.quantizable(layer) and compress.adapter(layer).table:
             flags[name] = (False, False)  # integer ids in; its output is on the table's grid
             continue
         into_folded_bn = reader is not None and id(reader) in folded
