@@ -177,6 +177,35 @@ def _(attention_projections):
     assert {id(v) for s in inside for v in s.weights} == {id(v) for v in layer.weights}
 
 
+@check("keras3", "attention_parts")
+def _(attention_parts):
+    ops = keras.ops
+    layer = keras.layers.MultiHeadAttention(2, 4)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+    want = layer(x, x)
+    parts = attention_parts(layer)
+    q, k, v, o = k3.attention_projections(layer)
+    scores = ops.einsum(parts["scores_equation"], k(x), q(x) * parts["scale"])
+    probs = parts["masked_softmax"](scores, None)
+    got = o(ops.einsum(parts["combine_equation"], parts["dropout_layer"](probs), v(x)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert parts["dropout"] == 0.0 and parts["gated"] is False
+    assert parts["sliding_window"] is None
+
+
+@check("keras3", "attention_method")
+def _(attention_method):
+    seen = []
+    stock = getattr(keras.layers.MultiHeadAttention, attention_method())
+
+    def spy(self, *args, **kwargs):
+        seen.append(len(args))
+        return stock(self, *args, **kwargs)
+    layer = type("Spy", (keras.layers.MultiHeadAttention,), {attention_method(): spy})(2, 4)
+    out = layer(np.zeros((1, 3, 8), "float32"), np.zeros((1, 3, 8), "float32"))
+    assert seen and tuple(out.shape) == (1, 3, 8)
+
+
 @check("keras3", "raw_embeddings_attribute")
 def _(raw_embeddings_attribute):
     layer = keras.layers.Embedding(5, 3)

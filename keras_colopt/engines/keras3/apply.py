@@ -85,18 +85,18 @@ def preflight(model, plan) -> Dict[str, List[str]]:
         if kind == "quantize":
             _, unknown = quantize.plan_ranges(model)
             if unknown:
-                layers = {n: _layer_at(model, n) for n in unknown if "(keras.ops" not in n}
-                odd = [n for n, layer in layers.items() if compress.supports(layer)]
+                layers = {n: _layer_at(model, n.split(" (")[0]) for n in unknown
+                          if "(keras.ops" not in n}
                 kinds = (f" (type {sorted({type(l).__name__ for l in layers.values()})})"
                          if layers else "")
-                why = (f" ({odd}: an EinsumDense whose bias LiteRT adds after a RESHAPE, in "
-                       "an op of its own, is not trained for it yet)" if odd else "")
+                known = sorted({c.__name__ for c in (*quantize.KNOWN, *compress.CONTAINERS)}
+                               - {"InputLayer"})
                 raise ValueError(
                     f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "
-                    f"the layer(s) {unknown}{kinds}{why}, so it cannot "
+                    f"the layer(s) {unknown}{kinds}, so it cannot "
                     "train the model as the int8 file will run it. Expected "
                     f"{compress.supported_names(quantize=True)} and the layers "
-                    f"{sorted({c.__name__ for c in quantize.KNOWN} - {'InputLayer'})}. Drop "
+                    f"{known}. Drop "
                     "the Quantize phase and export with post-training int8 (it calibrates "
                     "every layer and keeps the zeros and per-channel clusters): "
                     "colopt.export.to_tflite(result.model, path, quantization='int8', "
@@ -161,6 +161,8 @@ def plain(model):
     copy = clone_model(model)
     for _, layer in walk(copy):
         compress.to_stock(layer)
+    for container in containers(copy):  # its own ranges (the attention's)
+        compress.to_stock(container)
     _carry(copy)
     return copy
 
@@ -232,13 +234,14 @@ def _apply_quantize(model, planned, touched, held) -> None:
                 clusters=c.shape[-1], per_channel=per_channel, preserve_sparsity=zeros), c)
         elif zeros:
             compress.make_masked(layer)
-    for name, (inputs, outputs) in flags.items():
-        layer = layers[name]
+    for name, (inputs, outputs, bias_apart) in flags.items():
+        layer = layers[name] if name in layers else _layer_at(model, name)  # (a container)
         if compress.supports(layer):
             compress.make_quantized(layer, compress.QuantizeSpec(
-                weights=name in touched, per_channel=True, inputs=inputs, outputs=outputs))
-        elif inputs is not False or outputs or isinstance(layer,
-                                                           keras.layers.BatchNormalization):
+                weights=name in touched, per_channel=True, inputs=inputs, outputs=outputs,
+                bias_apart=bias_apart))
+        elif inputs is not False or outputs or compress.is_container(layer) or isinstance(
+                layer, keras.layers.BatchNormalization):
             quantize.observe(layer, inputs, outputs)
     for _, layer in walk(model):
         compress.freeze_statistics(layer)

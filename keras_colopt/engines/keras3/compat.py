@@ -30,6 +30,18 @@ PRIVATE = {
         "MultiHeadAttention's four EinsumDense projections (`_query_dense`, `_key_dense`, "
         "`_value_dense`, `_output_dense`), which it builds itself, outside the model's "
         "graph: the engine compresses them in place."),
+    "attention_parts": (
+        "_inverse_sqrt_key_dim",
+        "MultiHeadAttention's scale, its two einsum equations, its masked softmax and "
+        "dropout (`_inverse_sqrt_key_dim`, `_dot_product_equation`, `_combine_equation`, "
+        "`_masked_softmax`, `_dropout_layer`, `_dropout`) and the options it has no public "
+        "getter for (`_use_gate`, `_sliding_window`): quantization-aware training computes "
+        "the attention as the layer does, with each tensor LiteRT quantizes fake-quantized."),
+    "attention_method": (
+        "_compute_attention",
+        "the method MultiHeadAttention calls on its projected query, key and value, which "
+        "its docstring invites a subclass to override: the quantization-aware subclass "
+        "does."),
     "raw_embeddings_attribute": (
         "_embeddings",
         "the variable behind Embedding's public `embeddings` property, for the same reason."),
@@ -97,6 +109,24 @@ def attention_projections(layer) -> list:
     (`layer._query_dense`, ...), in that order."""
     return [getattr(layer, a) for a in ("_query_dense", "_key_dense", "_value_dense",
                                         "_output_dense")]
+
+
+def attention_parts(layer) -> dict:
+    """What a built MultiHeadAttention computes its attention with (see PRIVATE)."""
+    return {"scale": float(layer._inverse_sqrt_key_dim),
+            "scores_equation": layer._dot_product_equation,
+            "combine_equation": layer._combine_equation,
+            "masked_softmax": layer._masked_softmax,
+            "dropout": float(layer._dropout), "dropout_layer": layer._dropout_layer,
+            "gated": bool(getattr(layer, "_use_gate", False)),
+            "sliding_window": getattr(layer, "_sliding_window", None)}
+
+
+def attention_method() -> str:
+    """The name of the method MultiHeadAttention computes attention in (`_compute_attention`,
+    `(query, key, value, attention_mask, training, return_attention_scores, ...)` ->
+    `(output, scores or None)`)."""
+    return "_compute_attention"
 
 
 def raw_embeddings_attribute() -> str:

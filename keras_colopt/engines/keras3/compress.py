@@ -72,6 +72,12 @@ class Adapter:
             EinsumDense's equation), `layer -> Adapter` for that layer, or None where the
             engine cannot say which axes are the output channels (the layer is then named as
             one it cannot touch).
+        bias_apart: LiteRT adds the bias in an ADD of its own, after the FULLY_CONNECTED and a
+            RESHAPE, whatever the layer's input (an EinsumDense whose bias spans several
+            output axes: MultiHeadAttention's query, key and value projections).
+        product: `(layer, x) -> x times the kernel, without the bias`, for a class whose bias
+            LiteRT may add apart (`bias_apart`; a Dense on a sequence, `quantize.plan_ranges`
+            says): QAT ranges the tensor before the bias too.
     """
 
     kernel: str
@@ -85,6 +91,8 @@ class Adapter:
     tflite_dtype: str = "int8"
     specialize: Optional[Callable] = None
     table: bool = False
+    bias_apart: bool = False
+    product: Optional[Callable] = None
 
     def channels(self, shape) -> int:
         shape = [int(d) for d in shape]
@@ -141,25 +149,36 @@ def _einsum_adapter(layer) -> Optional[Adapter]:
     if not summed or not produced or len(summed) + len(produced) != len(kernel):
         return None
     perm = tuple(summed + produced)
-    # QAT where the FULLY_CONNECTED takes the bias: one output axis, the bias on it (or no
-    # bias). Otherwise LiteRT adds the bias after a RESHAPE, in an op whose input would need
-    # a range of its own (MultiHeadAttention's query/key/value projections).
+    # The FULLY_CONNECTED takes the bias where there is one output axis and the bias is on
+    # it (or there is no bias). Otherwise LiteRT adds the bias after a RESHAPE, in an ADD
+    # whose input gets a range of its own (MultiHeadAttention's query/key/value projections).
     bias_axes = str(getattr(layer, "bias_axes", None) or "")
     fused_bias = getattr(layer, "bias", None) is None or (
         len(produced) == 1 and bias_axes == kernel[produced[0]])
     return Adapter("kernel", _RAW, perm=None if perm == tuple(range(len(kernel))) else perm,
-                   channel_axes=len(produced), per_channel=False, quantize=fused_bias,
+                   channel_axes=len(produced), per_channel=False, bias_apart=not fused_bias,
+                   product=_einsum_product,
                    # 2:4 groups along the innermost input axis of the flattened filter
                    input_axis=max(summed, key=lambda a: inputs.index(kernel[a])),
                    tflite_op="FULLY_CONNECTED")
+
+
+def _einsum_product(layer, x):
+    return ops.einsum(layer.equation, x, layer.kernel)
+
+
+def _dense_product(layer, x):
+    return ops.matmul(x, layer.kernel)
 
 
 _RAW = compat.raw_kernel_attribute()
 # One row per layer class the engine compresses (exactly that class: a subclass may read its
 # kernel differently).
 ADAPTERS = {
+    # On a sequence (rank > 2) LiteRT adds a Dense's bias after the FULLY_CONNECTED and a
+    # RESHAPE, in an ADD of its own.
     keras.layers.Dense: Adapter("kernel", _RAW, per_channel=False, input_axis=0,
-                                tflite_op="FULLY_CONNECTED"),
+                                tflite_op="FULLY_CONNECTED", product=_dense_product),
     keras.layers.Conv1D: Adapter("kernel", _RAW),
     keras.layers.Conv2D: Adapter("kernel", _RAW),
     keras.layers.DepthwiseConv2D: Adapter("kernel", None, channel_axes=2,
@@ -209,6 +228,7 @@ class QuantizeSpec:
     per_channel: bool = True   # one scale per output channel (else one per tensor)
     inputs: bool = False       # fake-quantize the input (it is a model input)
     outputs: bool = True       # fake-quantize the output (not fused into the next op)
+    bias_apart: bool = False   # LiteRT adds the bias in an ADD of its own (`Adapter.product`)
 
 
 @dataclasses.dataclass
@@ -221,7 +241,9 @@ class Spec:
 
 
 _COMPRESSION = ("_colopt_mask", "_colopt_step", "_colopt_centroids")
-_RANGES = ("_colopt_in", "_colopt_out", "_colopt_pre")
+# input, output, before the activation (or the bias: `Adapter.bias_apart`), and the rows of
+# the tensors inside a layer's computation (`InnerRanges`)
+_RANGES = ("_colopt_in", "_colopt_out", "_colopt_pre", "_colopt_inner")
 _STATE = _COMPRESSION + _RANGES
 # Activations LiteRT fuses into the op before them; any other (softmax, sigmoid, ...) runs as
 # an op of its own, whose input needs a range too.
@@ -337,14 +359,48 @@ def fake_quant_range(x, var, training: bool):
     FakeQuantWithMinMaxVars op, whose range the converter takes for the int8 tensor."""
     r = ops.convert_to_tensor(var)
     if training:
-        # (min, max, seen) moved as one vector: half the small ops of moving min and max
-        # apart, which a PCQAT step of a small model pays per ranged tensor.
-        seen_x = ops.stop_gradient(x)
-        lo = ops.minimum(ops.min(seen_x), 0.0)
-        batch = ops.stack([lo, ops.maximum(ops.max(seen_x), 0.0), ops.ones_like(lo)])
-        r = ops.where(r[2] > 0, r * RANGE_DECAY + batch * (1 - RANGE_DECAY), batch)
+        r = _moved(r, x)
         var.assign(r)
     return keras.quantizers.fake_quant_with_min_max_vars(x, r[0], r[1], num_bits=8)
+
+
+def _moved(r, x):
+    """The range `r` (min, max, seen) moved by the batch `x`. (min, max, seen) move as one
+    vector: half the small ops of moving min and max apart, which a PCQAT step of a small
+    model pays per ranged tensor."""
+    seen_x = ops.stop_gradient(x)
+    lo = ops.minimum(ops.min(seen_x), 0.0)
+    batch = ops.stack([lo, ops.maximum(ops.max(seen_x), 0.0), ops.ones_like(lo)])
+    return ops.where(r[2] > 0, r * RANGE_DECAY + batch * (1 - RANGE_DECAY), batch)
+
+
+class InnerRanges:
+    """Fake quantization of the tensors inside one layer's computation (a LayerNormalization's
+    mean, variance, ...; an attention's scores), each over its own moving range: row i of the
+    layer's `_colopt_inner` variable for the i-th tensor it is called on. The rows are written
+    back in one assignment (`commit`), after the last."""
+
+    def __init__(self, layer, training: bool):
+        self.var, self.training = layer._colopt_inner, training
+        self.rows, self.moved = ops.convert_to_tensor(self.var), []
+
+    def __call__(self, x):
+        r = self.rows[len(self.moved)]
+        if self.training:
+            r = _moved(r, x)
+        self.moved.append(r)
+        return keras.quantizers.fake_quant_with_min_max_vars(x, r[0], r[1], num_bits=8)
+
+    def commit(self) -> None:
+        assert len(self.moved) == int(self.var.shape[0]), (len(self.moved), self.var.shape)
+        if self.training:
+            self.var.assign(ops.stack(self.moved))
+
+
+def fake_quant_softmax(x):
+    """A softmax output on the grid LiteRT's int8 SOFTMAX writes: scale 1/256, zero point
+    -128, i.e. [0, 255/256] (fixed: the converter does not take a range for it)."""
+    return keras.quantizers.fake_quant_with_min_max_vars(x, 0.0, 255.0 / 256.0, num_bits=8)
 
 
 def is_training(layer) -> bool:
@@ -469,18 +525,26 @@ def _compressible_class(stock):
         training = is_training(self)
         if spec.prune is not None and training:
             _update_mask(self, spec.prune)
-        if self._colopt_pre is None:
+        apart = spec.quantize is not None and spec.quantize.bias_apart
+        if self._colopt_pre is None and not apart:
             return ranged_call(self, inputs, lambda i: stock.call(self, i, *args, **kwargs),
                                training)
 
-        def compute(i):  # an activation LiteRT runs on its own: its input is ranged too
+        def compute(i):
             act = self.activation
-            object.__setattr__(self, "activation", keras.activations.linear)
-            try:
-                out = stock.call(self, i, *args, **kwargs)
-            finally:
-                object.__setattr__(self, "activation", act)
-            return act(fake_quant_range(out, self._colopt_pre, training))
+            if apart:  # FULLY_CONNECTED, RESHAPE, then the bias's own ADD: ranged before it
+                q = InnerRanges(self, training)
+                out = q(adapter(self).product(self, i)) + self.bias
+                q.commit()
+            else:
+                object.__setattr__(self, "activation", keras.activations.linear)
+                try:
+                    out = stock.call(self, i, *args, **kwargs)
+                finally:
+                    object.__setattr__(self, "activation", act)
+            if self._colopt_pre is not None:  # an activation LiteRT runs on its own
+                out = fake_quant_range(out, self._colopt_pre, training)
+            return act(out)
         return ranged_call(self, inputs, compute, training)
 
     def get_config(self):
@@ -535,12 +599,15 @@ def is_container(layer) -> bool:
 
 def carry(container) -> None:
     """Gives a container the class that carries its compressed sublayers' state in its config
-    while any of them is compressed, and its stock class back when none is."""
+    while any of them is compressed (with its own ranges, the quantization-aware class of
+    `quantize.observe`), and its stock class back when none is."""
     stock = _stock(type(container))
     if stock not in CONTAINERS:
         return
     held = any(is_compressed(s) for _, s in sublayers(container))
-    object.__setattr__(container, "__class__", _carrying_class(stock) if held else stock)
+    ranged = getattr(container, "_colopt_inner", None) is not None  # (`quantize.observe`)
+    object.__setattr__(container, "__class__", _OBSERVED[stock] if ranged
+                       else _carrying_class(stock) if held else stock)
 
 
 def _carrying_class(stock):
@@ -696,10 +763,12 @@ def separate_activation(layer) -> bool:
     return activation_name(layer) not in FUSED_ACTIVATIONS
 
 
-def add_ranges(layer, inputs, outputs: bool, before_activation: bool = False) -> None:
+def add_ranges(layer, inputs, outputs: bool, before_activation: bool = False,
+               inner: int = 0) -> None:
     """The moving (min, max) ranges of the layer's fake-quantized input and output (and of
-    its output before an activation LiteRT does not fuse). `inputs`: True for its input (all
-    of it), or the position of the one input that gets a range (an int)."""
+    its output before an activation LiteRT does not fuse, and of `inner` tensors inside its
+    computation: `InnerRanges`). `inputs`: True for its input (all of it), or the position
+    of the one input that gets a range (an int)."""
     object.__setattr__(layer, "_colopt_in_at",
                        None if isinstance(inputs, bool) else int(inputs))
     inputs = inputs is not False
@@ -708,13 +777,17 @@ def add_ranges(layer, inputs, outputs: bool, before_activation: bool = False) ->
             # Each replica sees its own batch: their moving ranges are averaged.
             _set(layer, attr, _add(layer, attr[1:] + "_range", INITIAL_RANGE,
                                    aggregation="mean"))
+    if inner:
+        _set(layer, "_colopt_inner", _add(layer, "colopt_inner_ranges",
+                                          [INITIAL_RANGE] * inner, aggregation="mean"))
 
 
 def make_quantized(layer, spec: QuantizeSpec) -> None:
     """Quantization-aware training of the layer (on top of its mask and centroids, if any)."""
     _swap(layer)
     layer._colopt_spec.quantize = spec
-    add_ranges(layer, spec.inputs, spec.outputs, separate_activation(layer))
+    add_ranges(layer, spec.inputs, spec.outputs, separate_activation(layer),
+               inner=int(spec.bias_apart))
 
 
 def _init_state(layer) -> None:

@@ -16,6 +16,15 @@ A Normalization runs as two int8 operators, SUB then MUL (by 1/std; ADD after MU
 inverted), so the tensor between them gets a range too (`_colopt_pre`); without it the
 converter leaves both in float between a DEQUANTIZE and a QUANTIZE.
 
+A LayerNormalization runs as MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, MUL, ADD; its
+quantization-aware call computes it so, each of those tensors on its own range (the stock
+layer converts with a NEG that LiteRT runs in float, even in a post-training int8 file).
+
+MultiHeadAttention's projections are EinsumDense layers (the query's, key's and value's bias
+is added after a RESHAPE, so the tensor before it gets a range too); the attention between
+them (query * scale, BATCH_MATMUL, SOFTMAX, BATCH_MATMUL) is fake-quantized as LiteRT runs it,
+the softmax on the fixed grid of LiteRT's int8 SOFTMAX.
+
 A layer whose int8 form this engine does not know is refused before training, by name.
 Weights need no range: `compress.fake_quant_weights` puts them on the converter's grid.
 BatchNormalization normalizes with its moving statistics during the phase (it is folded
@@ -39,7 +48,7 @@ SAME_SCALE = (L.InputLayer, L.MaxPooling1D, L.MaxPooling2D, L.GlobalMaxPooling1D
 RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtract,
           L.Multiply, L.Average, L.Maximum, L.Concatenate, L.AveragePooling1D,
           L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
-          L.Rescaling, L.UpSampling2D, L.Normalization)
+          L.Rescaling, L.UpSampling2D, L.Normalization, L.LayerNormalization)
 # Layers that LiteRT runs as two operators: the tensor between them is ranged too.
 TWO_STEP = (L.Normalization,)
 KNOWN = SAME_SCALE + RANGED
@@ -49,9 +58,48 @@ CONSTANT_ARITHMETIC = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 _FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D)
 
 
+def _layer_norm_rows(layer) -> int:
+    """The tensors inside a LayerNormalization LiteRT quantizes (`_layer_norm`), before its
+    output: mean, x - mean, its square, variance, + epsilon, rsqrt, then (x - mean) * rsqrt
+    and * gamma where something follows them."""
+    return 6 + bool(layer.scale) + bool(layer.center)
+
+
+def layer_norm_refusal(layer, node):
+    """Why the quantization-aware LayerNormalization cannot compute `layer` as called at
+    `node` (None: it can)."""
+    if layer.rms_scaling:
+        return "rms_scaling"
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    rank = len(node.arguments.keras_tensors[0].shape)
+    if [a % rank for a in axes] != [rank - 1]:
+        return f"axis={layer.axis}, not the last alone"
+    return None
+
+
+def attention_refusal(layer, node):
+    """Why the quantization-aware MultiHeadAttention cannot compute `layer` as called at
+    `node` (None: it can)."""
+    parts = compat.attention_parts(layer)
+    kwargs = node.arguments.kwargs
+    if parts["gated"] or parts["sliding_window"] is not None:
+        return "a gate or a sliding window"
+    given = [k for k in ("attention_mask", "use_causal_mask", "query_mask", "value_mask",
+                         "key_mask", "return_attention_scores") if kwargs.get(k) not in
+             (None, False)]
+    if given:
+        return "called with " + ", ".join(given)
+    return None
+
+
+INNER = {L.LayerNormalization: _layer_norm_rows, L.MultiHeadAttention: lambda layer: 3}
+
+
 def _observed_class(stock):
     if stock in compress._OBSERVED:
         return compress._OBSERVED[stock]
+    if stock is L.MultiHeadAttention:
+        return _attention_class(stock)
     # A BatchNormalization normalizes with its moving statistics (it is folded with them).
     base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
 
@@ -59,6 +107,9 @@ def _observed_class(stock):
         training = compress.is_training(self)
         if stock is L.Normalization:
             return compress.ranged_call(self, inputs, lambda i: _normalize(self, i, training),
+                                        training)
+        if stock is L.LayerNormalization:
+            return compress.ranged_call(self, inputs, lambda i: _layer_norm(self, i, training),
                                         training)
         return compress.ranged_call(self, inputs, lambda i: base.call(self, i, *args, **kwargs),
                                     training)
@@ -103,6 +154,66 @@ def _normalize(layer, inputs, training: bool):
     return compress.fake_quant_range(x - mean, layer._colopt_pre, training) / scale
 
 
+def _layer_norm(layer, inputs, training: bool):
+    """Keras' LayerNormalization (over the last axis) as LiteRT runs it in int8, each
+    intermediate tensor fake-quantized (`_layer_norm_rows`); the layer's output range is the
+    last op's."""
+    ops = keras.ops
+    q = compress.InnerRanges(layer, training)
+    x = ops.convert_to_tensor(inputs, dtype=layer.compute_dtype)
+    mean = q(ops.mean(x, axis=-1, keepdims=True))
+    d = q(x - mean)
+    variance = q(ops.mean(q(d * d), axis=-1, keepdims=True))
+    y = d * q(ops.rsqrt(q(variance + layer.epsilon)))
+    if layer.scale:
+        y = q(y) * ops.cast(layer.gamma, y.dtype)
+    if layer.center:
+        y = q(y) + ops.cast(layer.beta, y.dtype)
+    q.commit()
+    return y
+
+
+def _attention_class(stock):
+    """MultiHeadAttention computing its attention as LiteRT runs it in int8 (see the module's
+    docstring), on the class that carries its projections' compression in its config."""
+    carrying = compress._carrying_class(stock)
+
+    def attention(self, query, key, value, attention_mask=None, training=None,
+                  return_attention_scores=False, **kwargs):
+        ops = keras.ops
+        parts = compat.attention_parts(self)
+        q = compress.InnerRanges(self, compress.is_training(self))
+        query = q(query * ops.cast(parts["scale"], query.dtype))
+        scores = q(ops.einsum(parts["scores_equation"], key, query))
+        probs = compress.fake_quant_softmax(parts["masked_softmax"](scores, attention_mask))
+        dropped = (parts["dropout_layer"](probs, training=training) if parts["dropout"] > 0
+                   else probs)
+        out = q(ops.einsum(parts["combine_equation"], dropped, value))
+        q.commit()
+        return out, probs if return_attention_scores else None
+
+    def get_config(self):
+        return {**carrying.get_config(self), "colopt_ranges": [False, False]}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.pop("colopt_ranges", None)
+        layer = carrying.from_config.__func__(cls, config)
+        observe(layer, False, False)
+        return layer
+
+    ns = {compat.attention_method(): attention, "get_config": get_config,
+          "from_config": from_config, "__module__": __name__,
+          "__doc__": "A MultiHeadAttention whose tensors are fake-quantized (keras_colopt)."}
+    sub = type(stock.__name__, (carrying,), ns)
+    sub.__qualname__ = f"quantized.{stock.__name__}"
+    keras.saving.register_keras_serializable(package="keras_colopt",
+                                             name="Quantized" + stock.__name__)(sub)
+    compress._OBSERVED[stock] = sub
+    return sub
+
+
 def observe(layer, inputs, outputs: bool) -> None:
     """Gives a layer without a kernel fake-quant ranges on its input and/or output (a layer
     without weights is built from the start; a loaded or cloned BatchNormalization makes
@@ -112,10 +223,12 @@ def observe(layer, inputs, outputs: bool) -> None:
     for attr in compress._RANGES:
         compress._set(layer, attr, None)
     between = stock in TWO_STEP
+    inner = INNER[stock](layer) if stock in INNER else 0
     if layer.built:
-        compress.add_ranges(layer, inputs, outputs, between)
+        compress.add_ranges(layer, inputs, outputs, between, inner)
     else:
-        compress.after_build(layer, lambda l: compress.add_ranges(l, inputs, outputs, between))
+        compress.after_build(
+            layer, lambda l: compress.add_ranges(l, inputs, outputs, between, inner))
 
 
 def is_observed(layer) -> bool:
@@ -144,9 +257,22 @@ def _graph(model):
     return compat.sequential_functional(model) or model
 
 
-def plan_ranges(model) -> Tuple[Dict[str, Tuple[bool, bool]], List[str]]:
-    """`({path name: (fake-quant input, fake-quant output)}, [unknown layers])` over every
-    layer of `model`, nested models included (a nested model itself carries no range)."""
+def _bias_apart(layer, node) -> bool:
+    """Whether LiteRT adds the layer's bias in an ADD of its own (`Adapter.bias_apart`): an
+    EinsumDense by its equation, a Dense where it reads a sequence (rank > 2), which the
+    converter runs as FULLY_CONNECTED, RESHAPE, ADD."""
+    if not compress.supports(layer) or getattr(layer, "bias", None) is None:
+        return False
+    a = compress.adapter(layer)
+    return a.bias_apart or (a.product is not None and
+                            len(node.arguments.keras_tensors[0].shape) > 2)
+
+
+def plan_ranges(model) -> Tuple[Dict[str, Tuple[bool, bool, bool]], List[str]]:
+    """`({path name: (fake-quant input, fake-quant output, bias apart)}, [unknown layers])`
+    over every layer of `model`, nested models included (a nested model itself carries no
+    range). Fake-quant input: True, False or the position of the one input ranged; bias
+    apart: `_bias_apart`."""
     flags, unknown = {}, []
     _plan(model, "", True, flags, unknown)
     return flags, unknown
@@ -159,9 +285,11 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
     fed_by_op = {}  # layer -> the positions of its inputs a keras.ops operation computes
     ops = []  # the keras.ops operations of the graph (x + 3.0 in MobileNetV3's hard-swish)
     arity = {}  # layer -> how many tensors it is called on
+    node_of = {}  # layer -> the node calling it (the last, for a layer called twice)
     for nodes in compat.nodes_by_depth(g).values():
         for node in nodes:
             arity[id(node.operation)] = len(node.arguments.keras_tensors)
+            node_of[id(node.operation)] = node
             if not isinstance(node.operation, keras.layers.Layer):
                 ops.append(node)
             for position, kt in enumerate(node.arguments.keras_tensors):
@@ -200,18 +328,33 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
             continue
         if stock is L.InputLayer:
             continue
+        computed = fed_by_op.get(id(layer), [])
+        if compress.is_container(layer):  # the attention's ranges, then its projections'
+            why = ("it reads a model input or a keras.ops operation" if reads_input or computed
+                   else attention_refusal(layer, node_of[id(layer)]))
+            if why:
+                unknown.append(f"{name} (MultiHeadAttention: {why})")
+                continue
+            flags[name] = (False, False, False)
+            flags.update({f"{name}/{sub}": (False, True, compress.adapter(s).bias_apart)
+                          for sub, s in compress.sublayers(layer)})
+            continue
+        why = (layer_norm_refusal(layer, node_of[id(layer)])
+               if stock is L.LayerNormalization else None)
+        if why:
+            unknown.append(f"{name} (LayerNormalization: {why})")
+            continue
         if not (compress.quantizable(layer) or stock in KNOWN):
             unknown.append(name)
             continue
         if compress.quantizable(layer) and compress.adapter(layer).table:
-            flags[name] = (False, False)  # integer ids in; its output is on the table's grid
+            flags[name] = (False, False, False)  # integer ids in; out on the table's grid
             continue
         into_folded_bn = reader is not None and id(reader) in folded
         # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
             id(layer) in folded or stock in compress.SUPPORTED and _linear(layer))
         out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
-        computed = fed_by_op.get(id(layer), [])
         single = arity.get(id(layer), 1) == 1
         if computed and (len(computed) > 1 or reads_input or (
                 not single and stock in compress.SUPPORTED)):
@@ -220,7 +363,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         # The input range: True (its one input, or a model input), or the position of the
         # one input an operation computes.
         flags[name] = (True if computed and single else computed[0] if computed
-                       else reads_input, out)
+                       else reads_input, out, _bias_apart(layer, node_of[id(layer)]))
 
 
 for _stock_class in KNOWN:  # registered at import: a saved model loads in a new process
