@@ -915,3 +915,109 @@ def test_drop_in_restarts_the_best_of_its_sibling_callbacks_at_each_phase(digits
     assert ckpt.best == pytest.approx(min(h["loss"][1:]))
     stats = colopt.callbacks.layer_stats(model)
     assert all(s.sparsity >= 0.79 for s in stats.values()), stats  # restored: a pruned epoch
+
+
+_SUBCLASSES = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="mine")
+class ScaledDense(keras.layers.Dense):
+    """A KerasHub-style subclass: its own call and config, reading self.kernel."""
+
+    def __init__(self, units, scale=2.0, **kwargs):
+        super().__init__(units, **kwargs)
+        self.scale = scale
+
+    def call(self, x):
+        return super().call(x) * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="mine")
+class RawDense(keras.layers.Dense):
+    """Computes with the raw variable: compressing `kernel` would change nothing it computes."""
+
+    def call(self, x):
+        return keras.ops.relu(keras.ops.matmul(x, self._kernel) + self.bias)
+'''
+
+_LOAD_ELSEWHERE = '''
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import keras
+import keras_colopt  # noqa: F401 (registers the engine's classes, as any user of it has)
+import subclasses  # noqa: F401 (the user's own classes, which their model needs anyway)
+back = keras.models.load_model(sys.argv[2])
+np.save(sys.argv[3], back.predict(np.load(sys.argv[4]), verbose=0))
+print(type(back.get_layer("scaled")).__qualname__)
+'''
+
+
+def test_a_subclass_that_computes_with_its_kernel_is_compressed_and_loads_elsewhere(
+        digits, tmp_path, caplog, monkeypatch):
+    """A user's subclass of Dense with its own call and config is pruned and clustered like a
+    Dense, and its `.keras` file loads in a new process that imports only keras_colopt and
+    the user's module. A subclass computing with the raw variable is named in the log and
+    left as it is (its kernel is not touched), not reported as compressed."""
+    import subprocess
+    import sys
+    (x, y), (xt, _) = digits
+    (tmp_path / "subclasses.py").write_text(_SUBCLASSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import subclasses
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    h = subclasses.ScaledDense(32, activation="relu", name="scaled")(keras.layers.Flatten()(i))
+    h = subclasses.RawDense(32, name="raw")(h)
+    model = keras.Model(i, keras.layers.Dense(10, name="logits")(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    raw_before = model.get_layer("raw").get_weights()[0]
+    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
+        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1)])
+    assert r.skipped["Prune"] == ["raw"]
+    assert "raw (RawDense) subclasses Dense, but its call does not compute with `kernel`" \
+        in caplog.text
+    scaled = r.model.get_layer("scaled")
+    assert isinstance(scaled, subclasses.ScaledDense) and scaled.scale == 2.0
+    w = compress.effective_numpy(scaled)
+    assert np.mean(w == 0) >= 0.49 and np.unique(w).size <= 8
+    assert r.model.get_layer("raw").trainable  # not held by a phase it was never in
+    assert np.mean(r.model.get_layer("raw").get_weights()[0] == 0) < 0.01
+    assert not np.array_equal(r.model.get_layer("raw").get_weights()[0], raw_before)
+    r.model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", xt[:32])
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_ELSEWHERE)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "m.keras"),
+                          str(tmp_path / "p.npy"), str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "compressible.ScaledDense"
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"),
+                               r.model.predict(xt[:32], verbose=0), atol=1e-6)
+
+
+def test_qat_layer_norm_saturates_a_small_variance_as_litert_does():
+    """Tokens of very different variances (the first layer norm of a keyword transformer):
+    on the int8 grid a small variance rounds to 0, whose rsqrt LiteRT saturates at the top of
+    its output range. That range is calibrated on the exact rsqrt, 1/sqrt(the least variance
+    + epsilon); observed on the rounded variance it reached 1/sqrt(epsilon), and the QAT
+    model scaled such a token ~30x (the KWT's PCQAT loss was 8,000 from its first step)."""
+    from keras_colopt.engines.keras3 import quantize
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0, s, (64, 16)) for s in (10.0, 0.1, 1.0)], 1).astype("float32")
+    layer = keras.layers.LayerNormalization(epsilon=1e-3)
+    exact = np.asarray(layer(x))
+    quantize.observe(layer, False, True)
+    for _ in range(3):
+        out = np.asarray(layer(x, training=True))
+    top = layer._colopt_inner.numpy()[5, 1]  # the rsqrt's range: (min, max, seen)
+    least = x.var(-1).min()
+    assert top <= 1.01 / np.sqrt(least + 1e-3), (top, least)
+    # The small-variance tokens come out on the float layer's scale, not ~30x it.
+    assert np.abs(out[:, 1]).mean() < 2 * np.abs(exact[:, 1]).mean()

@@ -103,6 +103,17 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "representative_data=x[:256]).")
         touched, skip = select_layers(model, planned.phase, kind)
         skipped[planned.label] = skip
+        layers = dict(walk(model))
+        for name in skip:
+            layer = layers.get(name)
+            base = compress.base_class(type(layer))
+            if base in compress.ADAPTERS and not compress.reads_kernel_property(layer):
+                log.warning(
+                    "%s: %s (%s) subclasses %s, but its call does not compute with `%s` (it "
+                    "reads another variable, or could not be called alone on zeros), so "
+                    "compressing that kernel would not change what it computes; it is left "
+                    "as it is.", planned.label, name, type(layer).__name__, base.__name__,
+                    compress.ADAPTERS[base].kernel)
         if not touched:
             raise ValueError(
                 f"{planned.label}: no layer of model '{model.name}' can be {kind}d. Expected "

@@ -1,6 +1,7 @@
 """Pruning and weight clustering of Keras 3 layers, in place, written with `keras.ops`.
 
-A supported layer (one with an `Adapter` in `ADAPTERS`, exactly that class) is made
+A supported layer (one with an `Adapter` in `ADAPTERS`: that class, or a subclass of it whose
+call reads the kernel through that property, checked by `reads_kernel_property`) is made
 compressible by swapping its class for a subclass whose kernel property returns the kernel
 the layer computes with, the *effective* kernel, instead of the raw variable:
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -172,8 +174,8 @@ def _dense_product(layer, x):
 
 
 _RAW = compat.raw_kernel_attribute()
-# One row per layer class the engine compresses (exactly that class: a subclass may read its
-# kernel differently).
+# One row per layer class the engine compresses (and its subclasses that read the kernel
+# through the same property: `reads_kernel_property`).
 ADAPTERS = {
     # On a sequence (rank > 2) LiteRT adds a Dense's bias after the FULLY_CONNECTED and a
     # RESHAPE, in an ADD of its own.
@@ -260,8 +262,73 @@ CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections}
 
 def adapter(layer) -> Optional[Adapter]:
     """The layer's adapter (None: its class has one, but not for this configuration)."""
-    a = ADAPTERS[_stock(type(layer))]
+    a = ADAPTERS[base_class(type(layer))]
     return a.specialize(layer) if a.specialize is not None else a
+
+
+def base_class(cls):
+    """The supported class (a key of `ADAPTERS`) that a layer class is or subclasses (a
+    user's, or KerasHub's, subclass of Dense: Dense); for any other, the class as the user
+    built it."""
+    stock = _stock(cls)
+    return next((c for c in stock.__mro__ if c in ADAPTERS), stock)
+
+
+_READS = {}  # a user's subclass of a supported class -> whether its call reads the property
+
+
+def reads_kernel_property(layer) -> bool:
+    """Whether the layer computes with the kernel its class's adapter names (`kernel`, a
+    property the compressible subclass overrides), so that compressing it changes what it
+    computes. True for a supported class itself; a subclass (whose `call` may read the raw
+    variable, or a kernel of its own) is checked once, by calling it eagerly on zeros of its
+    input's shape with that property watched. A subclass that could not be checked (no single
+    input) counts as not reading it: it is named, not compressed."""
+    cls = _stock(type(layer))
+    if cls in ADAPTERS:
+        return True
+    if cls not in _READS:
+        _READS[cls] = _watched_call_reads(layer, cls)
+    return _READS[cls]
+
+
+def own_call(layer) -> bool:
+    """Whether the layer's class is a subclass of a supported class with a call of its own
+    (what it computes around the kernel is not the supported class's)."""
+    cls, base = _stock(type(layer)), base_class(type(layer))
+    return cls is not base and any("call" in vars(c) for c in cls.__mro__[
+        :cls.__mro__.index(base)])
+
+
+def _watched_call_reads(layer, cls) -> bool:
+    a = ADAPTERS[base_class(cls)]
+    if any(a.kernel in vars(c) or (a.raw and a.raw in vars(c))
+           for c in cls.__mro__[:cls.__mro__.index(base_class(cls))]):
+        return False  # it defines the kernel (or its variable) itself
+    try:
+        spec = layer.input
+        x = np.zeros((1,) + tuple(d or 1 for d in spec.shape[1:]), spec.dtype)
+    except (AttributeError, ValueError, TypeError):
+        return False
+    seen = []
+    # A property of the class (Dense's kernel), or the variable in the instance's dict
+    # (DepthwiseConv2D's), which the probe's property then shadows.
+    stock_property = inspect.getattr_static(base_class(cls), a.kernel, None)
+
+    def watched(self):
+        seen.append(True)
+        return stock_property.fget(self) if isinstance(stock_property, property) \
+            else self.__dict__[a.kernel]
+    probe = type(cls.__name__, (cls,), {a.kernel: property(watched)})
+    was = type(layer)
+    object.__setattr__(layer, "__class__", probe)
+    try:
+        layer.call(x)
+    except Exception:  # noqa: BLE001 (any failure: not shown to read it)
+        return False
+    finally:
+        object.__setattr__(layer, "__class__", was)
+    return bool(seen)
 
 
 def quantizable(layer) -> bool:
@@ -285,8 +352,11 @@ def _stock(cls):
 
 
 def supports(layer) -> bool:
-    """Exactly a supported class (a user subclass may not read its kernel property)."""
-    return _stock(type(layer)) in ADAPTERS and layer.built and adapter(layer) is not None
+    """A supported class, or a subclass of one whose call reads the kernel through the
+    property the engine overrides (`reads_kernel_property`), built, and configured so that
+    the engine can say which axes are its output channels."""
+    return (base_class(type(layer)) in ADAPTERS and layer.built and adapter(layer) is not None
+            and reads_kernel_property(layer))
 
 
 def is_compressed(layer) -> bool:
@@ -384,10 +454,12 @@ class InnerRanges:
         self.var, self.training = layer._colopt_inner, training
         self.rows, self.moved = ops.convert_to_tensor(self.var), []
 
-    def __call__(self, x):
+    def __call__(self, x, observed=None):
+        """`x` fake-quantized over the next row's range, which training moves by `x` (or by
+        `observed`, the float value that `x` approximates)."""
         r = self.rows[len(self.moved)]
         if self.training:
-            r = _moved(r, x)
+            r = _moved(r, x if observed is None else observed)
         self.moved.append(r)
         return keras.quantizers.fake_quant_with_min_max_vars(x, r[0], r[1], num_bits=8)
 
@@ -509,9 +581,12 @@ def _update_mask(layer, spec: PruneSpec):
 # --------------------------------------------------------------------------- the class swap
 
 def _compressible_class(stock):
+    """The compressible subclass of `stock`: a supported class, or a user's subclass of one
+    (then saved under one name for all, `SUBCLASS`, with the user's class in its config)."""
     if stock in _COMPRESSED:
         return _COMPRESSED[stock]
-    prop, raw_attr = ADAPTERS[stock].kernel, ADAPTERS[stock].raw
+    prop, raw_attr = ADAPTERS[base_class(stock)].kernel, ADAPTERS[base_class(stock)].raw
+    own = stock in ADAPTERS
 
     def getter(self):
         raw = getattr(self, raw_attr, None) if raw_attr else self.__dict__.get(prop)
@@ -550,12 +625,17 @@ def _compressible_class(stock):
     def get_config(self):
         config = stock.get_config(self)
         config["colopt"] = _compression_config(self)
+        if not own:
+            config["colopt_class"] = {
+                "registered_name": keras.saving.get_registered_name(stock),
+                "module": stock.__module__, "qualname": stock.__qualname__}
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         saved = config.pop("colopt", None) or {}
+        config.pop("colopt_class", None)
         layer = stock.from_config(config)
         object.__setattr__(layer, "__class__", cls)
         _init_state(layer)
@@ -569,9 +649,42 @@ def _compressible_class(stock):
           "__module__": __name__, "__doc__": f"A compressible {stock.__name__} (keras_colopt)."}
     sub = type(stock.__name__, (stock,), ns)
     sub.__qualname__ = f"compressible.{stock.__name__}"
-    keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
+    keras.saving.register_keras_serializable(
+        package="keras_colopt", name=stock.__name__ if own else SUBCLASS)(sub)
+    if not own:  # the name resolves to the class that finds the user's (`_Subclass`)
+        keras.saving.get_custom_objects()["keras_colopt>" + SUBCLASS] = _Subclass
     _COMPRESSED[stock] = sub
     return sub
+
+
+SUBCLASS = "CompressibleSubclass"
+
+
+class _Subclass:
+    """What `keras_colopt>CompressibleSubclass` resolves to when a model is loaded: the
+    compressible subclass of the user's class its config names (found by its registered
+    name, else imported from its module), made in this process if it was not yet."""
+
+    @classmethod
+    def from_config(cls, config):
+        ref = config["colopt_class"]
+        user = keras.saving.get_registered_object(ref["registered_name"])
+        if user is None:
+            import importlib
+            try:
+                user = importlib.import_module(ref["module"])
+                for part in ref["qualname"].split("."):
+                    user = getattr(user, part)
+            except (ImportError, AttributeError):
+                raise TypeError(
+                    f"Cannot load a compressed {ref['qualname']}: its class is neither "
+                    f"registered as {ref['registered_name']!r} nor importable from module "
+                    f"{ref['module']!r}. Import (or register) the module that defines it "
+                    "before loading the model.") from None
+        return _compressible_class(user).from_config(config)
+
+
+keras.saving.get_custom_objects()["keras_colopt>" + SUBCLASS] = _Subclass
 
 
 def _compression_config(layer) -> dict:

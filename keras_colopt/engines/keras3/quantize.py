@@ -164,7 +164,15 @@ def _layer_norm(layer, inputs, training: bool):
     mean = q(ops.mean(x, axis=-1, keepdims=True))
     d = q(x - mean)
     variance = q(ops.mean(q(d * d), axis=-1, keepdims=True))
-    y = d * q(ops.rsqrt(q(variance + layer.epsilon)))
+    # On the int8 grid a small variance + epsilon rounds to 0, where rsqrt is infinite (and
+    # its gradient NaN); LiteRT's RSQRT saturates at the top of its output's range. That range
+    # is observed on the float rsqrt of the unrounded variance, as a post-training calibration
+    # would: observed on the rounded one, it would reach 1/sqrt(epsilon) and scale every
+    # small-variance token by it.
+    exact = ops.rsqrt(ops.stop_gradient(ops.mean(d * d, axis=-1, keepdims=True))
+                      + layer.epsilon)
+    y = d * q(ops.rsqrt(ops.maximum(q(variance + layer.epsilon), layer.epsilon)),
+              observed=exact)
     if layer.scale:
         y = q(y) * ops.cast(layer.gamma, y.dtype)
     if layer.center:
@@ -316,7 +324,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if len(readers) == 1 and id(layer) not in outputs:
             only[id(layer)] = readers[0]
     folded = {id(r) for l in model.layers if (r := only.get(id(l))) is not None
-              and compress._stock(type(l)) in _FOLDS_BN and _linear(l)
+              and compress.base_class(type(l)) in _FOLDS_BN and _linear(l)
               and compress._stock(type(r)) is L.BatchNormalization}  # folded into the conv
     for layer in model.layers:
         name = prefix + layer.name
@@ -347,17 +355,21 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if not (compress.quantizable(layer) or stock in KNOWN):
             unknown.append(name)
             continue
+        if compress.supports(layer) and compress.own_call(layer):
+            unknown.append(f"{name} (subclasses {compress.base_class(stock).__name__} with a "
+                           "call of its own, whose added operations QAT does not range)")
+            continue
         if compress.quantizable(layer) and compress.adapter(layer).table:
             flags[name] = (False, False, False)  # integer ids in; out on the table's grid
             continue
         into_folded_bn = reader is not None and id(reader) in folded
         # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
-            id(layer) in folded or stock in compress.SUPPORTED and _linear(layer))
+            id(layer) in folded or compress.supports(layer) and _linear(layer))
         out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
         single = arity.get(id(layer), 1) == 1
         if computed and (len(computed) > 1 or reads_input or (
-                not single and stock in compress.SUPPORTED)):
+                not single and compress.supports(layer))):
             unknown.append(name)  # two input ranges: not yet
             continue
         # The input range: True (its one input, or a model input), or the position of the
