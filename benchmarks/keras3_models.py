@@ -17,9 +17,9 @@ as users hand us models. Then, side by side:
   FP32     the float model's accuracy
   PTQ      post-training int8 (to_tflite(quantization="int8")), accuracy in LiteRT
   PCQAT    Prune 50 % (2) -> Cluster 8, sparsity-preserving (2) -> PCQAT (2), the library's
-           defaults (rate probe), int8 in LiteRT. Where the engine refuses QAT (attention,
-           LayerNormalization: not yet), Prune -> Cluster then post-training int8 ("P+C PTQ")
-           and the refusal's reason.
+           defaults (rate probe), int8 in LiteRT. Where the engine refuses QAT (none of
+           these four since attention and LayerNormalization QAT), Prune -> Cluster then
+           post-training int8 ("P+C PTQ") and the refusal's reason.
 
 and for the compressed file: gzip size; the share of the file's weight values that are
 compressed (a tensor counts when it holds >= 45 % zeros and <= 8 values per output channel),
