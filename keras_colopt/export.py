@@ -504,8 +504,12 @@ def layer_of(tensor_name: str, layer_names) -> str:
     """The Keras layer a `.tflite` tensor name belongs to ('' when none matches): a part of
     the name is the layer's (last path component of a nested layer's, every component where
     the file names them all) name, tfmot's `quant_<name>`, or Keras 3's export scope
-    `<name>_<n>`."""
+    `<name>_<n>`; a SeparableConv2D's two operators are its 'depthwise' and 'pointwise'."""
     parts = [p for chunk in tensor_name.split(";") for p in chunk.split("/")]
+    if re.fullmatch(r"separable_conv2d(_\d+)?", parts[-1]):
+        # A Keras 3 SeparableConv2D's pointwise CONV_2D (its DEPTHWISE_CONV_2D's name ends in
+        # '/depthwise'): the engine names its kernels 'sep/depthwise' and 'sep/pointwise'.
+        parts.append("pointwise")
 
     def names(part, own):
         return part in (own, f"quant_{own}") or re.fullmatch(re.escape(own) + r"_\d+", part)

@@ -1021,3 +1021,36 @@ def test_qat_layer_norm_saturates_a_small_variance_as_litert_does():
     assert top <= 1.01 / np.sqrt(least + 1e-3), (top, least)
     # The small-variance tokens come out on the float layer's scale, not ~30x it.
     assert np.abs(out[:, 1]).mean() < 2 * np.abs(exact[:, 1]).mean()
+
+
+def test_pcqat_separable_conv_runs_as_int8_depthwise_then_pointwise(digits, tmp_path):
+    """SeparableConv2D (with a fused relu; with a BatchNormalization folded into it; with a
+    swish LiteRT runs on its own): PCQAT computes it as the file does, DEPTHWISE_CONV_2D, the
+    tensor between ranged, then the 1x1 CONV_2D, each kernel pruned and clustered by its own
+    class's rules. No float tensor; the file computes what the model computes."""
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((8, 8, 1))
+    h = L.SeparableConv2D(8, 3, depth_multiplier=2, activation="relu", name="a")(
+        L.Conv2D(4, 1, name="pw")(i))
+    h = L.Activation("swish")(L.BatchNormalization()(L.SeparableConv2D(
+        8, 3, padding="same", name="b")(h)))
+    h = L.SeparableConv2D(8, 3, activation="swish", name="c")(h)
+    model = keras.Model(i, L.Dense(10, name="logits")(L.Flatten()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    r, info = _integer_pcqat_file(model, x, y, tmp_path)
+    names = [f"{s}/{k}" for s in "abc" for k in ("depthwise", "pointwise")]
+    held = {colopt.export.layer_of(w.name, names + ["pw", "logits"]): w
+            for w in colopt.export.inspect_tflite(info.path)}
+    for name in names:
+        w = held[name]
+        assert w.op == ("DEPTHWISE_CONV_2D" if "depth" in name else "CONV_2D"), (name, w)
+        assert w.dtype == "int8" and w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, w
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    r.model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+    r.model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(back.predict(xt[:32], verbose=0), theirs[:32])

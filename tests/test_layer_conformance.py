@@ -129,41 +129,54 @@ def test_layer_keeps_its_compression_in_keras_on_disk_and_in_the_tflite(digits, 
     assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS
 
 
-PROJECTIONS = ("query", "key", "value", "attention_output")
+def _attention(i):
+    h = L.Reshape((8, 8))(i)
+    return _head(L.MultiHeadAttention(2, 4, name="it")(h, h))
 
 
-def _attention_model():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = L.Reshape((8, 8))(inputs)
-    h = L.MultiHeadAttention(2, 4, name="mha")(h, h)
-    model = keras.Model(inputs, _head(h))
-    model.compile(keras.optimizers.Adam(1e-2), metrics=["accuracy"],
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
+# Containers (`compress.CONTAINERS`), whose kernels are sublayers' named by path: (id, class,
+# model, {sublayer path: the operator holding its kernel in the int8 file}, per channel).
+CONTAINER_ROWS = [
+    ("MultiHeadAttention", L.MultiHeadAttention, _attention,
+     {f"it/{p}": "FULLY_CONNECTED" for p in ("query", "key", "value", "attention_output")},
+     False),
+    # Its depthwise and pointwise kernels: LiteRT's DEPTHWISE_CONV_2D and 1x1 CONV_2D.
+    ("SeparableConv2D", L.SeparableConv2D, lambda i: _head(L.SeparableConv2D(
+        8, 3, depth_multiplier=2, activation="relu", name="it")(L.Conv2D(4, 1, name="pw")(i))),
+     {"it/depthwise": "DEPTHWISE_CONV_2D", "it/pointwise": "CONV_2D"}, True),
+]
 
 
-def test_multi_head_attention_projections_keep_their_compression_on_disk_and_in_the_tflite(
-        digits, tmp_path):
-    """A container's sublayers (MultiHeadAttention's four EinsumDense projections) are
-    compressed in place, named by path ('mha/query'); the container's config carries their
-    state, so a `.keras` round trip and a copy keep it; the int8 file holds it in the four
-    FULLY_CONNECTED filters."""
+def test_every_container_class_has_a_row():
+    assert {cls for _, cls, _, _, _ in CONTAINER_ROWS} == set(compress.CONTAINERS)
+
+
+@pytest.mark.parametrize("row", CONTAINER_ROWS, ids=[r[0] for r in CONTAINER_ROWS])
+def test_container_kernels_keep_their_compression_on_disk_and_in_the_tflite(digits, tmp_path,
+                                                                            row):
+    """A container's kernels (MultiHeadAttention's four EinsumDense projections, a
+    SeparableConv2D's depthwise and pointwise kernels) are compressed in place, named by path
+    ('it/query', 'it/depthwise'); the container's class carries their state, so a `.keras`
+    round trip and a copy keep it, and `colopt.strip` gives back the stock class computing
+    with the same kernels; the int8 file holds it in each kernel's operator."""
     (x, y), _ = digits
     x, y = x[:256], y[:256]
-    model = _attention_model()
+    _, cls, build, ops, per_channel = row
+    model = _model(build, None)
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    names = [f"mha/{p}" for p in PROJECTIONS]
+    names = list(ops)
     steps = MaskAtEveryStep(names)
     r = colopt.collaborative_fit(
         model, x, y, batch_size=64, verbose=0, callbacks=[steps], phases=[
             colopt.Prune(SPARSITY, epochs=1, schedule="constant"),
-            colopt.Cluster(CLUSTERS, epochs=1)])
+            colopt.Cluster(CLUSTERS, epochs=1, per_channel=per_channel)])
     assert len(steps.seen) == 4 and min(steps.seen) >= SPARSITY - TOL, steps.seen
-    assert r.skipped == {"Prune": [], "Cluster (sparsity-preserving)": []}
+    assert not any(n.startswith("it") for skip in r.skipped.values() for n in skip), r.skipped
     stats = colopt.callbacks.layer_stats(r.model)
     for name in names:
-        assert stats[name].sparsity >= SPARSITY - TOL and stats[name].unique <= CLUSTERS, name
+        st = stats[name]
+        assert st.sparsity >= SPARSITY - TOL, name
+        assert (st.unique_per_channel_max if per_channel else st.unique) <= CLUSTERS, name
     path = tmp_path / "m.keras"
     r.model.save(path)
     again = keras.models.load_model(path)
@@ -172,7 +185,7 @@ def test_multi_head_attention_projections_keep_their_compression_on_disk_and_in_
         np.testing.assert_array_equal(after[name][0][1], before[name][0][1])
     # The stock model (a copy with the compression baked in) holds the same kernels.
     plain = colopt.strip(r.model)
-    assert type(plain.get_layer("mha")) is L.MultiHeadAttention
+    assert type(plain.get_layer("it")) is cls
     stock = colopt.callbacks.effective_kernels(plain)
     for name in names:
         np.testing.assert_array_equal(stock[name][0][1], before[name][0][1])
@@ -180,10 +193,10 @@ def test_multi_head_attention_projections_keep_their_compression_on_disk_and_in_
                                      representative_data=x[:64]).path
     held = {}
     for w in colopt.export.inspect_tflite(tflite):
-        layer = colopt.export.layer_of(w.name, names + ["logits"])
+        layer = colopt.export.layer_of(w.name, names + ["logits", "pw"])
         if layer in names:
             held[layer] = w
     assert set(held) == set(names), [w.name for w in colopt.export.inspect_tflite(tflite)]
     for name, w in held.items():
-        assert w.op == "FULLY_CONNECTED" and w.dtype == "int8", name
+        assert w.op == ops[name] and w.dtype == "int8", name
         assert w.sparsity >= SPARSITY - TOL and w.unique_per_channel_max <= CLUSTERS, name

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import weakref
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -257,7 +258,45 @@ _CARRYING = {}  # stock container class -> its subclass that carries its sublaye
 # (MultiHeadAttention's EinsumDense projections): the engine compresses those in place, and
 # the container's config carries their compression, so that a copy or a loaded model builds
 # them with the same variables (its own build makes stock ones).
-CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections}
+def _kernel_parts(layer) -> list:
+    """A SeparableConv2D's depthwise and pointwise kernels as a DepthwiseConv2D and a 1x1 Conv2D
+    that hold its own two variables (LiteRT runs it as exactly those two operators), made once
+    per layer: each kernel is then compressed by its own class's adapter, and the variables of
+    their compression are the SeparableConv2D's (`_owner`), which saves and trains them."""
+    parts = _PARTS.get(layer)
+    if parts is None:
+        dw = keras.layers.DepthwiseConv2D(layer.kernel_size, use_bias=False, name="depthwise",
+                                          depth_multiplier=layer.depth_multiplier)
+        pw = keras.layers.Conv2D(layer.filters, 1, use_bias=False, name="pointwise")
+        object.__setattr__(dw, "kernel", layer.__dict__["depthwise_kernel"])
+        object.__setattr__(pw, _RAW, layer.__dict__["pointwise_kernel"])
+        parts = [dw, pw]
+        for part in parts:
+            _OWNERS[part] = weakref.ref(layer)
+            part.built = True
+        _PARTS[layer] = parts
+    return parts
+
+
+# Kept off the layers' attributes: Keras' saving walks every attribute, and an owner's parts
+# that pointed back at it would make a cycle that loading never leaves.
+_PARTS = weakref.WeakKeyDictionary()  # layer -> its kernel parts
+_OWNERS = weakref.WeakKeyDictionary()  # kernel part -> (a weak reference to) its layer
+
+
+def _owner(layer):
+    """The layer whose variables hold a layer's compression state: itself, or for a kernel part
+    (`_kernel_parts`), the layer the kernel is of."""
+    ref = _OWNERS.get(layer)
+    return layer if ref is None else ref()
+
+
+# Layers whose compressible kernels are other layers': `layer -> [sublayer]`. The sublayers are
+# compressed in place and named by path ('mha/query', 'sep/depthwise').
+CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections,
+              keras.layers.SeparableConv2D: _kernel_parts}
+# Containers whose own attributes are their parts' kernels (the attribute -> the part's index).
+KERNEL_PARTS = {keras.layers.SeparableConv2D: {"depthwise_kernel": 0, "pointwise_kernel": 1}}
 
 
 def adapter(layer) -> Optional[Adapter]:
@@ -752,11 +791,42 @@ def _carrying_class(stock):
 
     ns = {"get_config": get_config, "from_config": from_config, "__module__": __name__,
           "__doc__": f"A {stock.__name__} whose sublayers are compressed (keras_colopt)."}
+    if stock in KERNEL_PARTS:  # its kernels are its parts' (effective) kernels
+        ns.update({attr: property(functools.partial(_part_kernel, attr=attr, index=i),
+                                          _own_kernel(attr))
+                   for attr, i in KERNEL_PARTS[stock].items()})
+
+        def call(self, *args, **kwargs):
+            prune_parts(self)
+            return stock.call(self, *args, **kwargs)
+        ns["call"] = call
     sub = type(stock.__name__, (stock,), ns)
     sub.__qualname__ = f"carrying.{stock.__name__}"
     keras.saving.register_keras_serializable(package="keras_colopt", name=stock.__name__)(sub)
     _CARRYING[stock] = sub
     return sub
+
+
+def prune_parts(layer) -> None:
+    """One training step of pruning for each kernel part of `layer` (the parts are not called
+    themselves: the layer computes with their kernels)."""
+    if is_training(layer):
+        for part in _kernel_parts(layer):
+            spec = getattr(part, "_colopt_spec", None)
+            if spec is not None and spec.prune is not None:
+                _update_mask(part, spec.prune)
+
+
+def _part_kernel(self, attr, index):
+    if not self.built:  # being built (or loaded): the variable itself, or None before it
+        return self.__dict__.get(attr)
+    return _kernel_parts(self)[index].kernel
+
+
+def _own_kernel(attr):
+    def setter(self, value):  # (the stock build assigns the variable)
+        self.__dict__[attr] = value
+    return setter
 
 
 def after_build(layer, then) -> None:
@@ -830,8 +900,10 @@ def _add(layer, name, value, dtype="float32", trainable=False, aggregation="none
     """A variable of the layer's, set to `value`. `aggregation` says how replicas of a
     tf.distribute strategy combine their writes in a training step: each replica assigns its
     own copy, and with "none" the copies drift apart silently."""
-    with unlocked(layer):
-        var = layer.add_weight(name=name, shape=tuple(np.shape(value)), dtype=dtype,
+    owner = _owner(layer)
+    with unlocked(owner):
+        var = owner.add_weight(name=name if owner is layer else f"{layer.name}_{name}",
+                               shape=tuple(np.shape(value)), dtype=dtype,
                                initializer="zeros", trainable=trainable,
                                aggregation=aggregation)
     var.assign(np.asarray(value, dtype=dtype))
@@ -841,7 +913,7 @@ def _add(layer, name, value, dtype="float32", trainable=False, aggregation="none
 def _drop(layer, attr):
     var = getattr(layer, attr, None)
     if var is not None:
-        compat.untrack_variable(layer, var)
+        compat.untrack_variable(_owner(layer), var)
         _set(layer, attr, None)
 
 

@@ -48,14 +48,15 @@ SAME_SCALE = (L.InputLayer, L.MaxPooling1D, L.MaxPooling2D, L.GlobalMaxPooling1D
 RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtract,
           L.Multiply, L.Average, L.Maximum, L.Concatenate, L.AveragePooling1D,
           L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
-          L.Rescaling, L.UpSampling2D, L.Normalization, L.LayerNormalization)
+          L.Rescaling, L.UpSampling2D, L.Normalization, L.LayerNormalization,
+          L.SeparableConv2D)
 # Layers that LiteRT runs as two operators: the tensor between them is ranged too.
 TWO_STEP = (L.Normalization,)
 KNOWN = SAME_SCALE + RANGED
 # keras.ops operations in a functional graph (not layers) whose int8 form is an elementwise
 # operator on a tensor and a constant (the converter quantizes the constant).
 CONSTANT_ARITHMETIC = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
-_FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D)
+_FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
 
 
 def _layer_norm_rows(layer) -> int:
@@ -92,14 +93,17 @@ def attention_refusal(layer, node):
     return None
 
 
-INNER = {L.LayerNormalization: _layer_norm_rows, L.MultiHeadAttention: lambda layer: 3}
+INNER = {L.LayerNormalization: _layer_norm_rows, L.MultiHeadAttention: lambda layer: 3,
+         L.SeparableConv2D: lambda layer: 1}
 
 
 def _observed_class(stock):
     if stock in compress._OBSERVED:
         return compress._OBSERVED[stock]
     if stock is L.MultiHeadAttention:
-        return _attention_class(stock)
+        return _container_class(stock, {compat.attention_method(): _attention})
+    if stock is L.SeparableConv2D:
+        return _container_class(stock, {"call": _separable_call})
     # A BatchNormalization normalizes with its moving statistics (it is folded with them).
     base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
 
@@ -181,39 +185,71 @@ def _layer_norm(layer, inputs, training: bool):
     return y
 
 
-def _attention_class(stock):
-    """MultiHeadAttention computing its attention as LiteRT runs it in int8 (see the module's
-    docstring), on the class that carries its projections' compression in its config."""
+def _attention(self, query, key, value, attention_mask=None, training=None,
+               return_attention_scores=False, **kwargs):
+    """MultiHeadAttention's attention as LiteRT runs it in int8 (see the module's docstring)."""
+    ops = keras.ops
+    parts = compat.attention_parts(self)
+    q = compress.InnerRanges(self, compress.is_training(self))
+    query = q(query * ops.cast(parts["scale"], query.dtype))
+    scores = q(ops.einsum(parts["scores_equation"], key, query))
+    probs = compress.fake_quant_softmax(parts["masked_softmax"](scores, attention_mask))
+    dropped = (parts["dropout_layer"](probs, training=training) if parts["dropout"] > 0
+               else probs)
+    out = q(ops.einsum(parts["combine_equation"], dropped, value))
+    q.commit()
+    return out, probs if return_attention_scores else None
+
+
+def _separable_call(self, inputs):
+    """SeparableConv2D as LiteRT runs it in int8: DEPTHWISE_CONV_2D, then (its output ranged)
+    a 1x1 CONV_2D with the bias and a fused activation, each with its part's kernel."""
+    ops = keras.ops
+    compress.prune_parts(self)
+    training = compress.is_training(self)
+    depthwise, pointwise = compress.KERNEL_PARTS[L.SeparableConv2D]
+
+    def compute(x):
+        q = compress.InnerRanges(self, training)
+        x = q(ops.depthwise_conv(x, getattr(self, depthwise), strides=self.strides,
+                                 padding=self.padding, data_format=self.data_format,
+                                 dilation_rate=self.dilation_rate))
+        with keras.name_scope("pointwise"):  # the file names its operator '.../pointwise/...'
+            x = ops.conv(x, getattr(self, pointwise), strides=1, padding="valid",
+                         data_format=self.data_format)
+        q.commit()
+        if self.use_bias:
+            x = x + ops.reshape(self.bias, (1, -1, 1, 1) if self.data_format == "channels_first"
+                                else (-1,))
+        if self._colopt_pre is not None:
+            x = compress.fake_quant_range(x, self._colopt_pre, training)
+        return self.activation(x) if self.activation is not None else x
+    return compress.ranged_call(self, inputs, compute, training)
+
+
+def _container_class(stock, methods):
+    """A container (`compress.CONTAINERS`) computing as LiteRT runs it in int8, with its own
+    ranges (`methods`: the methods that compute so), on the class that carries its kernels'
+    compression in its config."""
     carrying = compress._carrying_class(stock)
 
-    def attention(self, query, key, value, attention_mask=None, training=None,
-                  return_attention_scores=False, **kwargs):
-        ops = keras.ops
-        parts = compat.attention_parts(self)
-        q = compress.InnerRanges(self, compress.is_training(self))
-        query = q(query * ops.cast(parts["scale"], query.dtype))
-        scores = q(ops.einsum(parts["scores_equation"], key, query))
-        probs = compress.fake_quant_softmax(parts["masked_softmax"](scores, attention_mask))
-        dropped = (parts["dropout_layer"](probs, training=training) if parts["dropout"] > 0
-                   else probs)
-        out = q(ops.einsum(parts["combine_equation"], dropped, value))
-        q.commit()
-        return out, probs if return_attention_scores else None
-
     def get_config(self):
-        return {**carrying.get_config(self), "colopt_ranges": [False, False]}
+        at = self.__dict__.get("_colopt_in_at")
+        return {**carrying.get_config(self), "colopt_ranges": [
+            at if at is not None else self._colopt_in is not None,
+            self._colopt_out is not None]}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config.pop("colopt_ranges", None)
+        ranges = config.pop("colopt_ranges", [False, False])
         layer = carrying.from_config.__func__(cls, config)
-        observe(layer, False, False)
+        observe(layer, *ranges)
         return layer
 
-    ns = {compat.attention_method(): attention, "get_config": get_config,
-          "from_config": from_config, "__module__": __name__,
-          "__doc__": "A MultiHeadAttention whose tensors are fake-quantized (keras_colopt)."}
+    ns = {**methods, "get_config": get_config, "from_config": from_config,
+          "__module__": __name__,
+          "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."}
     sub = type(stock.__name__, (carrying,), ns)
     sub.__qualname__ = f"quantized.{stock.__name__}"
     keras.saving.register_keras_serializable(package="keras_colopt",
@@ -230,7 +266,8 @@ def observe(layer, inputs, outputs: bool) -> None:
     object.__setattr__(layer, "__class__", _observed_class(stock))
     for attr in compress._RANGES:
         compress._set(layer, attr, None)
-    between = stock in TWO_STEP
+    between = stock in TWO_STEP or (stock is L.SeparableConv2D
+                                    and compress.separate_activation(layer))
     inner = INNER[stock](layer) if stock in INNER else 0
     if layer.built:
         compress.add_ranges(layer, inputs, outputs, between, inner)
@@ -337,7 +374,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         if stock is L.InputLayer:
             continue
         computed = fed_by_op.get(id(layer), [])
-        if compress.is_container(layer):  # the attention's ranges, then its projections'
+        if stock is L.MultiHeadAttention:  # the attention's ranges, then its projections'
             why = ("it reads a model input or a keras.ops operation" if reads_input or computed
                    else attention_refusal(layer, node_of[id(layer)]))
             if why:
@@ -365,7 +402,8 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         into_folded_bn = reader is not None and id(reader) in folded
         # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
-            id(layer) in folded or compress.supports(layer) and _linear(layer))
+            id(layer) in folded or (compress.supports(layer) or stock is L.SeparableConv2D)
+            and _linear(layer))
         out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
         single = arity.get(id(layer), 1) == 1
         if computed and (len(computed) > 1 or reads_input or (
@@ -376,6 +414,9 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         # one input an operation computes.
         flags[name] = (True if computed and single else computed[0] if computed
                        else reads_input, out, _bias_apart(layer, node_of[id(layer)]))
+        # A SeparableConv2D's kernels: fake-quantized weights (its own call ranges the rest).
+        flags.update({f"{name}/{sub}": (False, False, False)
+                      for sub, _ in compress.sublayers(layer) if stock is L.SeparableConv2D})
 
 
 for _stock_class in KNOWN:  # registered at import: a saved model loads in a new process
