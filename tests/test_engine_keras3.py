@@ -172,13 +172,18 @@ def test_compressed_model_saves_and_loads_with_its_masks_and_centroids(tmp_path)
 
 def test_compressed_model_loads_in_a_new_process_that_imports_keras_colopt(digits, tmp_path):
     """The saved file names the engine's layer classes: a fresh interpreter that imports
-    keras_colopt (and nothing of the engine) reads it with keras.models.load_model."""
+    keras_colopt (and nothing of the engine) reads it with keras.models.load_model, a PCQAT
+    SeparableConv2D, LayerNormalization and MultiHeadAttention included."""
     import subprocess
     import sys
 
     x, y = digits[0]
-    m = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Conv2D(8, 3, name="conv"),
-                          keras.layers.Flatten(), keras.layers.Dense(10, name="dense")])
+    L = keras.layers
+    i = keras.Input(x.shape[1:])
+    h = L.SeparableConv2D(8, 3, padding="same", name="sep")(L.Conv2D(8, 3, name="conv")(i))
+    h = L.LayerNormalization(name="ln")(L.Reshape((6, 48))(h))
+    h = L.MultiHeadAttention(2, 4, name="mha")(h, h)
+    m = keras.Model(i, L.Dense(10, name="dense")(L.Flatten()(h)))
     m.compile(optimizer="adam", metrics=["accuracy"],
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     r = colopt.collaborative_fit(m, x[:256], y[:256], batch_size=32, verbose=0, phases=[
@@ -441,6 +446,17 @@ def _integer_pcqat_file(model, x, y, tmp_path):
     return r, info
 
 
+def _file_agrees_and_reloads(model, info, xt, tmp_path):
+    """The int8 file predicts the QAT model's class on >= 95 % of 128 test inputs, and the
+    model's `.keras` file loads back computing exactly the same."""
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+    model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(back.predict(xt[:32], verbose=0), theirs[:32])
+
+
 def test_pcqat_embedding_table_is_the_files_gather_table(digits, tmp_path):
     """An Embedding's table is a GATHER's input, which LiteRT quantizes per tensor and
     asymmetrically: PCQAT fake-quantizes it on that grid, gives its token-id input no range,
@@ -529,12 +545,7 @@ def test_pcqat_transformer_block_runs_fully_integer(digits, tmp_path):
     assert set(held) == set(names)
     for name, w in held.items():
         assert w.dtype == "int8" and w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, w
-    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
-                    r.model.predict(xt[:128], verbose=0))
-    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
-    r.model.save(tmp_path / "m.keras")
-    back = keras.models.load_model(tmp_path / "m.keras")
-    np.testing.assert_array_equal(back.predict(xt[:32], verbose=0), theirs[:32])
+    _file_agrees_and_reloads(r.model, info, xt, tmp_path)
     plain = colopt.strip(r.model)
     assert type(plain.get_layer("mha")) is L.MultiHeadAttention
     assert type(plain.get_layer("ln1")) is L.LayerNormalization
@@ -1048,9 +1059,4 @@ def test_pcqat_separable_conv_runs_as_int8_depthwise_then_pointwise(digits, tmp_
         w = held[name]
         assert w.op == ("DEPTHWISE_CONV_2D" if "depth" in name else "CONV_2D"), (name, w)
         assert w.dtype == "int8" and w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, w
-    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
-                    r.model.predict(xt[:128], verbose=0))
-    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
-    r.model.save(tmp_path / "m.keras")
-    back = keras.models.load_model(tmp_path / "m.keras")
-    np.testing.assert_array_equal(back.predict(xt[:32], verbose=0), theirs[:32])
+    _file_agrees_and_reloads(r.model, info, xt, tmp_path)

@@ -118,31 +118,44 @@ def _observed_class(stock):
         return compress.ranged_call(self, inputs, lambda i: base.call(self, i, *args, **kwargs),
                                     training)
 
-    def get_config(self):
-        at = self.__dict__.get("_colopt_in_at")
-        return {**stock.get_config(self), "colopt_ranges": [
-            at if at is not None else self._colopt_in is not None,
-            self._colopt_out is not None]}
+    get_config, from_config = _config_methods(stock.get_config,
+                                              lambda cls, config: stock.from_config(config),
+                                              [False, True])
+    return _observed(stock, base, {"call": call, "get_config": get_config,
+                                   "from_config": from_config,
+                                   "save_own_variables": compress.save_all_variables,
+                                   "load_own_variables": compress.load_all_variables})
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        ranges = config.pop("colopt_ranges", [False, True])
-        layer = stock.from_config(config)
-        observe(layer, *ranges)
-        return layer
 
-    ns = {"call": call, "get_config": get_config, "from_config": from_config,
-          "save_own_variables": compress.save_all_variables,
-          "load_own_variables": compress.load_all_variables,
-          "__module__": __name__,
-          "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."}
-    sub = type(stock.__name__, (base,), ns)
+def _observed(stock, base, ns):
+    """The observing subclass of `stock` on `base` with the methods `ns`, registered (so that
+    a saved model loads in a new process) and recorded."""
+    sub = type(stock.__name__, (base,), {
+        **ns, "__module__": __name__,
+        "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."})
     sub.__qualname__ = f"quantized.{stock.__name__}"
     keras.saving.register_keras_serializable(package="keras_colopt",
                                              name="Quantized" + stock.__name__)(sub)
     compress._OBSERVED[stock] = sub
     return sub
+
+
+def _config_methods(base_get_config, base_from_config, default_ranges):
+    """`get_config` and `from_config` of a class made by `observe`: its base's, with which of
+    its input and output have ranges (`observe` makes them again when it is loaded)."""
+    def get_config(self):
+        at = self.__dict__.get("_colopt_in_at")
+        return {**base_get_config(self), "colopt_ranges": [
+            at if at is not None else self._colopt_in is not None,
+            self._colopt_out is not None]}
+
+    def from_config(cls, config):
+        config = dict(config)
+        ranges = config.pop("colopt_ranges", default_ranges)
+        layer = base_from_config(cls, config)
+        observe(layer, *ranges)
+        return layer
+    return get_config, classmethod(from_config)
 
 
 def _normalize(layer, inputs, training: bool):
@@ -232,30 +245,10 @@ def _container_class(stock, methods):
     ranges (`methods`: the methods that compute so), on the class that carries its kernels'
     compression in its config."""
     carrying = compress._carrying_class(stock)
-
-    def get_config(self):
-        at = self.__dict__.get("_colopt_in_at")
-        return {**carrying.get_config(self), "colopt_ranges": [
-            at if at is not None else self._colopt_in is not None,
-            self._colopt_out is not None]}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        ranges = config.pop("colopt_ranges", [False, False])
-        layer = carrying.from_config.__func__(cls, config)
-        observe(layer, *ranges)
-        return layer
-
-    ns = {**methods, "get_config": get_config, "from_config": from_config,
-          "__module__": __name__,
-          "__doc__": f"A {stock.__name__} whose tensors are fake-quantized (keras_colopt)."}
-    sub = type(stock.__name__, (carrying,), ns)
-    sub.__qualname__ = f"quantized.{stock.__name__}"
-    keras.saving.register_keras_serializable(package="keras_colopt",
-                                             name="Quantized" + stock.__name__)(sub)
-    compress._OBSERVED[stock] = sub
-    return sub
+    get_config, from_config = _config_methods(carrying.get_config,
+                                              carrying.from_config.__func__, [False, False])
+    return _observed(stock, carrying, {**methods, "get_config": get_config,
+                                       "from_config": from_config})
 
 
 def observe(layer, inputs, outputs: bool) -> None:
@@ -419,6 +412,6 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
                       for sub, _ in compress.sublayers(layer) if stock is L.SeparableConv2D})
 
 
-for _stock_class in KNOWN:  # registered at import: a saved model loads in a new process
-    _observed_class(_stock_class)
+for _stock_class in (*KNOWN, *compress.CONTAINERS):  # registered at import: a saved model
+    _observed_class(_stock_class)                      # loads in a new process
 del _stock_class
