@@ -23,7 +23,9 @@ layer converts with a NEG that LiteRT runs in float, even in a post-training int
 MultiHeadAttention's projections are EinsumDense layers (the query's, key's and value's bias
 is added after a RESHAPE, so the tensor before it gets a range too); the attention between
 them (query * scale, BATCH_MATMUL, SOFTMAX, BATCH_MATMUL) is fake-quantized as LiteRT runs it,
-the softmax on the fixed grid of LiteRT's int8 SOFTMAX.
+the softmax on the fixed grid of LiteRT's int8 SOFTMAX. A SeparableConv2D runs as
+DEPTHWISE_CONV_2D then a 1x1 CONV_2D: the tensor between them is ranged, and each kernel is its
+part's (`compress.KERNEL_PARTS`), fake-quantized per channel.
 
 A layer whose int8 form this engine does not know is refused before training, by name.
 Weights need no range: `compress.fake_quant_weights` puts them on the converter's grid.
@@ -216,7 +218,8 @@ def _attention(self, query, key, value, attention_mask=None, training=None,
 
 def _separable_call(self, inputs):
     """SeparableConv2D as LiteRT runs it in int8: DEPTHWISE_CONV_2D, then (its output ranged)
-    a 1x1 CONV_2D with the bias and a fused activation, each with its part's kernel."""
+    a 1x1 CONV_2D with the bias and the activation (fused, or ranged before it where LiteRT
+    runs it on its own), each with its part's kernel."""
     ops = keras.ops
     compress.prune_parts(self)
     training = compress.is_training(self)
