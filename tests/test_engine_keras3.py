@@ -1060,3 +1060,29 @@ def test_pcqat_separable_conv_runs_as_int8_depthwise_then_pointwise(digits, tmp_
         assert w.op == ("DEPTHWISE_CONV_2D" if "depth" in name else "CONV_2D"), (name, w)
         assert w.dtype == "int8" and w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, w
     _file_agrees_and_reloads(r.model, info, xt, tmp_path)
+
+
+def test_pcqat_transposed_convolutions_run_as_int8_transpose_conv(digits, tmp_path):
+    """Conv2DTranspose and Conv1DTranspose (an upsampling decoder's layers): PCQAT ranges them
+    like a convolution and puts their kernels on the per-output-channel grid of LiteRT's
+    TRANSPOSE_CONV, whose output channels are the kernel's second-to-last axis. No float
+    tensor, zeros and clusters kept per channel, the file computing what the model computes."""
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((8, 8, 1))
+    h = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(i)
+    h = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(h)
+    h1 = L.Conv1DTranspose(6, 3, strides=2, padding="same", name="up1")(L.Reshape((8, 8))(i))
+    model = keras.Model(i, L.Dense(10, name="logits")(
+        L.Concatenate()([L.Flatten()(h), L.Flatten()(h1)])))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    r, info = _integer_pcqat_file(model, x, y, tmp_path)
+    held = {colopt.export.layer_of(w.name, ["down", "up", "up1", "logits"]): w
+            for w in colopt.export.inspect_tflite(info.path)}
+    for name in ("up", "up1"):
+        w = held[name]
+        assert w.op == "TRANSPOSE_CONV" and w.dtype == "int8" and w.per_channel_quantized, w
+        assert w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, w
+    _file_agrees_and_reloads(r.model, info, xt, tmp_path)

@@ -187,12 +187,12 @@ ADAPTERS = {
     keras.layers.DepthwiseConv2D: Adapter("kernel", None, channel_axes=2,
                                           tflite_op="DEPTHWISE_CONV_2D"),
     # (kh, kw, out, in): the output channels are the second to last axis; LiteRT's
-    # TRANSPOSE_CONV stores (out, kh, kw, in). QAT does not range it yet: post-training int8.
+    # TRANSPOSE_CONV stores (out, kh, kw, in), quantized per output channel, with its bias.
     keras.layers.Conv2DTranspose: Adapter("kernel", None, perm=(0, 1, 3, 2), input_axis=-1,
-                                          quantize=False, tflite_op="TRANSPOSE_CONV"),
+                                          tflite_op="TRANSPOSE_CONV"),
     # (k, out, in); the converter expands it to a TRANSPOSE_CONV of (out, 1, k, in).
     keras.layers.Conv1DTranspose: Adapter("kernel", None, perm=(0, 2, 1), input_axis=-1,
-                                          quantize=False, tflite_op="TRANSPOSE_CONV"),
+                                          tflite_op="TRANSPOSE_CONV"),
     # LiteRT 2.21 keeps CONV_3D in float32 in an int8 file (no int8 kernel for it).
     keras.layers.Conv3D: Adapter("kernel", _RAW, quantize=False, tflite_op="CONV_3D",
                                  tflite_dtype="float32"),
