@@ -78,6 +78,7 @@ def preflight(model, plan) -> Dict[str, List[str]]:
     """Every phase checked before any training: selections, and what this engine cannot do
     yet (quantization-aware training), refused with what to do instead."""
     skipped = {}
+    by_name = dict(walk(model))  # (preflight changes nothing in the model)
     for planned in plan:
         kind = planned.phase.kind
         if kind == "train":
@@ -103,9 +104,8 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                     "representative_data=x[:256]).")
         touched, skip = select_layers(model, planned.phase, kind)
         skipped[planned.label] = skip
-        layers = dict(walk(model))
         for name in skip:
-            layer = layers.get(name)
+            layer = by_name.get(name)
             base = compress.base_class(type(layer))
             if base in compress.ADAPTERS and not compress.reads_kernel_property(layer):
                 log.warning(
@@ -121,9 +121,8 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                 f"layers={planned.phase.layers!r}")
         if kind == "prune" and planned.phase.m_by_n is not None:
             n = planned.phase.m_by_n[1]
-            layers = dict(walk(model))
-            bad = [t for t in touched if int(compress.raw_kernel(layers[t]).shape[
-                compress.adapter(layers[t]).input_axis]) % n]
+            bad = [t for t in touched if int(compress.raw_kernel(by_name[t]).shape[
+                compress.adapter(by_name[t]).input_axis]) % n]
             if bad:
                 raise ValueError(
                     f"{planned.label}: m_by_n={planned.phase.m_by_n} groups {n} consecutive "

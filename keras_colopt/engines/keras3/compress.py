@@ -331,18 +331,23 @@ def reads_kernel_property(layer) -> bool:
     return _READS[cls]
 
 
+def _below_base(cls) -> tuple:
+    """The classes of `cls`'s MRO before the supported class it subclasses (none for that
+    class itself): where a user's subclass may redefine what the supported class does."""
+    base = base_class(cls)
+    return cls.__mro__[:cls.__mro__.index(base)] if base in cls.__mro__ else ()
+
+
 def own_call(layer) -> bool:
     """Whether the layer's class is a subclass of a supported class with a call of its own
     (what it computes around the kernel is not the supported class's)."""
-    cls, base = _stock(type(layer)), base_class(type(layer))
-    return cls is not base and any("call" in vars(c) for c in cls.__mro__[
-        :cls.__mro__.index(base)])
+    return any("call" in vars(c) for c in _below_base(_stock(type(layer))))
 
 
 def _watched_call_reads(layer, cls) -> bool:
-    a = ADAPTERS[base_class(cls)]
-    if any(a.kernel in vars(c) or (a.raw and a.raw in vars(c))
-           for c in cls.__mro__[:cls.__mro__.index(base_class(cls))]):
+    base = base_class(cls)
+    a = ADAPTERS[base]
+    if any(a.kernel in vars(c) or (a.raw and a.raw in vars(c)) for c in _below_base(cls)):
         return False  # it defines the kernel (or its variable) itself
     try:
         spec = layer.input
@@ -352,7 +357,7 @@ def _watched_call_reads(layer, cls) -> bool:
     seen = []
     # A property of the class (Dense's kernel), or the variable in the instance's dict
     # (DepthwiseConv2D's), which the probe's property then shadows.
-    stock_property = inspect.getattr_static(base_class(cls), a.kernel, None)
+    stock_property = inspect.getattr_static(base, a.kernel, None)
 
     def watched(self):
         seen.append(True)
