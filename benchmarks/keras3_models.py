@@ -10,6 +10,8 @@
     weights=None, 32x32x1)                         normalizes itself)
   text classifier (Embedding, Conv1D, Dense)     sentences of the Python standard library's
                                                    docstrings, labelled by package (below)
+  LSTM keyword spotter (LSTM(64) over the 49      synthesized keywords, as the KWT
+    frames of 10 MFCCs, Dense)
 
 Each is trained with Adam and a cosine decay to 0 (--epochs), then compiled again at Adam(1e-3),
 as users hand us models. Then, side by side:
@@ -17,9 +19,10 @@ as users hand us models. Then, side by side:
   FP32     the float model's accuracy
   PTQ      post-training int8 (to_tflite(quantization="int8")), accuracy in LiteRT
   PCQAT    Prune 50 % (2) -> Cluster 8, sparsity-preserving (2) -> PCQAT (2), the library's
-           defaults (rate probe), int8 in LiteRT. Where the engine refuses QAT (none of
-           these four since attention and LayerNormalization QAT), Prune -> Cluster then
-           post-training int8 ("P+C PTQ") and the refusal's reason.
+           defaults (rate probe), int8 in LiteRT. Where the engine refuses QAT (the
+           LSTM: LiteRT has no int8 loop to train toward), Prune -> Cluster then
+           post-training int8 ("P+C PTQ", its recurrent layer exported unrolled) and the
+           refusal's reason.
 
 and for the compressed file: gzip size; the share of the file's weight values that are
 compressed (a tensor counts when it holds >= 45 % zeros and <= 8 values per output channel),
@@ -32,7 +35,10 @@ importlib), split into sentences of 4+ words; a sentence's label is its package.
 words, the 2,000 most frequent (0 = padding, 1 = other), 24 tokens. Python's documentation is
 under the PSF licence; nothing is downloaded.
 
-Run: python benchmarks/keras3_models.py [--models kwt mnv3 effnet text]
+With --distill every phase distils from the float model (`distill=True`): rows
+"<model> (distilled)".
+
+Run: python benchmarks/keras3_models.py [--models kwt mnv3 effnet text lstm] [--distill]
      python benchmarks/keras3_models.py --smoke   (checks the script)
 Writes benchmarks/results/keras3_models_<model>.json and keras3_models.md (from every file).
 """
@@ -120,6 +126,12 @@ def text_model(classes):
     return keras.Model(i, L.Dense(classes, name="logits")(L.Dropout(0.3)(h)), name="text")
 
 
+def lstm_kws(classes, shape, units=64):
+    i = keras.Input(shape)
+    h = L.LSTM(units, name="lstm")(L.Reshape((shape[0], shape[1] * shape[2]))(i))
+    return keras.Model(i, L.Dense(classes, name="logits")(h), name="lstm_kws")
+
+
 def _bn_momentum(model, momentum=0.99):
     """Keras' MobileNetV3 sets BatchNormalization's momentum to 0.999 (for ImageNet's
     20,000 steps an epoch): in 15 epochs of 94 steps its moving statistics stay near their
@@ -149,6 +161,7 @@ MODELS = {
     "effnet": (lambda args: _fashion(args, 255.0), lambda: keras.applications.EfficientNetB0(
         input_shape=(32, 32, 1), weights=None, classes=10, classifier_activation=None), 3e-3),
     "text": (lambda args: text_data(), lambda: text_model(len(PACKAGES)), 3e-3),
+    "lstm": (_kws, lambda: lstm_kws(12, (49, 10, 1)), 3e-3),
 }
 
 
@@ -197,7 +210,7 @@ def run(name, args):
                   loss=loss, metrics=["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=args.batch, verbose=0)
     model.compile(keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    out = {"model": name, "about": about, "params": int(model.count_params()),
+    out = {"model": name + (" (distilled)" if args.distill else ""), "about": about, "params": int(model.count_params()),
            "train": len(x), "test": len(xt), "epochs": epochs,
            "float_accuracy": float(model.evaluate(xt, yt, verbose=0, batch_size=256)[1]),
            "train_seconds": round(time.time() - t0)}
@@ -214,18 +227,19 @@ def run(name, args):
         t1 = time.time()
         try:
             r = colopt.collaborative_fit(model, x, y, batch_size=args.batch, verbose=0,
-                                         phases=phases)
+                                         phases=phases, distill=args.distill or None)
             path, kind = "pcqat", "PCQAT"
         except ValueError as e:
             out["qat_refused"] = str(e).split(". Expected")[0]
             r = colopt.collaborative_fit(model, x, y, batch_size=args.batch, verbose=0,
-                                         phases=phases[:2])
+                                         phases=phases[:2], distill=args.distill or None)
             path, kind = "pc_ptq", "P+C PTQ"
         info = colopt.export.to_tflite(r.model, os.path.join(d, path + ".tflite"),
                                        quantization="int8", representative_data=x[:256])
         share, others = compressed_share(info.path)
         out["compressed"] = {
             "kind": kind, "int8_accuracy": colopt.export.evaluate_tflite(info.path, xt, yt),
+            "keras_accuracy": float(r.model.evaluate(xt, yt, verbose=0, batch_size=256)[1]),
             "gzip_bytes": info.gzip_bytes, "compressed_share": share, "not_compressed": others,
             "skipped": r.skipped, "seconds": round(time.time() - t1),
             "ethos_u55_128": ethos_u(r.model, x, d, path)}
@@ -262,6 +276,9 @@ def table(folder):
             f"{(c['int8_accuracy'] - r['float_accuracy']) * 100:+.2f} | "
             f"{p['gzip_bytes']:,} → {c['gzip_bytes']:,} | {c['compressed_share']:.1%} | "
             f"{npu_w} | {npu_t} |")
+        if "keras_accuracy" in c:
+            notes.append(f"- {r['model']}: the compressed model scores "
+                         f"{c['keras_accuracy'] * 100:.2f} in Keras (before the int8 file).")
         if r.get("qat_refused"):
             notes.append(f"- {r['model']}: QAT refused before training: {r['qat_refused']}.")
         if c["not_compressed"]:
@@ -288,12 +305,16 @@ def main():
     ap.add_argument("--kws-train", type=int, default=6000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--distill", action="store_true",
+                    help="every phase distils from the float model (distill=True); rows "
+                         "keras3_models_<model>_distill.json")
     args = ap.parse_args()
     folder = tempfile.mkdtemp() if args.smoke else RESULTS
     for name in args.models:
         out = run(name, args)
         out["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-        with open(os.path.join(folder, f"keras3_models_{name}.json"), "w") as f:
+        suffix = "_distill" if args.distill else ""
+        with open(os.path.join(folder, f"keras3_models_{name}{suffix}.json"), "w") as f:
             json.dump(out, f, indent=1)
         with open(os.path.join(folder, "keras3_models.md"), "w") as f:
             f.write(table(folder))

@@ -415,6 +415,9 @@ def _weights(path):
     model, names, types = _flatbuffer(path)
     graph = model.subgraphs[0]
     producer = {int(out): op for op in graph.operators for out in op.outputs}
+    # A weight several operators share (an unrolled recurrent layer's, one per timestep) is
+    # one tensor, listed once.
+    seen = set()
     for op in graph.operators:
         name = _op_name(model, names, op)
         if name not in _WEIGHT_OPS or len(op.inputs) < 2:
@@ -429,6 +432,9 @@ def _weights(path):
         if name == "GATHER" and (len(tensor.shape) < 2 or types[tensor.type] in ("INT32",
                                                                                  "INT64")):
             continue  # a shape or index table, not an embedding
+        if idx in seen:
+            continue
+        seen.add(idx)
         yield _described(tensor, idx), name, _array(model, tensor, types)
 
 
@@ -527,6 +533,24 @@ def layer_of(tensor_name: str, layer_names) -> str:
     return ""
 
 
+def layers_of(path, kernels) -> List[str]:
+    """The Keras layer of each weight tensor of a `.tflite` (in `inspect_tflite`'s order;
+    '' where none), among `kernels` (`kernels.effective_kernels(model)`): by its name
+    (`layer_of`), else, for a FULLY_CONNECTED weight the converter names after no layer (an
+    unrolled recurrent layer's, 'arith.constant'), the kernel of its transposed shape whose
+    signs it keeps (an LSTM's input and recurrent kernels often have the same shape)."""
+    out = []
+    for t, op_name, w in _weights(path):
+        layer = layer_of(t["name"], kernels)
+        if not layer and op_name == "FULLY_CONNECTED" and w.ndim == 2:
+            agree = {n: float(np.mean(np.sign(ks[0][1].T) == np.sign(w)))
+                     for n, ks in kernels.items() if ks[0][1].shape == w.shape[::-1]}
+            best = max(agree, key=agree.get, default="")
+            layer = best if agree.get(best, 0.0) >= 0.9 else ""
+        out.append(layer)
+    return out
+
+
 def survival(path, model=None) -> dict:
     """What survived in a `.tflite`, per weight tensor: as deployed (sparsity, unique values
     per tensor and per output channel, stored bytes and their gzip size) and, given the
@@ -543,16 +567,17 @@ def survival(path, model=None) -> dict:
         >>> for row in survival("model.tflite", model)["layers"]:
         ...     print(row["layer"], row["keras_sparsity"], "->", row["sparsity"])
     """
-    keras = {}
+    keras, layers = {}, None
     if model is not None:
-        from keras_colopt.kernels import layer_stats
+        from keras_colopt.kernels import effective_kernels, layer_stats
 
-        keras = layer_stats(model)
+        kernels = effective_kernels(model)
+        keras, layers = layer_stats(model, kernels=kernels), layers_of(path, kernels)
     order = {name: i for i, name in enumerate(keras)}
     rows = []
-    for t, op_name, w in _weights(path):
+    for i, (t, op_name, w) in enumerate(_weights(path)):
         d = _describe(t, op_name, w)
-        layer = layer_of(d.name, keras) if keras else ""
+        layer = layers[i] if layers else ""
         k = keras.get(layer)
         rows.append({"layer": layer, "tensor": d.name, "op": d.op, "dtype": d.dtype,
                      "shape": list(d.shape), "sparsity": d.sparsity, "unique": d.unique,

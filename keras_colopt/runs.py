@@ -20,13 +20,15 @@ def layer_summary(model, tflite_path) -> list:
     the `.tflite` (read back with `export.inspect_tflite`); `None` where the `.tflite` has no
     weight tensor of that layer."""
     from keras_colopt import export
-    from keras_colopt.kernels import layer_stats
+    from keras_colopt.kernels import effective_kernels, layer_stats
 
-    keras_stats = layer_stats(model)
+    kernels = effective_kernels(model)
+    keras_stats = layer_stats(model, kernels=kernels)
     deployed = export.inspect_tflite(tflite_path)
+    of = export.layers_of(tflite_path, kernels)
     layers = []
     for name, s in keras_stats.items():
-        tfl = [w for w in deployed if export.layer_of(w.name, keras_stats) == name]
+        tfl = [w for w, layer in zip(deployed, of) if layer == name]
         layers.append({
             "layer": name, "weights": s.size, "keras_sparsity": s.sparsity,
             "keras_unique": s.unique, "keras_unique_per_channel": s.unique_per_channel_max,

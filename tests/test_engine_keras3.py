@@ -2,6 +2,9 @@
 structure, clustering per tensor and per channel with its zeros, and saving a compressed
 model with its masks and centroids."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
@@ -186,7 +189,8 @@ def test_compressed_model_loads_in_a_new_process_that_imports_keras_colopt(digit
     m = keras.Model(i, L.Dense(10, name="dense")(L.Flatten()(h)))
     m.compile(optimizer="adam", metrics=["accuracy"],
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    r = colopt.collaborative_fit(m, x[:256], y[:256], batch_size=32, verbose=0, phases=[
+    r = colopt.collaborative_fit(m, x[:256], y[:256], batch_size=32, verbose=0,
+                                 rate_policy="compiled", phases=[  # (loading: no rate probe)
         colopt.Prune(sparsity=0.5, epochs=1), colopt.Cluster(clusters=4, epochs=1),
         colopt.Quantize(epochs=1)])
     path = str(tmp_path / "pcqat.keras")
@@ -438,8 +442,9 @@ def _integer_pcqat_file(model, x, y, tmp_path):
     """`model` trained 2 epochs, then Prune 0.5 -> Cluster 8 -> PCQAT (1 each) and its int8
     file, which must hold no float tensor: (result, ExportInfo)."""
     model.fit(x, y, epochs=2, verbose=0)
-    r = colopt.collaborative_fit(model, x, y, batch_size=64, verbose=0, phases=[
-        colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
+    r = colopt.collaborative_fit(  # (the file's form is checked: no rate probe)
+        model, x, y, batch_size=64, verbose=0, rate_policy="compiled", phases=[
+            colopt.Prune(0.5, epochs=1), colopt.Cluster(8, epochs=1), colopt.Quantize(epochs=1)])
     assert r.plan.phases[-1].label == "PCQAT"
     info = colopt.export.to_tflite(r.model, tmp_path / "m.tflite", quantization="int8")
     assert colopt.export.inner_float_tensors(info.path) == []
@@ -568,6 +573,92 @@ def test_quantize_refuses_attention_and_normalization_it_cannot_run(digits):
         colopt.collaborative_fit(model, x, y, verbose=0, callbacks=[seen], phases=[
             colopt.Prune(0.5, epochs=1), colopt.Quantize(epochs=1)])
     assert seen.steps == 0
+
+
+def _recurrent_model(rnn, timesteps=8):
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((timesteps, 8))
+    h = rnn(name="rnn")(i)
+    model = keras.Model(i, L.Dense(10, name="logits")(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_quantize_refuses_a_recurrent_layer_naming_the_post_training_path(digits):
+    """LiteRT has no int8 recurrent loop to train toward: an LSTM (and a Bidirectional GRU,
+    which the engine does not compress) is refused by name before training, with what works."""
+    (x, y), _ = digits
+    x = x.reshape(-1, 8, 8)
+    L = keras.layers
+    for rnn, named in ((lambda name: L.LSTM(8, name=name), "rnn (LSTM: "),
+                       (lambda name: L.Bidirectional(L.GRU(4), name=name),
+                        "rnn (Bidirectional: ")):
+        seen = _Seen()
+        with pytest.raises(ValueError, match=re.escape(named) + r".*unrolled.*post-training"):
+            colopt.collaborative_fit(_recurrent_model(rnn), x, y, verbose=0, callbacks=[seen],
+                                     phases=[colopt.Prune(0.5, epochs=1),
+                                             colopt.Quantize(epochs=1)])
+        assert seen.steps == 0
+
+
+def test_int8_export_of_a_recurrent_loop_converts_it_unrolled(digits, tmp_path, caplog):
+    """LiteRT's int8 converter crashes the process on a recurrent layer's WHILE loop: the
+    export converts a copy unrolled over the fixed timesteps (said in the log), whose file is
+    integer FULLY_CONNECTED per timestep and computes what the model computes; the user's
+    model keeps its loop. Float export keeps the loop (a WHILE, converted at batch 1). A
+    sequence of any length cannot be unrolled: a clear error, before the converter runs."""
+    (x, y), (xt, _) = digits
+    x, xt = x.reshape(-1, 8, 8), xt.reshape(-1, 8, 8)
+    model = _recurrent_model(lambda name: keras.layers.GRU(8, name=name))
+    model.fit(x, y, epochs=2, verbose=0)
+    with caplog.at_level(logging.INFO, logger="keras_colopt"):
+        info = colopt.export.to_tflite(model, tmp_path / "m.tflite", quantization="int8",
+                                       representative_data=x[:64], io="int8")
+    assert "recurrent layer(s) ['rnn'] converted unrolled" in caplog.text
+    assert model.get_layer("rnn").unroll is False
+    assert colopt.export.inner_float_tensors(info.path) == []
+    assert "WHILE" not in colopt.export.operators(info.path)
+    ours, theirs = (colopt.export.predict_tflite(info.path, xt[:128]),
+                    model.predict(xt[:128], verbose=0))
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+    fp = colopt.export.to_tflite(model, tmp_path / "f.tflite", quantization="none")
+    assert "WHILE" in colopt.export.operators(fp.path)
+    np.testing.assert_allclose(colopt.export.predict_tflite(fp.path, xt[:8]),
+                               model.predict(xt[:8], verbose=0), atol=1e-4)
+    free = _recurrent_model(lambda name: keras.layers.LSTM(8, name=name), timesteps=None)
+    with pytest.raises(ValueError, match=r"\['rnn'\] take sequences of any length.*"
+                                         r"keras.Input\(\(timesteps, features\)\)"):
+        colopt.export.to_tflite(free, tmp_path / "x.tflite", quantization="int8",
+                                representative_data=x[:8])
+
+
+def test_a_recurrent_model_resumes_its_pruning_on_schedule(digits, tmp_path):
+    """Stopped in the middle of a Prune phase and resumed from its checkpoint, an LSTM's
+    pruning goes on from its step (the state of the cell's kernel parts is in the
+    checkpoint), and the run ends as an uninterrupted one does. (Without them in it, the
+    resumed parts started their schedule again from the phase's entry.)"""
+    (x, y), _ = digits
+    x, y = x[:128].reshape(-1, 8, 8), y[:128]
+
+    def fit(ckpt, callbacks=()):
+        return colopt.collaborative_fit(
+            _recurrent_model(lambda name: keras.layers.LSTM(8, name=name)), x, y,
+            phases=[colopt.Prune(sparsity=0.6, epochs=3)], batch_size=64, verbose=0,
+            shuffle=False, checkpoint_dir=ckpt, callbacks=list(callbacks))
+
+    class StopAt1(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                self.model.stop_training = True
+
+    whole = fit(tmp_path / "whole")
+    assert fit(tmp_path / "cut", [StopAt1()]).history.epoch == [0]
+    resumed = fit(tmp_path / "cut")
+    assert resumed.resumed_at == 1
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _hard_swish_model(chained=False):

@@ -199,9 +199,9 @@ def test_mobilenet_backbone_through_pcqat_into_the_tflite(tmp_path, caplog):
     x = rng.random((64, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, 64)
     with caplog.at_level("INFO", logger="keras_colopt"):
-        r = colopt.collaborative_fit(model, x, y, phases=[
+        r = colopt.collaborative_fit(model, x, y, phases=[  # (random data: no rate probe)
             Prune(sparsity=0.5, epochs=2), Cluster(clusters=8, epochs=1), Quantize(epochs=1)],
-            batch_size=32, verbose=0, log_dir=tmp_path / "logs")
+            batch_size=32, verbose=0, log_dir=tmp_path / "logs", rate_policy="compiled")
     bb = backbone.name
     depthwise = [f"{bb}/{l.name}" for l in backbone.layers
                  if isinstance(l, keras.layers.DepthwiseConv2D)]

@@ -90,7 +90,7 @@ def preflight(model, plan) -> Dict[str, List[str]]:
                           if "(keras.ops" not in n}
                 kinds = (f" (type {sorted({type(l).__name__ for l in layers.values()})})"
                          if layers else "")
-                known = sorted({c.__name__ for c in (*quantize.KNOWN, *compress.CONTAINERS)}
+                known = sorted({c.__name__ for c in (*quantize.KNOWN, *quantize.CONTAINERS)}
                                - {"InputLayer"})
                 raise ValueError(
                     f"{planned.label}: the Keras 3 engine does not know how LiteRT quantizes "

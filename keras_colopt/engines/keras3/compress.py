@@ -186,6 +186,9 @@ ADAPTERS = {
     keras.layers.Conv2D: Adapter("kernel", _RAW),
     keras.layers.DepthwiseConv2D: Adapter("kernel", None, channel_axes=2,
                                           tflite_op="DEPTHWISE_CONV_2D"),
+    # (k, in, multiplier): LiteRT runs it as a DEPTHWISE_CONV_2D of one row (QAT: not yet).
+    keras.layers.DepthwiseConv1D: Adapter("kernel", None, channel_axes=2, quantize=False,
+                                          tflite_op="DEPTHWISE_CONV_2D"),
     # (kh, kw, out, in): the output channels are the second to last axis; LiteRT's
     # TRANSPOSE_CONV stores (out, kh, kw, in), quantized per output channel, with its bias.
     keras.layers.Conv2DTranspose: Adapter("kernel", None, perm=(0, 1, 3, 2), input_axis=-1,
@@ -258,19 +261,50 @@ _CARRYING = {}  # stock container class -> its subclass that carries its sublaye
 # (MultiHeadAttention's EinsumDense projections): the engine compresses those in place, and
 # the container's config carries their compression, so that a copy or a loaded model builds
 # them with the same variables (its own build makes stock ones).
+def _separable_parts(layer) -> list:
+    """A SeparableConv2D's (SeparableConv1D's) depthwise and pointwise kernels as a
+    DepthwiseConv2D and a 1x1 Conv2D (their 1-D forms) that hold its own two variables
+    (LiteRT runs it as exactly those two operators)."""
+    one_d = _stock(type(layer)) is keras.layers.SeparableConv1D
+    depthwise, conv = ((keras.layers.DepthwiseConv1D, keras.layers.Conv1D) if one_d
+                       else (keras.layers.DepthwiseConv2D, keras.layers.Conv2D))
+    dw = depthwise(layer.kernel_size, use_bias=False, name="depthwise",
+                   depth_multiplier=layer.depth_multiplier)
+    pw = conv(layer.filters, 1, use_bias=False, name="pointwise")
+    object.__setattr__(dw, "kernel", layer.__dict__["depthwise_kernel"])
+    object.__setattr__(pw, _RAW, layer.__dict__["pointwise_kernel"])
+    return [dw, pw]
+
+
+def _recurrent_parts(cell) -> list:
+    """A recurrent cell's (LSTM's, GRU's, SimpleRNN's) input and recurrent kernels,
+    `(inputs, gates * units)` and `(units, gates * units)`, as two Dense layers holding its
+    own two variables: a FULLY_CONNECTED each, per timestep, in LiteRT (the gates' units are
+    the output channels)."""
+    parts = []
+    for attr in ("kernel", "recurrent_kernel"):
+        var = cell.__dict__[attr]
+        part = keras.layers.Dense(int(var.shape[-1]), use_bias=False, name=attr)
+        object.__setattr__(part, _RAW, var)
+        parts.append(part)
+    return parts
+
+
+SEPARABLE = (keras.layers.SeparableConv2D, keras.layers.SeparableConv1D)
+_PART_MAKERS = {**{sep: _separable_parts for sep in SEPARABLE},
+                **{cell: _recurrent_parts for cell in (keras.layers.LSTMCell,
+                                                       keras.layers.GRUCell,
+                                                       keras.layers.SimpleRNNCell)}}
+
+
 def _kernel_parts(layer) -> list:
-    """A SeparableConv2D's depthwise and pointwise kernels as a DepthwiseConv2D and a 1x1 Conv2D
-    that hold its own two variables (LiteRT runs it as exactly those two operators), made once
-    per layer: each kernel is then compressed by its own class's adapter, and the variables of
-    their compression are the SeparableConv2D's (`_owner`), which saves and trains them."""
+    """A layer's kernels as layers of the classes whose operators LiteRT runs them as
+    (`_PART_MAKERS`), made once per layer: each kernel is then compressed by its own class's
+    adapter, and the variables of their compression are the layer's (`_owner`), which saves
+    and trains them."""
     parts = _PARTS.get(layer)
     if parts is None:
-        dw = keras.layers.DepthwiseConv2D(layer.kernel_size, use_bias=False, name="depthwise",
-                                          depth_multiplier=layer.depth_multiplier)
-        pw = keras.layers.Conv2D(layer.filters, 1, use_bias=False, name="pointwise")
-        object.__setattr__(dw, "kernel", layer.__dict__["depthwise_kernel"])
-        object.__setattr__(pw, _RAW, layer.__dict__["pointwise_kernel"])
-        parts = [dw, pw]
+        parts = _PART_MAKERS[_stock(type(layer))](layer)
         for part in parts:
             _OWNERS[part] = weakref.ref(layer)
             part.built = True
@@ -291,12 +325,24 @@ def _owner(layer):
     return layer if ref is None else ref()
 
 
+# Recurrent layers: their cell computes with the kernels, once per timestep.
+RECURRENT = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
 # Layers whose compressible kernels are other layers': `layer -> [sublayer]`. The sublayers are
-# compressed in place and named by path ('mha/query', 'sep/depthwise').
+# compressed in place and named by path ('mha/query', 'sep/depthwise', 'lstm/kernel').
 CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections,
-              keras.layers.SeparableConv2D: _kernel_parts}
-# Containers whose own attributes are their parts' kernels (the attribute -> the part's index).
-KERNEL_PARTS = {keras.layers.SeparableConv2D: {"depthwise_kernel": 0, "pointwise_kernel": 1}}
+              **{sep: _kernel_parts for sep in SEPARABLE},
+              **{rnn: lambda layer: _kernel_parts(layer.cell) for rnn in RECURRENT}}
+# Layers whose own attributes are their parts' kernels (the attribute -> the part's index):
+# a container itself, or a recurrent layer's cell (`kernel_holder`).
+_RECURRENT_KERNELS = {"kernel": 0, "recurrent_kernel": 1}
+KERNEL_PARTS = {**{sep: {"depthwise_kernel": 0, "pointwise_kernel": 1} for sep in SEPARABLE},
+                **{cell: _RECURRENT_KERNELS for cell in _PART_MAKERS if cell not in SEPARABLE}}
+
+
+def kernel_holder(container):
+    """The layer whose attributes are a container's kernels: a recurrent layer's cell, or the
+    container itself."""
+    return container.cell if _stock(type(container)) in RECURRENT else container
 
 
 def adapter(layer) -> Optional[Adapter]:
@@ -765,6 +811,16 @@ def carry(container) -> None:
     ranged = getattr(container, "_colopt_inner", None) is not None  # (`quantize.observe`)
     object.__setattr__(container, "__class__", _OBSERVED[stock] if ranged
                        else _carrying_class(stock) if held else stock)
+    _carry_cell(container, held)
+
+
+def _carry_cell(container, held: bool) -> None:
+    """A recurrent layer's cell reads its kernels from its parts while any is compressed
+    (`KERNEL_PARTS`), and as its stock class does otherwise."""
+    holder = kernel_holder(container)
+    if holder is not container:
+        cell = _stock(type(holder))
+        object.__setattr__(holder, "__class__", _carrying_class(cell) if held else cell)
 
 
 def _carrying_class(stock):
@@ -791,6 +847,7 @@ def _carrying_class(stock):
                 _swap(sub)
                 object.__setattr__(sub, "_colopt_pending", state)
                 _materialize(sub)
+            _carry_cell(container, bool(saved))
         after_build(layer, materialize_sublayers)
         return layer
 
@@ -800,10 +857,23 @@ def _carrying_class(stock):
         ns.update({attr: property(functools.partial(_part_kernel, attr=attr, index=i),
                                           _own_kernel(attr))
                    for attr, i in KERNEL_PARTS[stock].items()})
-
+    if stock in KERNEL_PARTS and stock in CONTAINERS:
         def call(self, *args, **kwargs):
             prune_parts(self)
             return stock.call(self, *args, **kwargs)
+        ns["call"] = call
+    elif stock in RECURRENT:
+        def call(self, *args, **kwargs):
+            # One pruning step per call, not per timestep, and the effective kernels computed
+            # once for all timesteps (the cell reads them at every one).
+            prune_parts(self)
+            cell = self.cell
+            cell.__dict__["_colopt_now"] = {attr: _kernel_parts(cell)[i].kernel
+                                            for attr, i in _RECURRENT_KERNELS.items()}
+            try:
+                return stock.call(self, *args, **kwargs)
+            finally:
+                cell.__dict__.pop("_colopt_now", None)
         ns["call"] = call
     sub = type(stock.__name__, (stock,), ns)
     sub.__qualname__ = f"carrying.{stock.__name__}"
@@ -816,7 +886,7 @@ def prune_parts(layer) -> None:
     """One training step of pruning for each kernel part of `layer` (the parts are not called
     themselves: the layer computes with their kernels)."""
     if is_training(layer):
-        for part in _kernel_parts(layer):
+        for part in _kernel_parts(kernel_holder(layer)):
             spec = getattr(part, "_colopt_spec", None)
             if spec is not None and spec.prune is not None:
                 _update_mask(part, spec.prune)
@@ -825,7 +895,8 @@ def prune_parts(layer) -> None:
 def _part_kernel(self, attr, index):
     if not self.built:  # being built (or loaded): the variable itself, or None before it
         return self.__dict__.get(attr)
-    return _kernel_parts(self)[index].kernel
+    now = self.__dict__.get("_colopt_now")  # computed once for this call (a recurrent cell)
+    return now[attr] if now is not None else _kernel_parts(self)[index].kernel
 
 
 def _own_kernel(attr):
@@ -1153,6 +1224,6 @@ def kernel_centroids(view: np.ndarray, k: int, method: str, rng: np.random.Gener
 
 for _stock_class in SUPPORTED:  # registered at import: a saved model loads in a new process
     _compressible_class(_stock_class)
-for _stock_class in CONTAINERS:
+for _stock_class in (*CONTAINERS, *KERNEL_PARTS):
     _carrying_class(_stock_class)
 del _stock_class

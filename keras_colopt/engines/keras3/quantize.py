@@ -59,6 +59,13 @@ KNOWN = SAME_SCALE + RANGED
 # operator on a tensor and a constant (the converter quantizes the constant).
 CONSTANT_ARITHMETIC = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 _FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
+# The containers whose computation QAT ranges (not a SeparableConv1D yet, nor a recurrent
+# layer: `RECURRENT_REFUSAL`).
+CONTAINERS = (L.MultiHeadAttention, L.SeparableConv2D)
+RECURRENT_REFUSAL = (
+    "LiteRT has no int8 form of its loop, so QAT cannot train it as the file will run; its "
+    "kernels take Prune and Cluster, and the post-training int8 export converts it unrolled "
+    "over its fixed timesteps")
 
 
 def _layer_norm_rows(layer) -> int:
@@ -381,9 +388,10 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
                           for sub, s in compress.sublayers(layer)})
             continue
         why = (layer_norm_refusal(layer, node_of[id(layer)])
-               if stock is L.LayerNormalization else None)
+               if stock is L.LayerNormalization else RECURRENT_REFUSAL
+               if isinstance(layer, L.RNN) or stock is L.Bidirectional else None)
         if why:
-            unknown.append(f"{name} (LayerNormalization: {why})")
+            unknown.append(f"{name} ({stock.__name__}: {why})")
             continue
         if not (compress.quantizable(layer) or stock in KNOWN):
             unknown.append(name)
@@ -415,6 +423,6 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
                       for sub, _ in compress.sublayers(layer) if stock is L.SeparableConv2D})
 
 
-for _stock_class in (*KNOWN, *compress.CONTAINERS):  # registered at import: a saved model
-    _observed_class(_stock_class)                      # loads in a new process
+for _stock_class in (*KNOWN, *CONTAINERS):  # registered at import: a saved model loads in a
+    _observed_class(_stock_class)            # new process
 del _stock_class

@@ -14,6 +14,8 @@ from keras_colopt.engines import _flavour
 from keras_colopt.engines.keras3 import compat
 from keras_colopt.engines.keras3._deps import keras, tf
 
+log = logging.getLogger("keras_colopt")
+
 
 def check_callbacks(callbacks) -> list:
     return _flavour.check_callbacks(keras, callbacks, "Keras 3", "tf_keras")
@@ -133,14 +135,23 @@ def is_progbar(callback) -> bool:
     return isinstance(callback, keras.callbacks.ProgbarLogger)
 
 
+def _state(model):
+    """What a checkpoint holds: the optimizer, and every variable of the model by position
+    (as `get_weights` orders them). A TF checkpoint follows attributes, and a Keras 3 layer's
+    variables are reachable so only where the engine set them (its masks on the layer): the
+    compression state of a kernel part (a SeparableConv2D's, a recurrent cell's, held by the
+    layer) and non-trainable variables such as BatchNormalization's statistics are not."""
+    return tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                               variables=list(model.weights))
+
+
 def save_state(model, path: str) -> None:
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(path)
+    _state(model).write(path)
 
 
 def restore_state(model, path: str) -> None:
     model.optimizer.build(model.trainable_variables)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-        path).assert_existing_objects_matched()
+    _state(model).read(path).assert_existing_objects_matched()
 
 
 def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool = False,
@@ -158,6 +169,10 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
             "(model.save('model.keras')), then export it in a process with "
             "KERAS_BACKEND=tensorflow: keras_colopt.export.to_tflite("
             "keras.models.load_model('model.keras'), 'model.tflite').")
+    loops = recurrent_loops(model)
+    if loops and quantization == "int8":
+        model = _unrolled(model, loops)
+        loops = []
     with tempfile.TemporaryDirectory() as folder:
         tf_log = logging.getLogger("tensorflow")
         level = tf_log.level
@@ -165,8 +180,10 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # A recurrent loop converts to a WHILE only with every shape static.
                 model.export(folder, format="tf_saved_model", verbose=False,
-                             input_signature=_static_signature(model) if io == "int8" else None)
+                             input_signature=_static_signature(model)
+                             if io == "int8" or loops else None)
         finally:
             tf_log.setLevel(level)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
@@ -182,6 +199,71 @@ def to_tflite_bytes(model, quantization: str, representative=None, sparse: bool 
         if io == "int8":
             converter.inference_input_type = converter.inference_output_type = tf.int8
         return converter.convert()
+
+
+def recurrent_loops(model) -> list:
+    """The recurrent layers of `model` (inside nested models and Bidirectional too) that run
+    their timesteps as a loop (`unroll=False`): `[(path name, the layer called in the model:
+    the recurrent layer or its Bidirectional)]`."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out += [(f"{layer.name}/{n}", l) for n, l in recurrent_loops(layer)]
+        elif isinstance(layer, keras.layers.Bidirectional):
+            out += [(f"{layer.name}/{l.name}", layer) for l in (layer.forward_layer,
+                                                                layer.backward_layer)
+                    if not l.unroll]
+        elif isinstance(layer, keras.layers.RNN) and not layer.unroll:
+            out.append((layer.name, layer))
+    return out
+
+
+def _unrolled(model, loops):
+    """A copy of `model` whose recurrent layers are unrolled over their timesteps (same
+    weights, same function): LiteRT converts a recurrent loop to a WHILE that its int8
+    quantizer cannot take (the converter crashes the process on it: measured with LSTM, GRU
+    and SimpleRNN), and an unrolled one to int8 FULLY_CONNECTED, LOGISTIC, TANH, MUL and ADD
+    operators per timestep."""
+    names = [n for n, _ in loops]
+    free = [n for n, called in loops if _timesteps(called) is None]
+    if free:
+        raise ValueError(
+            f"Cannot export an int8 .tflite of model '{model.name}': its recurrent layer(s) "
+            f"{free} take sequences of any length, and LiteRT's int8 converter takes a "
+            "recurrent layer only unrolled over a fixed number of timesteps. Expected a model "
+            "input with a fixed sequence length, e.g. keras.Input((timesteps, features)). "
+            "Build the model with one, or export with quantization='dynamic' or 'float16'.")
+
+    def unroll(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.RNN):
+            config["unroll"] = True
+        elif isinstance(layer, keras.layers.Bidirectional):
+            for key in ("layer", "backward_layer"):
+                if config.get(key):
+                    config[key]["config"]["unroll"] = True
+        return layer.__class__.from_config(config)
+    try:
+        copy = keras.models.clone_model(model, clone_function=unroll, recursive=True)
+    except Exception as e:  # noqa: BLE001 (a subclassed model: no config to clone from)
+        raise ValueError(
+            f"Cannot export an int8 .tflite of model '{model.name}': its recurrent layer(s) "
+            f"{names} convert to a loop LiteRT's int8 converter cannot take, and the model "
+            f"could not be copied with them unrolled ({type(e).__name__}: {e}). Expected a "
+            "Sequential or functional model. Build its recurrent layers with unroll=True, or "
+            "export with quantization='dynamic' or 'float16'.") from None
+    copy.set_weights(model.get_weights())
+    log.info("int8 export of model '%s': recurrent layer(s) %s converted unrolled over their "
+             "timesteps (LiteRT's int8 converter cannot quantize their loop); the model is "
+             "unchanged.", model.name, names)
+    return copy
+
+
+def _timesteps(layer):
+    try:
+        return layer.input.shape[1]
+    except (AttributeError, ValueError, IndexError):
+        return None
 
 
 def _static_signature(model):
