@@ -18,7 +18,8 @@ as users hand us models. Then, side by side:
 
   FP32     the float model's accuracy
   PTQ      post-training int8 (to_tflite(quantization="int8")), accuracy in LiteRT
-  PCQAT    Prune 50 % (2) -> Cluster 8, sparsity-preserving (2) -> PCQAT (2), the library's
+  PCQAT    Prune 50 % (2) -> Cluster 8, sparsity-preserving (2) -> PCQAT (2; other epochs
+           with --phase-epochs, e.g. the origin table's 4 3 2), the library's
            defaults (rate probe), int8 in LiteRT. Where the engine refuses QAT (the
            LSTM: LiteRT has no int8 loop to train toward), Prune -> Cluster then
            post-training int8 ("P+C PTQ", its recurrent layer exported unrolled) and the
@@ -210,7 +211,10 @@ def run(name, args):
                   loss=loss, metrics=["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=args.batch, verbose=0)
     model.compile(keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    out = {"model": name + (" (distilled)" if args.distill else ""), "about": about, "params": int(model.count_params()),
+    label = name + (" (distilled)" if args.distill else "") + (
+        "" if args.phase_epochs == [2, 2, 2] else
+        f" ({'/'.join(map(str, args.phase_epochs))} epochs)")
+    out = {"model": label, "phase_epochs": args.phase_epochs, "about": about, "params": int(model.count_params()),
            "train": len(x), "test": len(xt), "epochs": epochs,
            "float_accuracy": float(model.evaluate(xt, yt, verbose=0, batch_size=256)[1]),
            "train_seconds": round(time.time() - t0)}
@@ -221,9 +225,9 @@ def run(name, args):
         out["ptq"] = {"int8_accuracy": colopt.export.evaluate_tflite(ptq.path, xt, yt),
                       "gzip_bytes": ptq.gzip_bytes, "ethos_u55_128": ethos_u(model, x, d, "ptq")}
         print(name, "PTQ", out["ptq"], flush=True)
-        pe = 1 if args.smoke else 2
-        phases = [colopt.Prune(0.5, epochs=pe), colopt.Cluster(8, epochs=pe),
-                  colopt.Quantize(epochs=pe)]
+        pe = [1, 1, 1] if args.smoke else args.phase_epochs
+        phases = [colopt.Prune(0.5, epochs=pe[0]), colopt.Cluster(8, epochs=pe[1]),
+                  colopt.Quantize(epochs=pe[2])]
         t1 = time.time()
         try:
             r = colopt.collaborative_fit(model, x, y, batch_size=args.batch, verbose=0,
@@ -265,10 +269,11 @@ def table(folder):
     for r in rows:
         c, p = r["compressed"], r["ptq"]
         pu, cu = p["ethos_u55_128"], c["ethos_u55_128"]
-        npu_w = (f"{pu['weight_bytes']:,} → {cu['weight_bytes']:,}"
-                 if "weight_bytes" in pu and "weight_bytes" in cu else "—")
-        npu_t = (f"{pu['latency_ms'] * 1000:.0f} → {cu['latency_ms'] * 1000:.0f} µs"
-                 if "latency_ms" in pu and "latency_ms" in cu else "—")
+        # "—": Vela refused that file (its reason in the notes)
+        npu_w = " → ".join(f"{u['weight_bytes']:,}" if "weight_bytes" in u else "—"
+                           for u in (pu, cu))
+        npu_t = " → ".join(f"{u['latency_ms'] * 1000:.0f}" if "latency_ms" in u else "—"
+                           for u in (pu, cu)) + " µs"
         lines.append(
             f"| {r['model']} ({r['params']:,}) | {r['about']['dataset']} | "
             f"{r['float_accuracy'] * 100:.2f} | {p['int8_accuracy'] * 100:.2f} | "
@@ -305,6 +310,10 @@ def main():
     ap.add_argument("--kws-train", type=int, default=6000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--phase-epochs", type=int, nargs=3, default=[2, 2, 2],
+                    metavar=("PRUNE", "CLUSTER", "QUANTIZE"),
+                    help="epochs of the three phases; other than 2 2 2: rows "
+                         "keras3_models_<model>_<p>-<c>-<q>.json")
     ap.add_argument("--distill", action="store_true",
                     help="every phase distils from the float model (distill=True); rows "
                          "keras3_models_<model>_distill.json")
@@ -313,7 +322,9 @@ def main():
     for name in args.models:
         out = run(name, args)
         out["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-        suffix = "_distill" if args.distill else ""
+        suffix = ("_distill" if args.distill else "") + (
+            "" if args.phase_epochs == [2, 2, 2] else
+            "_" + "-".join(map(str, args.phase_epochs)))
         with open(os.path.join(folder, f"keras3_models_{name}{suffix}.json"), "w") as f:
             json.dump(out, f, indent=1)
         with open(os.path.join(folder, "keras3_models.md"), "w") as f:

@@ -409,33 +409,37 @@ class TFLiteWeight:
 def _weights(path):
     """(tensor description, op name, stored array) of every stored weight tensor of a
     `.tflite`: the filters of CONV_2D, FULLY_CONNECTED, DEPTHWISE_CONV_2D, ... (following a
-    DEQUANTIZE for float16/dynamic files), in op order, read from the file's flatbuffer.
+    DEQUANTIZE for float16/dynamic files), in op order, read from the file's flatbuffer, in
+    every subgraph (a recurrent loop's kernels are in its WHILE's body).
     A description is `{"name", "index", "quantization_parameters": {"scales",
     "zero_points", "quantized_dimension"}}`, as LiteRT's tensor details name them."""
     model, names, types = _flatbuffer(path)
-    graph = model.subgraphs[0]
-    producer = {int(out): op for op in graph.operators for out in op.outputs}
-    # A weight several operators share (an unrolled recurrent layer's, one per timestep) is
-    # one tensor, listed once.
-    seen = set()
-    for op in graph.operators:
-        name = _op_name(model, names, op)
-        if name not in _WEIGHT_OPS or len(op.inputs) < 2:
-            continue
-        idx = int(op.inputs[_WEIGHT_INPUT.get(name, 1)])
-        src = producer.get(idx)
-        if src is not None and _op_name(model, names, src) == "DEQUANTIZE":  # float16 / dynamic weights
-            idx = int(src.inputs[0])
-        elif src is not None:
-            continue  # a computed tensor, not a stored weight
-        tensor = graph.tensors[idx]
-        if name == "GATHER" and (len(tensor.shape) < 2 or types[tensor.type] in ("INT32",
-                                                                                 "INT64")):
-            continue  # a shape or index table, not an embedding
-        if idx in seen:
-            continue
-        seen.add(idx)
-        yield _described(tensor, idx), name, _array(model, tensor, types)
+    for graph in model.subgraphs:
+        producer = {int(out): op for op in graph.operators for out in op.outputs}
+        # A weight several operators share (an unrolled recurrent layer's, one per timestep)
+        # is one tensor, listed once.
+        seen = set()
+        for op in graph.operators:
+            name = _op_name(model, names, op)
+            if name not in _WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            idx = int(op.inputs[_WEIGHT_INPUT.get(name, 1)])
+            src = producer.get(idx)
+            if src is not None and _op_name(model, names, src) == "DEQUANTIZE":
+                idx = int(src.inputs[0])  # float16 / dynamic weights
+            elif src is not None:
+                continue  # a computed tensor, not a stored weight
+            tensor = graph.tensors[idx]
+            buffer = model.buffers[tensor.buffer]
+            if buffer.data is None and not getattr(buffer, "offset", 0):
+                continue  # a subgraph's input (a WHILE body's), not a stored weight
+            if name == "GATHER" and (len(tensor.shape) < 2 or types[tensor.type] in (
+                    "INT32", "INT64")):
+                continue  # a shape or index table, not an embedding
+            if idx in seen:
+                continue
+            seen.add(idx)
+            yield _described(tensor, idx), name, _array(model, tensor, types)
 
 
 def _described(tensor, index) -> dict:

@@ -625,6 +625,11 @@ def test_int8_export_of_a_recurrent_loop_converts_it_unrolled(digits, tmp_path, 
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
     fp = colopt.export.to_tflite(model, tmp_path / "f.tflite", quantization="none")
     assert "WHILE" in colopt.export.operators(fp.path)
+    # Both kernels found in the file: in the WHILE's body, and in the int8 file unrolled.
+    kernels = colopt.callbacks.effective_kernels(model)
+    for path in (fp.path, info.path):
+        assert {"rnn/kernel", "rnn/recurrent_kernel"} <= set(
+            colopt.export.layers_of(path, kernels)), path
     np.testing.assert_allclose(colopt.export.predict_tflite(fp.path, xt[:8]),
                                model.predict(xt[:8], verbose=0), atol=1e-4)
     free = _recurrent_model(lambda name: keras.layers.LSTM(8, name=name), timesteps=None)
