@@ -528,9 +528,12 @@ def layer_of(tensor_name: str, layer_names) -> str:
         rest = iter(parts)
         return all(any(names(p, own) for p in rest) for own in path.split("/"))
     ordered = sorted(layer_names, key=len, reverse=True)
-    # A whole path first (a MultiHeadAttention's 'mha_2/query' among several 'query'), then
-    # its last component (where the file does not name the nested model).
-    for name in [n for n in ordered if "/" in n and in_order(n)] + ordered:
+    paths = [n for n in ordered if "/" in n]
+    # A whole path first (a MultiHeadAttention's 'mha_2/query' among several 'query'), then a
+    # layer's own name, then a path's last component (where the file does not name the nested
+    # model): a DepthwiseConv2D 'dw' is not a SeparableConv2D's 'sep/depthwise'.
+    for name in ([n for n in paths if in_order(n)] + [n for n in ordered if "/" not in n]
+                 + paths):
         own = name.split("/")[-1]
         if any(names(p, own) for p in parts):
             return name

@@ -82,6 +82,11 @@ def test_layer_of_maps_tflite_names_to_layers():
     assert export.layer_of("outer_1/backbone_1/conv_1/convolution", ["backbone/conv"]) == \
         "backbone/conv"
     assert export.layer_of("net/conv1x/Conv2D", names) == ""
+    # A layer's own name before a path's last component: a DepthwiseConv2D 'dw' next to a
+    # SeparableConv2D 'sep', both of whose depthwise operators end in '/depthwise'.
+    parts = ["dw", "sep/depthwise", "sep/pointwise"]
+    assert export.layer_of("functional_1/dw_1/depthwise", parts) == "dw"
+    assert export.layer_of("functional_1/sep_1/depthwise", parts) == "sep/depthwise"
 
 
 def test_module_entry_point_lists_demo():

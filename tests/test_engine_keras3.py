@@ -1158,6 +1158,34 @@ def test_pcqat_separable_conv_runs_as_int8_depthwise_then_pointwise(digits, tmp_
     _file_agrees_and_reloads(r.model, info, xt, tmp_path)
 
 
+def test_pcqat_one_dimensional_depthwise_and_separable_convs_run_in_int8(digits, tmp_path):
+    """DepthwiseConv1D and SeparableConv1D (a keyword spotter's 1-D DS-CNN blocks, the digits'
+    rows as 8 frames): LiteRT runs them as DEPTHWISE_CONV_2D and 1x1 CONV_2D of one row;
+    PCQAT computes them so. No float tensor, every kernel compressed in the file, the file
+    computing what the model computes."""
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    i = keras.Input((8, 8, 1))
+    h = L.Conv1D(8, 1, activation="relu", name="pw")(L.Reshape((8, 8))(i))
+    h = L.DepthwiseConv1D(5, padding="same", depth_multiplier=2, activation="relu",
+                          name="dw")(h)
+    h = L.SeparableConv1D(8, 5, padding="same", activation="swish", name="sep")(h)
+    model = keras.Model(i, L.Dense(10, name="logits")(L.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    r, info = _integer_pcqat_file(model, x, y, tmp_path)
+    kernels = colopt.callbacks.effective_kernels(r.model)
+    weights = colopt.export.inspect_tflite(info.path)
+    held = dict(zip(colopt.export.layers_of(info.path, kernels), weights))
+    for name, op in (("dw", "DEPTHWISE_CONV_2D"), ("sep/depthwise", "DEPTHWISE_CONV_2D"),
+                     ("sep/pointwise", "CONV_2D")):
+        w = held[name]
+        assert w.op == op and w.dtype == "int8", (name, w)
+        assert w.sparsity >= 0.49 and w.unique_per_channel_max <= 8, (name, w)
+    _file_agrees_and_reloads(r.model, info, xt, tmp_path)
+
+
 def test_pcqat_transposed_convolutions_run_as_int8_transpose_conv(digits, tmp_path):
     """Conv2DTranspose and Conv1DTranspose (an upsampling decoder's layers): PCQAT ranges them
     like a convolution and puts their kernels on the per-output-channel grid of LiteRT's

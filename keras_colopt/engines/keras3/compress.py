@@ -186,8 +186,8 @@ ADAPTERS = {
     keras.layers.Conv2D: Adapter("kernel", _RAW),
     keras.layers.DepthwiseConv2D: Adapter("kernel", None, channel_axes=2,
                                           tflite_op="DEPTHWISE_CONV_2D"),
-    # (k, in, multiplier): LiteRT runs it as a DEPTHWISE_CONV_2D of one row (QAT: not yet).
-    keras.layers.DepthwiseConv1D: Adapter("kernel", None, channel_axes=2, quantize=False,
+    # (k, in, multiplier): LiteRT runs it as a DEPTHWISE_CONV_2D of one row.
+    keras.layers.DepthwiseConv1D: Adapter("kernel", None, channel_axes=2,
                                           tflite_op="DEPTHWISE_CONV_2D"),
     # (kh, kw, out, in): the output channels are the second to last axis; LiteRT's
     # TRANSPOSE_CONV stores (out, kh, kw, in), quantized per output channel, with its bias.

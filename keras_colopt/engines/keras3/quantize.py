@@ -51,7 +51,7 @@ RANGED = (L.BatchNormalization, L.ReLU, L.Activation, L.Softmax, L.Add, L.Subtra
           L.Multiply, L.Average, L.Maximum, L.Concatenate, L.AveragePooling1D,
           L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
           L.Rescaling, L.UpSampling2D, L.Normalization, L.LayerNormalization,
-          L.SeparableConv2D)
+          *compress.SEPARABLE)
 # Layers that LiteRT runs as two operators: the tensor between them is ranged too.
 TWO_STEP = (L.Normalization,)
 KNOWN = SAME_SCALE + RANGED
@@ -59,9 +59,8 @@ KNOWN = SAME_SCALE + RANGED
 # operator on a tensor and a constant (the converter quantizes the constant).
 CONSTANT_ARITHMETIC = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 _FOLDS_BN = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
-# The containers whose computation QAT ranges (not a SeparableConv1D yet, nor a recurrent
-# layer: `RECURRENT_REFUSAL`).
-CONTAINERS = (L.MultiHeadAttention, L.SeparableConv2D)
+# The containers whose computation QAT ranges (not a recurrent layer: `RECURRENT_REFUSAL`).
+CONTAINERS = (L.MultiHeadAttention, *compress.SEPARABLE)
 RECURRENT_REFUSAL = (
     "LiteRT has no int8 form of its loop, so QAT cannot train it as the file will run; its "
     "kernels take Prune and Cluster, and the post-training int8 export converts it unrolled "
@@ -103,7 +102,7 @@ def attention_refusal(layer, node):
 
 
 INNER = {L.LayerNormalization: _layer_norm_rows, L.MultiHeadAttention: lambda layer: 3,
-         L.SeparableConv2D: lambda layer: 1}
+         **{sep: lambda layer: 1 for sep in compress.SEPARABLE}}
 
 
 def _observed_class(stock):
@@ -111,7 +110,7 @@ def _observed_class(stock):
         return compress._OBSERVED[stock]
     if stock is L.MultiHeadAttention:
         return _container_class(stock, {compat.attention_method(): _attention})
-    if stock is L.SeparableConv2D:
+    if stock in compress.SEPARABLE:
         return _container_class(stock, {"call": _separable_call})
     # A BatchNormalization normalizes with its moving statistics (it is folded with them).
     base = compress.MovingStatsBatchNormalization if stock is L.BatchNormalization else stock
@@ -224,13 +223,13 @@ def _attention(self, query, key, value, attention_mask=None, training=None,
 
 
 def _separable_call(self, inputs):
-    """SeparableConv2D as LiteRT runs it in int8: DEPTHWISE_CONV_2D, then (its output ranged)
-    a 1x1 CONV_2D with the bias and the activation (fused, or ranged before it where LiteRT
-    runs it on its own), each with its part's kernel."""
+    """SeparableConv2D (SeparableConv1D) as LiteRT runs it in int8: DEPTHWISE_CONV_2D, then
+    (its output ranged) a 1x1 CONV_2D with the bias and the activation (fused, or ranged
+    before it where LiteRT runs it on its own), each with its part's kernel."""
     ops = keras.ops
     compress.prune_parts(self)
     training = compress.is_training(self)
-    depthwise, pointwise = compress.KERNEL_PARTS[L.SeparableConv2D]
+    depthwise, pointwise = compress.KERNEL_PARTS[compress._stock(type(self))]
 
     def compute(x):
         q = compress.InnerRanges(self, training)
@@ -242,8 +241,8 @@ def _separable_call(self, inputs):
                          data_format=self.data_format)
         q.commit()
         if self.use_bias:
-            x = x + ops.reshape(self.bias, (1, -1, 1, 1) if self.data_format == "channels_first"
-                                else (-1,))
+            x = x + ops.reshape(self.bias, (1, -1) + (1,) * self.rank
+                                if self.data_format == "channels_first" else (-1,))
         if self._colopt_pre is not None:
             x = compress.fake_quant_range(x, self._colopt_pre, training)
         return self.activation(x) if self.activation is not None else x
@@ -269,7 +268,7 @@ def observe(layer, inputs, outputs: bool) -> None:
     object.__setattr__(layer, "__class__", _observed_class(stock))
     for attr in compress._RANGES:
         compress._set(layer, attr, None)
-    between = stock in TWO_STEP or (stock is L.SeparableConv2D
+    between = stock in TWO_STEP or (stock in compress.SEPARABLE
                                     and compress.separate_activation(layer))
     inner = INNER[stock](layer) if stock in INNER else 0
     if layer.built:
@@ -406,7 +405,7 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         into_folded_bn = reader is not None and id(reader) in folded
         # A linear op's (or a folded BN's) output that only a ReLU/ReLU6 reads is fused.
         into_fused_relu = reader is not None and _fuses_activation(reader) and (
-            id(layer) in folded or (compress.supports(layer) or stock is L.SeparableConv2D)
+            id(layer) in folded or (compress.supports(layer) or stock in compress.SEPARABLE)
             and _linear(layer))
         out = not (stock in SAME_SCALE or into_folded_bn or into_fused_relu)
         single = arity.get(id(layer), 1) == 1
@@ -418,9 +417,10 @@ def _plan(model, prefix, inputs_are_model_inputs, flags, unknown) -> None:
         # one input an operation computes.
         flags[name] = (True if computed and single else computed[0] if computed
                        else reads_input, out, _bias_apart(layer, node_of[id(layer)]))
-        # A SeparableConv2D's kernels: fake-quantized weights (its own call ranges the rest).
+        # A separable convolution's kernels: fake-quantized weights (its own call ranges the
+        # rest).
         flags.update({f"{name}/{sub}": (False, False, False)
-                      for sub, _ in compress.sublayers(layer) if stock is L.SeparableConv2D})
+                      for sub, _ in compress.sublayers(layer) if stock in compress.SEPARABLE})
 
 
 for _stock_class in (*KNOWN, *CONTAINERS):  # registered at import: a saved model loads in a
