@@ -587,8 +587,8 @@ def _recurrent_model(rnn, timesteps=8):
 
 
 def test_quantize_refuses_a_recurrent_layer_naming_the_post_training_path(digits):
-    """LiteRT has no int8 recurrent loop to train toward: an LSTM (and a Bidirectional GRU,
-    which the engine does not compress) is refused by name before training, with what works."""
+    """LiteRT has no int8 recurrent loop to train toward: an LSTM and a Bidirectional GRU are
+    refused by name before training, with what works."""
     (x, y), _ = digits
     x = x.reshape(-1, 8, 8)
     L = keras.layers

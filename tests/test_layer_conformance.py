@@ -164,6 +164,12 @@ CONTAINER_ROWS = [
     *[(rnn.__name__, rnn, lambda i, rnn=rnn: _head(rnn(8, name="it")(L.Reshape((8, 8))(i))),
        {"it/kernel": "FULLY_CONNECTED", "it/recurrent_kernel": "FULLY_CONNECTED"}, False)
       for rnn in (L.LSTM, L.GRU, L.SimpleRNN)],
+    # Both directions' kernels, named by their recurrent layer (same shapes, told apart in the
+    # file by their signs: `export.layers_of`).
+    ("Bidirectional", L.Bidirectional, lambda i: _head(L.Bidirectional(
+        L.LSTM(8, name="rnn"), name="it")(L.Reshape((8, 8))(i))),
+     {f"it/{d}_rnn/{k}": "FULLY_CONNECTED" for d in ("forward", "backward")
+      for k in ("kernel", "recurrent_kernel")}, False),
 ]
 
 
@@ -209,6 +215,9 @@ def test_container_kernels_keep_their_compression_on_disk_and_in_the_tflite(digi
     assert type(plain.get_layer("it")) is cls
     if cls in compress.RECURRENT:
         assert type(plain.get_layer("it").cell) is type(model.get_layer("it").cell)
+    if cls is L.Bidirectional:
+        for rnn in (plain.get_layer("it").forward_layer, plain.get_layer("it").backward_layer):
+            assert type(rnn) is L.LSTM and type(rnn.cell) is L.LSTMCell
     stock = colopt.callbacks.effective_kernels(plain)
     for name in names:
         np.testing.assert_array_equal(stock[name][0][1], before[name][0][1])

@@ -327,11 +327,24 @@ def _owner(layer):
 
 # Recurrent layers: their cell computes with the kernels, once per timestep.
 RECURRENT = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
-# Layers whose compressible kernels are other layers': `layer -> [sublayer]`. The sublayers are
-# compressed in place and named by path ('mha/query', 'sep/depthwise', 'lstm/kernel').
+
+
+def _bidirectional_parts(layer) -> list:
+    """A Bidirectional's two recurrent layers' kernels, named by the layer they are of
+    ('forward_lstm/kernel'): each recurrent layer carries its own (`carry`)."""
+    return [(f"{rnn.name}/{name}", part) for rnn in (layer.forward_layer, layer.backward_layer)
+            if _stock(type(rnn)) in RECURRENT for name, part in sublayers(rnn)]
+
+
+# Layers whose compressible kernels are other layers': `layer -> [sublayer, or (name,
+# sublayer)]`. The sublayers are compressed in place and named by path ('mha/query',
+# 'sep/depthwise', 'lstm/kernel', 'bi/forward_lstm/kernel').
 CONTAINERS = {keras.layers.MultiHeadAttention: compat.attention_projections,
               **{sep: _kernel_parts for sep in SEPARABLE},
-              **{rnn: lambda layer: _kernel_parts(layer.cell) for rnn in RECURRENT}}
+              **{rnn: lambda layer: _kernel_parts(layer.cell) for rnn in RECURRENT},
+              keras.layers.Bidirectional: _bidirectional_parts}
+# Containers of containers, whose class carries nothing: their sublayers' own containers do.
+WRAPPERS = (keras.layers.Bidirectional,)
 # Layers whose own attributes are their parts' kernels (the attribute -> the part's index):
 # a container itself, or a recurrent layer's cell (`kernel_holder`).
 _RECURRENT_KERNELS = {"kernel": 0, "recurrent_kernel": 1}
@@ -793,7 +806,7 @@ def sublayers(layer) -> list:
     inside = CONTAINERS.get(_stock(type(layer)))
     if inside is None or not layer.built:
         return []
-    return [(s.name, s) for s in inside(layer) if s is not None]
+    return [s if isinstance(s, tuple) else (s.name, s) for s in inside(layer) if s is not None]
 
 
 def is_container(layer) -> bool:
@@ -806,6 +819,10 @@ def carry(container) -> None:
     `quantize.observe`), and its stock class back when none is."""
     stock = _stock(type(container))
     if stock not in CONTAINERS:
+        return
+    if stock in WRAPPERS:  # a Bidirectional: its two recurrent layers carry their own
+        for rnn in (container.forward_layer, container.backward_layer):
+            carry(rnn)
         return
     held = any(is_compressed(s) for _, s in sublayers(container))
     ranged = getattr(container, "_colopt_inner", None) is not None  # (`quantize.observe`)
@@ -1225,5 +1242,6 @@ def kernel_centroids(view: np.ndarray, k: int, method: str, rng: np.random.Gener
 for _stock_class in SUPPORTED:  # registered at import: a saved model loads in a new process
     _compressible_class(_stock_class)
 for _stock_class in (*CONTAINERS, *KERNEL_PARTS):
-    _carrying_class(_stock_class)
+    if _stock_class not in WRAPPERS:
+        _carrying_class(_stock_class)
 del _stock_class
