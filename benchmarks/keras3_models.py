@@ -211,10 +211,8 @@ def run(name, args):
                   loss=loss, metrics=["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=args.batch, verbose=0)
     model.compile(keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    label = name + (" (distilled)" if args.distill else "") + (
-        "" if args.phase_epochs == [2, 2, 2] else
-        f" ({'/'.join(map(str, args.phase_epochs))} epochs)")
-    out = {"model": label, "phase_epochs": args.phase_epochs, "about": about, "params": int(model.count_params()),
+    out = {"model": name + _variant(args)[0], "phase_epochs": args.phase_epochs,
+           "about": about, "params": int(model.count_params()),
            "train": len(x), "test": len(xt), "epochs": epochs,
            "float_accuracy": float(model.evaluate(xt, yt, verbose=0, batch_size=256)[1]),
            "train_seconds": round(time.time() - t0)}
@@ -250,6 +248,16 @@ def run(name, args):
         print(name, kind, {k: v for k, v in out["compressed"].items() if k != "not_compressed"},
               flush=True)
     return out
+
+
+def _variant(args):
+    """(the row's label suffix, its results file's suffix) for --distill and --phase-epochs
+    other than 2 2 2: (" (distilled) (4/3/2 epochs)", "_distill_4-3-2")."""
+    other = args.phase_epochs != [2, 2, 2]
+    epochs = [str(e) for e in args.phase_epochs]
+    return ((" (distilled)" if args.distill else "")
+            + (f" ({'/'.join(epochs)} epochs)" if other else ""),
+            ("_distill" if args.distill else "") + ("_" + "-".join(epochs) if other else ""))
 
 
 def table(folder):
@@ -322,10 +330,8 @@ def main():
     for name in args.models:
         out = run(name, args)
         out["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-        suffix = ("_distill" if args.distill else "") + (
-            "" if args.phase_epochs == [2, 2, 2] else
-            "_" + "-".join(map(str, args.phase_epochs)))
-        with open(os.path.join(folder, f"keras3_models_{name}{suffix}.json"), "w") as f:
+        with open(os.path.join(folder, f"keras3_models_{name}{_variant(args)[1]}.json"),
+                  "w") as f:
             json.dump(out, f, indent=1)
         with open(os.path.join(folder, "keras3_models.md"), "w") as f:
             f.write(table(folder))

@@ -546,8 +546,13 @@ def layers_of(path, kernels) -> List[str]:
     (`layer_of`), else, for a FULLY_CONNECTED weight the converter names after no layer (an
     unrolled recurrent layer's, 'arith.constant'), the kernel of its transposed shape whose
     signs it keeps (an LSTM's input and recurrent kernels often have the same shape)."""
+    return _layers_of(list(_weights(path)), kernels)
+
+
+def _layers_of(weights, kernels) -> List[str]:
+    """`layers_of` for the `_weights` of a file, read once."""
     out = []
-    for t, op_name, w in _weights(path):
+    for t, op_name, w in weights:
         layer = layer_of(t["name"], kernels)
         if not layer and op_name == "FULLY_CONNECTED" and w.ndim == 2:
             agree = {n: float(np.mean(np.sign(ks[0][1].T) == np.sign(w)))
@@ -574,17 +579,17 @@ def survival(path, model=None) -> dict:
         >>> for row in survival("model.tflite", model)["layers"]:
         ...     print(row["layer"], row["keras_sparsity"], "->", row["sparsity"])
     """
-    keras, layers = {}, None
+    weights = list(_weights(path))
+    keras, layers = {}, [""] * len(weights)
     if model is not None:
         from keras_colopt.kernels import effective_kernels, layer_stats
 
         kernels = effective_kernels(model)
-        keras, layers = layer_stats(model, kernels=kernels), layers_of(path, kernels)
+        keras, layers = layer_stats(model, kernels=kernels), _layers_of(weights, kernels)
     order = {name: i for i, name in enumerate(keras)}
     rows = []
-    for i, (t, op_name, w) in enumerate(_weights(path)):
+    for (t, op_name, w), layer in zip(weights, layers):
         d = _describe(t, op_name, w)
-        layer = layers[i] if layers else ""
         k = keras.get(layer)
         rows.append({"layer": layer, "tensor": d.name, "op": d.op, "dtype": d.dtype,
                      "shape": list(d.shape), "sparsity": d.sparsity, "unique": d.unique,

@@ -181,10 +181,11 @@ def test_every_container_class_has_a_row():
 def test_container_kernels_keep_their_compression_on_disk_and_in_the_tflite(digits, tmp_path,
                                                                             row):
     """A container's kernels (MultiHeadAttention's four EinsumDense projections, a
-    SeparableConv2D's depthwise and pointwise kernels, an LSTM's or GRU's input and recurrent
-    kernels) are compressed in place, named by path ('it/query', 'it/depthwise'); the container's class carries their state, so a `.keras`
-    round trip and a copy keep it, and `colopt.strip` gives back the stock class computing
-    with the same kernels; the int8 file holds it in each kernel's operator."""
+    SeparableConv2D's depthwise and pointwise kernels, a recurrent layer's input and recurrent
+    kernels) are compressed in place, named by path ('it/query', 'it/depthwise'); the
+    container's class carries their state, so a `.keras` round trip and a copy keep it, and
+    `colopt.strip` gives back the stock class computing with the same kernels; the int8 file
+    holds it in each kernel's operator."""
     (x, y), _ = digits
     x, y = x[:256], y[:256]
     _, cls, build, ops, per_channel = row

@@ -885,8 +885,8 @@ def _carrying_class(stock):
             # once for all timesteps (the cell reads them at every one).
             prune_parts(self)
             cell = self.cell
-            cell.__dict__["_colopt_now"] = {attr: _kernel_parts(cell)[i].kernel
-                                            for attr, i in _RECURRENT_KERNELS.items()}
+            cell.__dict__["_colopt_now"] = {attr: getattr(cell, attr)
+                                            for attr in _RECURRENT_KERNELS}
             try:
                 return stock.call(self, *args, **kwargs)
             finally:
