@@ -20,6 +20,7 @@ from keras_colopt import callbacks, export, recipe, report, stats, targets  # no
 # in a new process (importing Keras 3 changes nothing of what tf.keras or keras mean).
 from keras_colopt.engines import keras3 as _keras3_classes  # noqa: E402,F401
 from keras_colopt.tree import explore  # noqa: E402,F401
+from keras_colopt.study import SearchSpace, search  # noqa: E402,F401
 from keras_colopt.tree_state import StateMismatch  # noqa: E402,F401
 from keras_colopt.checkpoint import CheckpointMismatch  # noqa: E402,F401
 from keras_colopt.distill import Distill  # noqa: E402,F401

@@ -322,6 +322,63 @@ def _run_command(args) -> int:
     return 0
 
 
+def _search_parser(sub) -> None:
+    p = sub.add_parser(
+        "search", help="search the compression settings (a search recipe) for the Pareto "
+                       "front of accuracy, size and latency, and the smallest model meeting "
+                       "the recipe's targets",
+        description="Runs colopt.search with the settings of RECIPE (a `search:` mapping: "
+                    "budget, targets, target, space, storage) on a trained model. Every "
+                    "trial's int8 .tflite is measured as deployed; the same command again "
+                    "resumes the study (OUT/search.db, or the recipe's storage: the same "
+                    "command on several machines with one PostgreSQL storage runs distinct "
+                    "trials of one study).",
+        epilog=RUN_DATA_HELP.replace("x_val and y_val are optional and come together (with\n"
+                                     "them, the .tflite is evaluated in LiteRT)",
+                                     "x_val and y_val are required: every trial's .tflite is\n"
+                                     "measured on them"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", metavar="RECIPE", help="a .yaml/.yml/.json search recipe")
+    p.add_argument("--model", required=True, help="a trained, compiled model (.keras or .h5)")
+    p.add_argument("--data", required=True, help=".npz with x_train, y_train, x_val, y_val")
+    p.add_argument("--out", default="colopt-search",
+                   help="output directory (default: ./colopt-search)")
+    p.add_argument("--storage", help="an Optuna storage URL shared by several workers "
+                                     "(overrides the recipe's; default: OUT/search.db)")
+    p.add_argument("--budget", type=int, help="trials in the study in all (overrides the "
+                                              "recipe's)")
+    add_target_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _search_command(args) -> int:
+    import keras_colopt as colopt
+    from keras_colopt import data, recipe, targets
+
+    out = os.path.abspath(args.out)
+    r = recipe.load_search(args.recipe)  # every setting checked before the model is loaded
+    cfg = dict(r.search)
+    target = target_from(args) if args.target else (
+        targets.get(cfg["target"]) if cfg.get("target") else None)
+    cfg.pop("target", None)
+    if args.storage:
+        cfg["storage"] = args.storage
+    if args.budget is not None:
+        cfg["budget"] = args.budget
+    (x, y), val = data.load_npz(args.data, require_validation=True)
+    model = load_model(args.model)
+    print(f"keras-colopt search: {args.recipe} on {args.model} with {args.data}; writing to "
+          f"{out}", flush=True)
+    report = colopt.search(model, x, y, validation_data=val, out_dir=out, target=target,
+                           **cfg, **r.fit)
+    print()
+    print(report.to_markdown())
+    print(f"Files: {out} (search.md, search.json, tflite/*.tflite; the study: "
+          f"{report.storage})")
+    print(dashboard_line(os.path.join(out, "logs")))
+    return 0
+
+
 def _deploy_parser(sub) -> None:
     p = sub.add_parser(
         "deploy", help="what a .tflite costs on a target: Ethos-U through Vela (latency, "
@@ -375,12 +432,21 @@ def main(argv=None) -> int:
     _report_parser(sub)
     _run_parser(sub)
     _deploy_parser(sub)
+    _search_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "deploy":
         return _refusing_bad_input("deploy", _deploy_command, args)
     _setup_logging(0 if args.quiet else 1)
     if args.command == "run":
         return _run_command(args)
+    if args.command == "search":
+        from keras_colopt.checkpoint import CheckpointMismatch
+
+        try:
+            return _search_command(args)
+        except (ValueError, FileNotFoundError, PermissionError, CheckpointMismatch) as e:
+            print(f"keras-colopt search: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "report":
         return _refusing_bad_input("report", _report_command, args)
     if args.command == "demo":

@@ -429,6 +429,11 @@ def loads(text: str, fmt: str = "yaml", source=None) -> Recipe:
     Returns:
         A validated `Recipe`.
     """
+    return from_dict(_parse(text, fmt, source), source=source)
+
+
+def _parse(text: str, fmt: str, source):
+    """The plain data of YAML or JSON text (duplicate keys refused), not yet validated."""
     _check_fmt(fmt)
     if fmt == "json":
         def no_duplicates(pairs):
@@ -473,7 +478,7 @@ def loads(text: str, fmt: str = "yaml", source=None) -> Recipe:
         raise RecipeError("the recipe is empty. Expected a mapping with a `phases` list, e.g. "
                           "`phases: [{train: {epochs: 5}}]`. Received: an empty document",
                           file=source)
-    return from_dict(data, source=source)
+    return data
 
 
 def load(path) -> Recipe:
@@ -498,3 +503,82 @@ def load(path) -> Recipe:
     """
     fmt = _format_of(path)
     return loads(_read_text(path), fmt, source=os.fspath(path))
+
+
+# --------------------------------------------------------------------------- search recipes
+
+SEARCH_KEYS = ("budget", "max_accuracy_drop", "max_size_bytes", "max_latency_ms", "target",
+               "storage", "study_name", "space")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRecipe:
+    """A validated search recipe (`keras-colopt search`).
+
+    ```yaml
+    search:
+      budget: 24
+      max_accuracy_drop: 0.01       # targets: any of max_accuracy_drop, max_size_bytes,
+      target: ethos-u55-128         #   max_latency_ms; the target as --target names it
+      space: {sparsity: [0.5, 0.75, 0.9], clusters: [4, 8], leave_out: [none, first]}
+      storage: postgresql://user:password@db-host/colopt   # optional: several workers
+    fit: {batch_size: 64}
+    ```
+
+    Attributes:
+        search: `colopt.search` keyword arguments (`space` a `SearchSpace`; `target` its
+            name, for `targets.get`).
+        fit: as in a phase recipe.
+        source: the file it was read from, or None.
+    """
+
+    search: dict
+    fit: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: str | None = None
+
+
+def search_from_dict(data, *, source=None) -> SearchRecipe:
+    """Validates plain search-recipe data; `RecipeError` naming the key otherwise."""
+    from keras_colopt.study import SearchSpace
+
+    if not isinstance(data, dict) or not isinstance(data.get("search"), dict):
+        raise RecipeError("a search recipe must be a mapping with a `search` mapping at the top "
+                          "level, e.g. `search: {budget: 24, max_accuracy_drop: 0.01}`. "
+                          f"Received: {str(data)[:80]}", file=source)
+    _check_keys(data, ("search", "fit"), "", source, "top-level key")
+    cfg = dict(data["search"])
+    _check_keys(cfg, SEARCH_KEYS, "search", source, "search setting")
+    _check_not_yaml_text({k: v for k, v in cfg.items() if k != "space"}, "search", source)
+    for key in ("max_accuracy_drop", "max_size_bytes", "max_latency_ms", "budget"):
+        v = cfg.get(key)
+        if isinstance(v, str) and _NUMBER_TEXT.fullmatch(v.strip()):
+            _fail(f"{key!r} is the text {v!r}, not a number. Expected a number. Remove the "
+                  "quotes (write 1.0e-2, not 1e-2, in YAML).", f"search.{key}", source,
+                  **{key: v})
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0):
+            _fail(f"`{key}` must be a positive number.", f"search.{key}", source, **{key: v})
+    for key in ("target", "storage", "study_name"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            _fail(f"`{key}` must be text.", f"search.{key}", source, **{key: cfg[key]})
+    space = cfg.get("space") or {}
+    if not isinstance(space, dict):
+        _fail("`space` must be a mapping of choices, e.g. `space: {sparsity: [0.5, 0.75]}`.",
+              "search.space", source, space=space)
+    names = [f.name for f in dataclasses.fields(SearchSpace)]
+    _check_keys(space, names, "search.space", source, "space setting")
+    try:
+        cfg["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in space.items()})
+    except ValueError as e:
+        named = re.findall(r"`(\w+)`", str(e))
+        raise RecipeError(str(e), key="search.space" + (f".{named[0]}" if named else ""),
+                          file=source) from e
+    fit = _check_fit({} if data.get("fit") is None else data["fit"], source)
+    return SearchRecipe(search=cfg, fit=fit, source=None if source is None else os.fspath(source))
+
+
+def load_search(path) -> SearchRecipe:
+    """Reads and validates a search recipe file (YAML or JSON), before any model is loaded."""
+    fmt = _format_of(path)
+    return search_from_dict(_parse(_read_text(path), fmt, os.fspath(path)),
+                            source=os.fspath(path))

@@ -262,41 +262,12 @@ class _Tree:
         return os.path.join(self.out_dir, "logs", run)
 
     def _measure(self, name, model, fp32, sparse) -> LeafResult:
-        folder = os.path.join(self.out_dir, "tflite")
         node, how = LEAVES[name]
         # The dashboard's "Deployed model" table goes to the run that trained the model: the
         # QAT leaf's own, or the node's for a post-training leaf.
-        npu = isinstance(self.target, EthosU)  # a fully integer file, as the NPU runs it
-        info = export.to_tflite(model, os.path.join(folder, f"{slug(name)}_int8.tflite"),
-                                quantization="int8", representative_data=self.rep,
-                                log_dir=self.log_dir(name if how == "qat" else node),
-                                io="int8" if npu else "float32",
-                                target=self.target if npu else None)
-        weights = export.inspect_tflite(info.path)
-        stored = export.read_weights(info.path)
-        zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
-        size = sum(math.prod(w.shape) for w in weights)
-        result = LeafResult(
-            name=name, status="ok", tflite=info.path, fp32_accuracy=fp32,
-            int8_accuracy=export.evaluate_tflite(info.path, self.xv, self.yv),
-            tflite_bytes=info.tflite_bytes, gzip_bytes=info.gzip_bytes,
-            latency_ms=export.latency_ms(info.path, self.xv[:1], runs=self.latency_runs,
-                                         num_threads=getattr(self.target, "threads", 1)),
-            sparsity=zeros / max(1, size),
-            max_unique_weights=max((w.unique for w in weights), default=0),
-            max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0),
-            weights_entropy_bytes=sum(w.entropy_bits for w in weights) / 8,
-            weights_gzip_bytes=export.gzip_size(b"".join(a.tobytes() for a in stored.values())))
-        if npu:
-            on = info.on_target
-            result.target_latency_ms, result.target_weight_bytes = on.latency_ms, on.weight_bytes
-            result.target_sram_bytes, result.target_flash_bytes = on.sram_bytes, on.flash_bytes
-            result.target_cycles, result.target_cpu_ops = on.cycles, on.cpu_ops
-            result.target_compiled = on.compiled
-        elif self.target is not None:  # LiteRTCPU: its latency is the one measured above
-            result.target_latency_ms = result.latency_ms
-            result.target_weight_bytes = sum(int(a.nbytes) for a in stored.values())
-            result.target_cpu_ops = {}
+        result = measure_leaf(name, model, fp32, os.path.join(self.out_dir, "tflite"),
+                              self.rep, self.xv, self.yv, self.target, self.latency_runs,
+                              log_dir=self.log_dir(name if how == "qat" else node))
         if sparse:
             self._sparse_variant(result, model)
         return result
@@ -313,6 +284,44 @@ class _Tree:
             result.sparse_runs = f"yes, {runtime}; accuracy {100 * acc:.2f}%"
         except Exception as e:  # noqa: BLE001 - optional extra, reported
             result.sparse_runs = f"no: {_reason(e)}"
+
+
+def measure_leaf(name, model, fp32, folder, rep, xv, yv, target, latency_runs,
+                 log_dir=None) -> LeafResult:
+    """One model as deployed: its int8 `.tflite` (`<folder>/<slug(name)>_int8.tflite`, fully
+    integer for an Ethos-U `target`, which then compiles it with Vela), its LiteRT accuracy on
+    `(xv, yv)` and latency, its weights as stored, and its figures on `target`. What every
+    explore leaf and search trial is measured by."""
+    npu = isinstance(target, EthosU)  # a fully integer file, as the NPU runs it
+    info = export.to_tflite(model, os.path.join(folder, f"{slug(name)}_int8.tflite"),
+                            quantization="int8", representative_data=rep, log_dir=log_dir,
+                            io="int8" if npu else "float32", target=target if npu else None)
+    weights = export.inspect_tflite(info.path)
+    stored = export.read_weights(info.path)
+    zeros = sum(w.sparsity * math.prod(w.shape) for w in weights)
+    size = sum(math.prod(w.shape) for w in weights)
+    result = LeafResult(
+        name=name, status="ok", tflite=info.path, fp32_accuracy=fp32,
+        int8_accuracy=export.evaluate_tflite(info.path, xv, yv),
+        tflite_bytes=info.tflite_bytes, gzip_bytes=info.gzip_bytes,
+        latency_ms=export.latency_ms(info.path, xv[:1], runs=latency_runs,
+                                     num_threads=getattr(target, "threads", 1)),
+        sparsity=zeros / max(1, size),
+        max_unique_weights=max((w.unique for w in weights), default=0),
+        max_unique_per_channel=max((w.unique_per_channel_max for w in weights), default=0),
+        weights_entropy_bytes=sum(w.entropy_bits for w in weights) / 8,
+        weights_gzip_bytes=export.gzip_size(b"".join(a.tobytes() for a in stored.values())))
+    if npu:
+        on = info.on_target
+        result.target_latency_ms, result.target_weight_bytes = on.latency_ms, on.weight_bytes
+        result.target_sram_bytes, result.target_flash_bytes = on.sram_bytes, on.flash_bytes
+        result.target_cycles, result.target_cpu_ops = on.cycles, on.cpu_ops
+        result.target_compiled = on.compiled
+    elif target is not None:  # LiteRTCPU: its latency is the one measured above
+        result.target_latency_ms = result.latency_ms
+        result.target_weight_bytes = sum(int(a.nbytes) for a in stored.values())
+        result.target_cpu_ops = {}
+    return result
 
 
 class _NodeFailed(Exception):

@@ -2,7 +2,8 @@
 a pre-emption or a kill, goes on from the nodes and leaves already done.
 
 ```
-state/explore.json          the call's fingerprint (model, data sizes, settings)
+state/explore.json          the call's fingerprint (model, data sizes, settings); search.json
+                            for a `search` call, which keeps its nodes the same way
 state/nodes/<node>.npz      a trained node's weights ...
 state/nodes/<node>.json     ... its architecture and accuracy (written last: the commit point)
 state/leaves/<leaf>.npz     a quantization-aware leaf's kernels (the density plot's stage)
@@ -89,18 +90,19 @@ def slug(name: str) -> str:
 class TreeState:
     """The nodes and leaves of one `explore` call saved under `<out_dir>/state`."""
 
-    def __init__(self, out_dir: str, fp: dict):
+    def __init__(self, out_dir: str, fp: dict, kind: str = "explore"):
         self.folder = os.path.join(out_dir, "state")
+        self.kind = kind
         for sub in ("nodes", "leaves"):
             os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
-        path = os.path.join(self.folder, "explore.json")
+        path = os.path.join(self.folder, f"{kind}.json")
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
             diff = _differences(saved, fp)
             if diff:
                 raise StateMismatch(
-                    f"explore: {self.folder} holds the nodes and leaves of a different call: "
+                    f"{kind}: {self.folder} holds the nodes and leaves of a different call: "
                     + "; ".join(diff) + ". Expected the same model, data sizes and settings to "
                     "reuse them. Pass another out_dir, or delete that folder to start over.")
         else:
@@ -137,8 +139,8 @@ class TreeState:
                 weights = [z[f"arr_{i}"] for i in range(len(z.files))]
             return rebuild((cls, meta["config"], weights)), float(meta["fp32_accuracy"])
         except Exception as e:  # noqa: BLE001 - the node is trained again, and it is said
-            log.warning("explore: the saved %s node in %s could not be loaded (%s: %s); it is "
-                        "trained again.", name, self.folder, type(e).__name__, e)
+            log.warning("%s: the saved %s node in %s could not be loaded (%s: %s); it is "
+                        "trained again.", self.kind, name, self.folder, type(e).__name__, e)
             return None
 
     # ------------------------------------------------------------------ leaves
@@ -161,8 +163,8 @@ class TreeState:
         known = {f.name for f in dataclasses.fields(LeafResult)}
         result = LeafResult(**{k: v for k, v in fields.items() if k in known})
         if not result.tflite or not os.path.exists(result.tflite):
-            log.info("explore: %s was measured by an earlier call, but its file %s is gone; "
-                     "it is built again.", name, result.tflite)
+            log.info("%s: %s was measured by an earlier call, but its file %s is gone; "
+                     "it is built again.", self.kind, name, result.tflite)
             return None
         kernels = None
         if os.path.exists(self._path("leaves", name, "npz")):

@@ -459,6 +459,8 @@ function leafAxes(report) {
 
 function leafFigures(r, report) {
   const lines = [r.name, ["status", r.status + (r.reason ? `: ${r.reason}` : "")]];
+  if (r.settings) lines.push(["settings", r.settings]);
+  if (r.on_front) lines.push(["Pareto front", "no other trial is as accurate, as small and as fast"]);
   if (r.status === "ok") lines.push(
     ["INT8 accuracy (LiteRT)", fmtPct(r.int8_accuracy, 2)],
     ["FP32 / fake-int8 accuracy", fmtPct(r.fp32_accuracy, 2)],
@@ -589,7 +591,10 @@ function leavesChart(report) {
 
 function leavesSection(d) {
   const report = d.leaves;
-  const sec = h("section", {id: "leaves"}, h("h2", {}, "explore: the deployment tree's leaves"));
+  const search = report && report.kind === "search";
+  const sec = h("section", {id: "leaves"}, h("h2", {}, search
+    ? "search: the trials, their Pareto front and the chosen point"
+    : "explore: the deployment tree's leaves"));
   if (!report) {
     sec.append(h("p", {class: "note"}, "No explore() report in this run (explore writes it into " +
       "<out_dir>/logs/report as its leaves are built)."));
@@ -603,7 +608,9 @@ function leavesSection(d) {
     b.fp32_accuracy !== undefined && b.fp32_accuracy !== null ? `Baseline FP32 ${fmtPct(b.fp32_accuracy, 2)}. ` : "",
     active.length ? `Targets: ${targetText.join(", ")}. ` : "No targets: every leaf is built, none chosen. ",
     report.chosen ? h("span", {class: "badge ok", id: "colopt-chosen"}, `chosen: ${report.chosen}`) : "",
-    report.epochs_naive ? ` Epochs trained: ${report.epochs_run} (a separate run per leaf: ${report.epochs_naive}).` : ""));
+    report.epochs_naive ? (search
+      ? ` Epochs trained by the last call: ${report.epochs_run} (a grid over the space: ${fmtInt(report.epochs_naive)}). Study ${report.search.study_name} in ${report.search.storage}.`
+      : ` Epochs trained: ${report.epochs_run} (a separate run per leaf: ${report.epochs_naive}).`) : ""));
   for (const v of Object.values(report.missed || {})) sec.append(h("p", {class: "note"}, v));
   const axes = leafAxes(report);
   if (Object.keys(axes).length > 1) {
@@ -618,7 +625,8 @@ function leavesSection(d) {
   }
   sec.append(leavesChart(report));
   sec.append(h("table", {class: "grid", id: "colopt-leaves"},
-    h("tr", {}, h("th", {class: "name"}, "leaf"), h("th", {class: "text"}, "status"), h("th", {}, "FP32 / fake int8"),
+    h("tr", {}, h("th", {class: "name"}, search ? "trial" : "leaf"), h("th", {class: "text"}, "status"),
+      ...(search ? [h("th", {class: "text"}, "settings")] : []), h("th", {}, "FP32 / fake int8"),
       h("th", {}, "INT8 (LiteRT)"), h("th", {}, "drop"), h("th", {}, ".tflite B"), h("th", {}, "gzip B"),
       h("th", {}, "latency ms"),
       ...(report.target ? [h("th", {}, `${report.target} ms`), h("th", {}, `${report.target} weights B`)] : []),
@@ -627,8 +635,10 @@ function leavesSection(d) {
       const chosen = r.name === report.chosen;
       const note = chosen ? "★ chosen" : r.status !== "ok" ? (r.reason || "")
         : r.meets_targets === true ? "meets targets" : r.meets_targets === false ? "misses a target" : "";
+      const onFront = r.on_front ? " · on the front" : "";
       const row = h("tr", {class: chosen ? "chosen" : r.status === "failed" ? "bad" : "", "data-leaf": r.name},
         h("td", {class: "name"}, r.name), h("td", {class: "text"}, r.status),
+        ...(search ? [h("td", {class: "text"}, r.settings || "")] : []),
         h("td", {}, fmtPct(r.fp32_accuracy, 2)), h("td", {}, fmtPct(r.int8_accuracy, 2)),
         h("td", {}, r.accuracy_drop === null || r.accuracy_drop === undefined ? "–" : `${(100 * r.accuracy_drop).toFixed(2)} pt`),
         h("td", {}, fmtInt(r.tflite_bytes)), h("td", {}, fmtInt(r.gzip_bytes)),
@@ -637,7 +647,7 @@ function leavesSection(d) {
           h("td", {}, r.target_latency_ms === null || r.target_latency_ms === undefined ? "–" : r.target_latency_ms.toFixed(4)),
           h("td", {}, fmtInt(r.target_weight_bytes))] : []),
         h("td", {}, fmtPct(r.sparsity)), h("td", {}, fmtInt(r.max_unique_per_channel)),
-        h("td", {class: "text"}, note));
+        h("td", {class: "text"}, note + onFront));
       return hover(row, leafFigures(r, report));
     })));
   return sec;
