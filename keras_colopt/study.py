@@ -17,9 +17,9 @@ Frugal on two cores:
   70 %, with `initial_sparsity` = 70 %) instead of starting from the baseline again.
 - **Early stops.** After pruning and after clustering (the rungs), a trial is stopped when
   another trial that compresses at least as hard was more accurate at the same rung (by more
-  than the validation set's standard error), or, after clustering, when its accuracy is
-  further below the accuracy target than any of the finished trials (two at least) gained
-  from there to its int8 file. Optuna's pruners are
+  than the validation set's standard error), or, after clustering and once a finished trial
+  meets the accuracy target, when its accuracy is further below that target than any of the
+  finished trials (two at least) gained from there to its int8 file. Optuna's pruners are
   single-objective; these rules read the study itself, so they hold across workers.
 - A proposal equal to a finished trial is not trained again: it reports that trial's values.
 
@@ -424,10 +424,8 @@ class _Nodes:
             model, acc = saved
             self.engine.compile_like(model, self.compile_cfg)
             meta_path = os.path.join(self.state.folder, "nodes", key + ".meta.json")
-            meta = {}
-            if os.path.exists(meta_path):
-                with open(meta_path) as f:
-                    meta = json.load(f)
+            with open(meta_path) as f:
+                meta = json.load(f)
             self.memory[key] = (model, acc, meta)
         return self.memory[key]
 
@@ -435,9 +433,10 @@ class _Nodes:
         model = self.engine.strip(model)
         self.engine.compile_like(model, self.compile_cfg)
         acc = _accuracy(model, self.xv, self.yv)
-        self.state.save_node(key, model, acc)
+        # how it was made first: the node's own .json, written last, is the commit point
         write_atomic(os.path.join(self.state.folder, "nodes", key + ".meta.json"),
                      json.dumps(meta).encode())
+        self.state.save_node(key, model, acc)
         self.memory[key] = (model, acc, meta)
         return self.memory[key]
 
@@ -562,7 +561,9 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
             the same call on each machine joins the same study.
         representative_data: calibration inputs. Defaults to `x[:256]`.
         latency_runs: LiteRT inferences timed per point. Defaults to `10`.
-        seed: the sampler's seed (None: random, e.g. for several workers). Defaults to `0`.
+        seed: the sampler's seed (None: random). With a `storage` given, each worker adds
+            its process id to it, so that workers do not propose the same points. Defaults
+            to `0`.
         batch_size, verbose, **fit_kwargs: as for `collaborative_fit`.
 
     Returns:
@@ -648,6 +649,8 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
         return [got[k] - targets[k] for k in active]
 
     grid = space.grid()
+    if storage is not None and seed is not None:
+        seed += os.getpid()  # workers sharing a study must not propose the same points
     if space.grid_points() <= budget:
         sampler = optuna.samplers.GridSampler(grid, seed=seed)
     else:
@@ -822,9 +825,13 @@ def _weak(study, number, s, rung, acc, base_acc, tol, max_drop) -> Optional[str]
     if max_drop is not None and rung == len(_RUNGS) - 1:
         # After clustering only Quantize is left, whose gain is small and alike across
         # trials; after pruning, Cluster's fine-tuning can recover much more, and unevenly.
-        recovered = [t.user_attrs["objectives"][0] - t.user_attrs[key] for t in seen
-                     if t.state == TrialState.COMPLETE and "objectives" in t.user_attrs]
-        if len(recovered) >= MIN_FINISHED:
+        # Only once some finished trial meets the accuracy target: until then the front is
+        # all there is to find, and a trial below the target may well be on it.
+        finished = [t for t in seen if t.state == TrialState.COMPLETE
+                    and "objectives" in t.user_attrs]
+        recovered = [t.user_attrs["objectives"][0] - t.user_attrs[key] for t in finished]
+        met = any(base_acc - t.user_attrs["objectives"][0] <= max_drop for t in finished)
+        if met and len(recovered) >= MIN_FINISHED:
             best = max(recovered)
             if base_acc - acc - best > max_drop + tol:
                 return (f"{100 * (base_acc - acc):.2f} points below the model, and no finished "

@@ -40,6 +40,28 @@ def _write_growing_run(log_dir, epoch):
     summary.close(log_dir)
 
 
+def _write_search_run(log_dir):
+    """A search's report as `search()` writes it: two finished trials (one chosen, both on
+    the front), one stopped early (a table row, not a point)."""
+    def trial(n, acc, size, ms, settings, **kw):
+        return dict(name=f"trial {n}", status="ok", int8_accuracy=acc, fp32_accuracy=acc,
+                    target_weight_bytes=size, target_latency_ms=ms, gzip_bytes=size,
+                    tflite_bytes=2 * size, latency_ms=ms, sparsity=0.5, settings=settings,
+                    on_front=True, accuracy_drop=0.9 - acc, **kw)
+
+    summary.leaves(log_dir, {
+        "kind": "search", "target": "ethos-u55-128", "chosen": "trial 1",
+        "targets": {"max_accuracy_drop": 0.05}, "baseline": {"fp32_accuracy": 0.9},
+        "missed": {}, "epochs_run": 9, "epochs_naive": 24,
+        "search": {"study_name": "keras_colopt-abc", "storage": "sqlite:///s.db"},
+        "leaves": [
+            trial(0, 0.88, 9000, 0.2, "prune 50%, 8 clusters per tensor, every layer"),
+            trial(1, 0.86, 5000, 0.15, "prune 75%, 4 clusters per tensor, every layer"),
+            {"name": "trial 2", "status": "stopped early", "settings": "prune 90%, 4 clusters",
+             "reason": "stopped after pruned: trial 1 compresses at least as hard"}]}, 3)
+    summary.close(log_dir)
+
+
 def _texts(driver, css, attr=None):
     script = ("return [...document.querySelectorAll(arguments[0])].map("
               "(e) => arguments[1] ? e.getAttribute(arguments[1]) : e.textContent)")
@@ -72,6 +94,7 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
                        (dashboard_logs.explore / "logs", "explore")], logs)
     _write_hostile_run(logs / "hostile")
     _write_growing_run(logs / "growing", 0)
+    _write_search_run(logs / "search")
 
     with browser.tensorboard(logs) as server:
         driver = browser.chromium()
@@ -80,7 +103,8 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
             runs = _texts(driver, "#colopt-run option", "value")
             assert sorted(runs) == sorted([
                 "run1/colopt", "violation/colopt", "hostile/colopt", "growing/colopt",
-                "explore/report/colopt", "explore/QAT/colopt", "explore/Baseline/colopt"])
+                "explore/report/colopt", "explore/QAT/colopt", "explore/Baseline/colopt",
+                "search/colopt"])
 
             # A compression run: its layers in model order, its phases on the epoch axis.
             browser.select_run(driver, "run1/colopt")
@@ -161,6 +185,26 @@ def test_the_dashboard_in_chromium(dashboard_logs, tmp_path):
             assert {k: float(v) for k, v in xs.items()} == {
                 r.name: r.target_latency_ms for r in dashboard_logs.report.leaves}
             browser.full_screenshot(driver, tmp_path / "explore_latency.png")
+
+            # search's trials: the finished ones as points, every one as a row with its
+            # settings, the chosen point ringed.
+            Select(driver.find_element(By.ID, "colopt-leaves-axis")).select_by_value("weights")
+            browser.select_run(driver, "search/colopt")
+            assert driver.find_element(By.CSS_SELECTOR, "#leaves h2").text.startswith(
+                "search: the trials")
+            assert sorted(_texts(driver, "#colopt-leaves-chart g.leaf", "data-leaf")) == [
+                "trial 0", "trial 1"]
+            assert len(driver.find_elements(By.CSS_SELECTOR, '#colopt-leaves-chart '
+                                            'g.leaf[data-leaf="trial 1"] .chosen-ring')) == 1
+            rows = driver.find_elements(By.CSS_SELECTOR, "#colopt-leaves tr[data-leaf]")
+            assert [r.get_attribute("data-leaf") for r in rows] == ["trial 0", "trial 1",
+                                                                     "trial 2"]
+            assert "prune 75%, 4 clusters" in rows[1].text and "on the front" in rows[1].text
+            assert "stopped early" in rows[2].text and "compresses at least" in rows[2].text
+            tip = _hover_tooltip(driver, driver.find_element(
+                By.CSS_SELECTOR, '#colopt-leaves-chart circle.point[data-leaf="trial 0"]'))
+            assert "settings" in tip and "prune 50%" in tip and "Pareto front" in tip
+            assert "Study keras_colopt-abc" in driver.find_element(By.ID, "leaves").text
 
             # Markup in names is shown as text, never run.
             browser.select_run(driver, "hostile/colopt")
