@@ -81,18 +81,30 @@ def ptq_file(model, x, folder, name):
                                    io="int8").path
 
 
-def tree(name, args, folder):
+def held_out(name, args):
+    """`((x, y), (xt, yt), about, model, float accuracy)` of a held-out model (its decay
+    baseline, trained once and kept in benchmarks/out/); small data with `--smoke`."""
     pair = MODELS[name]
     (x, y), (xt, yt), about = fh.MODELS[pair.split("-")[0]][0](args)
     if args.smoke:
         x, y, xt, yt = x[:512], y[:512], xt[:256], yt[:256]
     model, _ = fh.baseline(pair, x, y, args)
-    float_acc = float(model.evaluate(xt, yt, verbose=0, batch_size=256)[1])
+    return (x, y), (xt, yt), about, model, float(model.evaluate(xt, yt, verbose=0,
+                                                                batch_size=256)[1])
+
+
+def tree_phases(args) -> dict:
+    """explore's phases: its defaults, or one epoch each with `--smoke`."""
+    if not args.smoke:
+        return {}
+    return dict(prune=colopt.Prune(0.5, epochs=1), cluster=colopt.Cluster(8, epochs=1),
+                quantize=colopt.Quantize(epochs=1))
+
+
+def tree(name, args, folder):
+    (x, y), (xt, yt), about, model, float_acc = held_out(name, args)
     t0 = time.time()
-    kw = {}
-    if args.smoke:
-        kw = dict(prune=colopt.Prune(0.5, epochs=1), cluster=colopt.Cluster(8, epochs=1),
-                  quantize=colopt.Quantize(epochs=1))
+    kw = tree_phases(args)
     report = colopt.explore(model, x, y, validation_data=(xt, yt), out_dir=os.path.join(
         folder, name), target=colopt.targets.EthosU("ethos-u55-128"), batch_size=64,
         latency_runs=5, **kw)
@@ -209,7 +221,8 @@ def table(results) -> str:
     return "\n".join(out)
 
 
-def main():
+def arguments() -> argparse.ArgumentParser:
+    """The models, their data, --smoke and --results (this script's and search.py's)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--kws", default=os.path.join(HERE, "out", "kws", "kws_features.npz"))
@@ -217,7 +230,11 @@ def main():
     ap.add_argument("--fashion-train", type=int, default=6000)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = arguments().parse_args()
     from importlib.metadata import version
 
     results = {"vela": version("ethos-u-vela"), "models": [],

@@ -25,7 +25,6 @@ Writes benchmarks/results/search.json and search.md; the studies and their files
 benchmarks/out/search/<model>/ (search.db: the same command again resumes them).
 """
 
-import argparse
 import json
 import logging
 import os
@@ -38,25 +37,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import keras_colopt as colopt  # noqa: E402
-import finetune_heldout as fh  # noqa: E402
+import ethos_u  # noqa: E402
 
-MODELS = {"dscnn": "dscnn-decay", "mobilenet": "mobilenet-decay"}  # -> finetune_heldout pair
+MODELS = ethos_u.MODELS  # DS-CNN and MobileNet v1 0.25, their decay baselines
 
 
 def run(name, args, folder):
-    pair = MODELS[name]
-    (x, y), (xt, yt), about = fh.MODELS[pair.split("-")[0]][0](args)
-    if args.smoke:
-        x, y, xt, yt = x[:512], y[:512], xt[:256], yt[:256]
-    model, _ = fh.baseline(pair, x, y, args)
-    fp32 = float(model.evaluate(xt, yt, verbose=0, batch_size=256)[1])
+    (x, y), (xt, yt), about, model, fp32 = ethos_u.held_out(name, args)
     target = colopt.targets.EthosU("ethos-u55-128")
     params = sum(int(w.numpy().size) for w in model.weights)
     t0 = time.time()
-    kw = {}
-    if args.smoke:
-        kw = dict(prune=colopt.Prune(0.5, epochs=1), cluster=colopt.Cluster(8, epochs=1),
-                  quantize=colopt.Quantize(epochs=1))
+    kw = ethos_u.tree_phases(args)
     tree = colopt.explore(model, x, y, validation_data=(xt, yt), leaves=["PTQ", "PCQAT"],
                           out_dir=os.path.join(folder, name, "explore"), target=target,
                           batch_size=64, latency_runs=5, **kw)
@@ -138,14 +129,8 @@ def _settings(s):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap = ethos_u.arguments()
     ap.add_argument("--budget", type=int, default=24)
-    ap.add_argument("--kws", default=os.path.join(HERE, "out", "kws", "kws_features.npz"))
-    ap.add_argument("--kws-train", type=int, default=6000)
-    ap.add_argument("--fashion-train", type=int, default=6000)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--results", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if args.smoke:  # a check of the script: its results go to a temporary folder
         import tempfile

@@ -54,9 +54,8 @@ from keras_colopt.fit import collaborative_fit
 from keras_colopt.kernels import effective_kernels
 from keras_colopt.phases import Cluster, Prune, Quantize
 from keras_colopt.report import Baseline, LeafResult, Report, _fmt_target
-from keras_colopt.targets import EthosU, LiteRTCPU
 from keras_colopt.tree import (_accuracy, _baseline_teacher, _check_target, _reason, _samples,
-                               measure_leaf)
+                               check_inputs, measure_leaf)
 from keras_colopt.tree_state import TreeState, fingerprint
 
 log = logging.getLogger("keras_colopt")
@@ -587,27 +586,8 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
         raise ValueError("`space` must be a colopt.SearchSpace(...), e.g. "
                          "SearchSpace(sparsity=(0.5, 0.75), clusters=(4, 8)). Received: "
                          f"space={space!r}")
-    if target is not None and not isinstance(target, (EthosU, LiteRTCPU)):
-        raise ValueError("`target` must be a deployment target: colopt.targets.EthosU("
-                         "'ethos-u55-128') or colopt.targets.LiteRTCPU(threads=1), or None. "
-                         f"Received: target={target!r}")
-    if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-        raise ValueError("`validation_data` must be a tuple (x_val, y_val) of arrays: every "
-                         "trial's .tflite is run on it with LiteRT. Received: "
-                         f"{type(validation_data).__name__}")
-    xv, yv = (np.asarray(a) for a in validation_data)
-    if len(xv) == 0 or len(xv) != len(yv):
-        raise ValueError("`validation_data` must hold the same positive number of inputs and "
-                         f"labels. Received: {len(xv)} inputs, {len(yv)} labels.")
-    if representative_data is None:
-        if not hasattr(x, "__len__") or isinstance(x, dict):
-            raise ValueError("`representative_data` is required when `x` is not an array. "
-                             "Pass e.g. representative_data=x_sample[:256].")
-        representative_data = np.asarray(x)[:256]
-    for extra in ("validation_data", "initial_phase", "log_dir", "phases"):
-        if extra in fit_kwargs:
-            raise ValueError(f"search manages `{extra}` for every trial; remove it. "
-                             f"Received: {extra}={fit_kwargs[extra]!r}")
+    xv, yv, representative_data = check_inputs("search", "trial", target, validation_data, x,
+                                               representative_data, fit_kwargs)
     engine = get_engine(model)  # a clear error for an unsupported or uncompiled model
     layers = _compressible(model, engine)
     if not layers:
@@ -694,6 +674,7 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
                 trial.set_user_attr("reason", f"same settings as trial {same.number}: "
                                     + same.user_attrs.get("reason", "stopped"))
                 trial.set_user_attr("stopped_accuracy", same.user_attrs.get("stopped_accuracy"))
+                trial.set_user_attr("duplicate_of", same.number)
                 raise optuna.TrialPruned()
             for k in ("objectives", "result", "rung0", "rung1"):
                 if k in same.user_attrs:

@@ -463,28 +463,8 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
             or baseline_epochs < 0:
         raise ValueError("`baseline_epochs` must be an int >= 0 (0: the model is already "
                          f"trained). Received: baseline_epochs={baseline_epochs!r}")
-    if target is not None and not isinstance(target, (EthosU, LiteRTCPU)):
-        raise ValueError("`target` must be a deployment target: colopt.targets.EthosU("
-                         "'ethos-u55-128') or colopt.targets.LiteRTCPU(threads=1), or None. "
-                         f"Received: target={target!r}")
-    if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-        raise ValueError("`validation_data` must be a tuple (x_val, y_val) of arrays: every "
-                         "leaf's .tflite is run on it with LiteRT. Received: "
-                         f"{type(validation_data).__name__}")
-    xv, yv = (np.asarray(a) for a in validation_data)
-    if len(xv) == 0 or len(xv) != len(yv):
-        raise ValueError("`validation_data` must hold the same positive number of inputs and "
-                         f"labels. Received: {len(xv)} inputs, {len(yv)} labels.")
-    if representative_data is None:
-        if not hasattr(x, "__len__") or isinstance(x, dict):
-            raise ValueError("`representative_data` is required when `x` is not an array: "
-                             "post-training int8 leaves need calibration inputs. Pass e.g. "
-                             "representative_data=x_sample[:256].")
-        representative_data = np.asarray(x)[:256]
-    for extra in ("validation_data", "initial_phase", "log_dir", "phases"):
-        if extra in fit_kwargs:
-            raise ValueError(f"explore manages `{extra}` for every leaf; remove it. "
-                             f"Received: {extra}={fit_kwargs[extra]!r}")
+    xv, yv, representative_data = check_inputs("explore", "leaf", target, validation_data, x,
+                                               representative_data, fit_kwargs)
     get_engine(model)  # a clear error for an unsupported or uncompiled model
     # Every path's phase order, before any training.
     for leaf in leaves:
@@ -557,6 +537,36 @@ def explore(model, x, y=None, *, validation_data, out_dir, leaves: Optional[Sequ
              "%d); chosen: %s", report.wall_seconds, report.epochs_run, report.epochs_naive,
              report.chosen)
     return report
+
+
+def check_inputs(who: str, what: str, target, validation_data, x, representative_data,
+                 fit_kwargs: dict):
+    """`(x_val, y_val, representative_data)` checked for `explore` and `search` (`who`),
+    whose `what`s (leaves, trials) each get an int8 file measured on the validation data; a
+    ValueError naming the argument otherwise."""
+    if target is not None and not isinstance(target, (EthosU, LiteRTCPU)):
+        raise ValueError("`target` must be a deployment target: colopt.targets.EthosU("
+                         "'ethos-u55-128') or colopt.targets.LiteRTCPU(threads=1), or None. "
+                         f"Received: target={target!r}")
+    if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        raise ValueError("`validation_data` must be a tuple (x_val, y_val) of arrays: every "
+                         f"{what}'s .tflite is run on it with LiteRT. Received: "
+                         f"{type(validation_data).__name__}")
+    xv, yv = (np.asarray(a) for a in validation_data)
+    if len(xv) == 0 or len(xv) != len(yv):
+        raise ValueError("`validation_data` must hold the same positive number of inputs and "
+                         f"labels. Received: {len(xv)} inputs, {len(yv)} labels.")
+    if representative_data is None:
+        if not hasattr(x, "__len__") or isinstance(x, dict):
+            raise ValueError("`representative_data` is required when `x` is not an array: "
+                             f"post-training int8 {what} files need calibration inputs. Pass "
+                             "e.g. representative_data=x_sample[:256].")
+        representative_data = np.asarray(x)[:256]
+    for extra in ("validation_data", "initial_phase", "log_dir", "phases"):
+        if extra in fit_kwargs:
+            raise ValueError(f"{who} manages `{extra}` for every {what}; remove it. "
+                             f"Received: {extra}={fit_kwargs[extra]!r}")
+    return xv, yv, representative_data
 
 
 def _samples(x) -> Optional[int]:
