@@ -92,9 +92,9 @@ def table(results) -> str:
         out += [f"## {m['model']}: {m['about']}", "",
                 f"FP32 (Keras) {100 * m['fp32_accuracy']:.2f} %, {m['params']:,} weights "
                 f"({fw:,} B as float). explore (PTQ, PCQAT) {m['explore_seconds']} s; "
-                f"search {m['search_seconds']} s, {s['trials_run']} trials trained, "
-                f"{s['epochs_run']} epochs (a grid over the space: {s['grid_points']} points, "
-                f"{s['epochs_grid']:,} epochs).", "",
+                f"search {m['search_seconds']} s (this command), {s['trials_study']} trials "
+                f"trained, {s['epochs_study']} epochs (a grid over the space: "
+                f"{s['grid_points']} points, {s['epochs_grid']:,} epochs).", "",
                 "| model | settings | int8 acc | vs FP32 | weights B | vs float | vs PTQ "
                 "| vs default PCQAT | latency us | epochs |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -122,6 +122,8 @@ def table(results) -> str:
 
 
 def _settings(s):
+    if s["pruning"] == "none":
+        return "no compression (PTQ int8)"
     return (f"prune {s['pruning']}{' (continues ' + s['continued_from'] + ')' if s.get('continued_from') else ''}, "
             f"{s['clusters']} clusters {'per channel' if s['per_channel'] else 'per tensor'}, "
             f"{'every layer' if s['leave_out'] == 'none' else s['leave_out'] + ' left out'}, "

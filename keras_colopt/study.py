@@ -71,7 +71,10 @@ MIN_FINISHED = 2  # finished trials before their gains from a rung judge another
 # Optuna's trial states as this report names them ("pruned" would read as weight pruning)
 STATES = {"COMPLETE": "complete", "PRUNED": "stopped early", "FAIL": "failed",
           "RUNNING": "running", "WAITING": "waiting"}
-REFERENCE = "PTQ-reference"  # the model as given, post-training int8: the point to compare
+REFERENCE = "PTQ-reference"  # the model as given, post-training int8: a point like any other
+REFERENCE_SETTINGS = {"pruning": "none", "sparsity": 0.0, "structure": None, "clusters": None,
+                      "per_channel": None, "leave_out": None, "epochs": 0,
+                      "continued_from": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +163,8 @@ def settings_of(params: dict) -> dict:
 
 
 def describe(s: dict) -> str:
+    if s.get("pruning") == "none":
+        return "no compression: the model as given, post-training int8"
     return (f"prune {s['pruning']}, {s['clusters']} clusters "
             f"{'per channel' if s['per_channel'] else 'per tensor'}, "
             f"{'every layer' if s['leave_out'] == 'none' else s['leave_out'] + ' left out'}, "
@@ -243,6 +248,7 @@ class SearchReport:
         trials_run: trials this call trained (not those it found finished, nor proposals
             equal to a finished trial).
         epochs_run: epochs this call trained.
+        trials_study, epochs_study: the same over the whole study (every call and worker).
         epochs_grid: what a grid over the space would train (every point its own run).
         trials: every trial of the study: number, state, settings, values or why it stopped.
         baseline: the model as given: Keras accuracy, float weight bytes, its PTQ int8 file.
@@ -254,6 +260,8 @@ class SearchReport:
     trials_run: int
     epochs_run: int
     epochs_grid: int
+    trials_study: int
+    epochs_study: int
     grid_points: int
     trials: List[dict]
     baseline: dict
@@ -269,7 +277,8 @@ class SearchReport:
         return {"front": [p.as_dict() for p in self.front],
                 "chosen": None if self.chosen is None else self.chosen.as_dict(),
                 "missed": self.missed, "trials_run": self.trials_run,
-                "epochs_run": self.epochs_run, "epochs_grid": self.epochs_grid,
+                "epochs_run": self.epochs_run, "trials_study": self.trials_study,
+                "epochs_study": self.epochs_study, "epochs_grid": self.epochs_grid,
                 "grid_points": self.grid_points, "trials": self.trials,
                 "baseline": self.baseline, "targets": self.targets, "target": self.target,
                 "study_name": self.study_name, "storage": self.storage, "space": self.space,
@@ -325,8 +334,10 @@ class SearchReport:
             out.append(f"| {t['number']} | {STATES.get(t['state'], t['state'].lower())} | "
                        f"{describe(t['settings']) if t.get('settings') else '-'} | {res} |")
         out += ["", f"Training: {self.epochs_run} epochs run by this call over "
-                f"{self.trials_run} trials; a grid over the space ({self.grid_points} points, "
-                f"each its own run) would train {self.epochs_grid:,}."]
+                f"{self.trials_run} trials; {self.epochs_study} over the study's "
+                f"{self.trials_study} trained trials (every call and worker); a grid over the "
+                f"space ({self.grid_points} points, each its own run) would train "
+                f"{self.epochs_grid:,}."]
         if self.wall_seconds is not None:
             out.append(f"Wall time: {self.wall_seconds:.1f} s.")
         return "\n".join(out) + "\n"
@@ -684,7 +695,7 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
                      describe(s), same.number)
             return tuple(same.values)
         ran["trials"] += 1
-        t1 = time.time()
+        t1, e1 = time.time(), nodes.epochs_run
         for rung, stage in enumerate(_RUNGS):
             _, acc, meta = nodes.pruned(s) if rung == 0 else nodes.clustered(s)
             if rung == 0:
@@ -694,6 +705,7 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
             why = _weak(study, trial.number, s, rung, acc, base_acc, tol,
                         targets["max_accuracy_drop"])
             if why:
+                trial.set_user_attr("epochs", nodes.epochs_run - e1)
                 trial.set_user_attr("reason", f"stopped after {stage}: {why}")
                 trial.set_user_attr("stopped_accuracy", acc)
                 log.info("search trial %d: %s: stopped after %s (%.2f%%): %s", trial.number,
@@ -705,6 +717,7 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
                             representative_data, xv, yv, target, latency_runs,
                             log_dir=nodes.log_dir(f"trial_{trial.number}"))
         leaf.seconds = time.time() - t1
+        trial.set_user_attr("epochs", nodes.epochs_run - e1)
         values = (float(leaf.int8_accuracy), float(size_of(leaf)), float(latency_of(leaf)))
         trial.set_user_attr("objectives", values)
         trial.set_user_attr("result", json.loads(json.dumps(dataclasses.asdict(leaf),
@@ -825,7 +838,7 @@ def _baseline(model, engine, rep, xv, yv, acc, state, target, out_dir, latency_r
     """The model as given: accuracy, float weight bytes, and its PTQ int8 file on the
     target (kept with the nodes: measured once per out_dir)."""
     params = sum(int(np.prod(np.shape(w))) for w in model.weights)
-    out = {"fp32_accuracy": acc, "float_weight_bytes": 4 * params, "ptq": None}
+    out = {"fp32_accuracy": acc, "float_weight_bytes": 4 * params, "ptq": None, "leaf": None}
     saved = state.load_leaf(REFERENCE)
     if saved is not None:
         leaf = saved[0]
@@ -840,6 +853,7 @@ def _baseline(model, engine, rep, xv, yv, acc, state, target, out_dir, latency_r
     size_of, latency_of = _objective_readers(target)
     out["ptq"] = {"int8_accuracy": leaf.int8_accuracy, "weight_bytes": size_of(leaf),
                   "latency_ms": latency_of(leaf), "tflite": leaf.tflite}
+    out["leaf"] = leaf
     return out
 
 
@@ -848,14 +862,18 @@ def _point(t) -> SearchPoint:
     known = {f.name for f in dataclasses.fields(LeafResult)}
     leaf = LeafResult(**{k: v for k, v in r.items() if k in known})
     leaf.name = f"trial {t.number}"
-    acc, weight_bytes, latency = t.user_attrs["objectives"]
+    return _point_of(leaf, t.user_attrs["settings"], t.user_attrs["objectives"], t.number)
+
+
+def _point_of(leaf: LeafResult, settings: dict, objectives, number=None) -> SearchPoint:
+    acc, weight_bytes, latency = objectives
     deployed = {"weight_bytes": int(weight_bytes), "latency_ms": latency,
                 "sram_bytes": leaf.target_sram_bytes, "flash_bytes": leaf.target_flash_bytes,
                 "cycles": leaf.target_cycles, "cpu_ops": leaf.target_cpu_ops,
                 "gzip_bytes": leaf.gzip_bytes, "litert_latency_ms": leaf.latency_ms}
-    return SearchPoint(name=leaf.name, settings=t.user_attrs["settings"], int8_accuracy=acc,
+    return SearchPoint(name=leaf.name, settings=settings, int8_accuracy=acc,
                        tflite=leaf.tflite, deployed=deployed, fp32_accuracy=leaf.fp32_accuracy,
-                       trial=t.number, leaf=leaf)
+                       trial=number, leaf=leaf)
 
 
 def _write(study, a) -> SearchReport:
@@ -868,11 +886,17 @@ def _write(study, a) -> SearchReport:
                "values": list(t.values) if t.values else None,
                "reason": t.user_attrs.get("reason"), "worker": t.user_attrs.get("worker"),
                "duplicate_of": t.user_attrs.get("duplicate_of"),
+               "epochs": t.user_attrs.get("epochs"),
                "rungs": [t.user_attrs.get(f"rung{i}") for i in range(len(_RUNGS))]}
         trials.append(row)
         if t.state == TrialState.COMPLETE and "result" in t.user_attrs \
                 and t.user_attrs.get("duplicate_of") is None:
             points.append(_point(t))
+    ref = a["baseline"]["leaf"]
+    if ref is not None:  # the model as given, int8: when it meets the targets, it is the answer
+        size_of, latency_of = _objective_readers(a["target"])
+        points.append(_point_of(ref, dict(REFERENCE_SETTINGS),
+                                (ref.int8_accuracy, size_of(ref), latency_of(ref))))
     front = sorted(pareto_front(points, SearchPoint.values), key=lambda p: p.values()[1])
     # The chosen point and what was missed, as explore decides them.
     tree_report = Report(leaves=[p.leaf for p in points], targets=a["targets"],
@@ -883,8 +907,11 @@ def _write(study, a) -> SearchReport:
     space = a["space"]
     report = SearchReport(
         front=front, chosen=chosen, missed=tree_report.missed, trials_run=a["ran"]["trials"],
+        trials_study=_counted(study),
+        epochs_study=sum(t["epochs"] or 0 for t in trials),
         epochs_run=a["nodes"].epochs_run, epochs_grid=space.grid_epochs(),
-        grid_points=space.grid_points(), trials=trials, baseline=a["baseline"],
+        grid_points=space.grid_points(), trials=trials,
+        baseline={k: v for k, v in a["baseline"].items() if k != "leaf"},
         targets=a["targets"], target=None if a["target"] is None else a["target"].name,
         study_name=a["study_name"], storage=a["storage"], out_dir=a["out_dir"],
         space=space.as_dict(), wall_seconds=time.time() - a["t0"])
