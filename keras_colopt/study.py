@@ -7,7 +7,8 @@ tensor or per channel, which layers are left out, fine-tuning epochs). Its int8 
 exported, compiled for the target and measured exactly as an explore leaf
 (`tree.measure_leaf`); the study's three objectives are that file's LiteRT accuracy, the
 target's size and the target's latency. The report is their Pareto front, and the smallest
-point that meets every target.
+point that meets every target; the model as given, post-training int8, is one of the points
+(when only it meets the targets, it is the answer).
 
 Frugal on two cores:
 
@@ -231,9 +232,8 @@ class SearchPoint:
         return (self.int8_accuracy, self.deployed["weight_bytes"], self.deployed["latency_ms"])
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "settings", "int8_accuracy", "tflite",
-                                           "deployed", "fp32_accuracy", "trial")}
-        return d
+        return {k: getattr(self, k) for k in ("name", "settings", "int8_accuracy", "tflite",
+                                              "deployed", "fp32_accuracy", "trial")}
 
 
 @dataclasses.dataclass
