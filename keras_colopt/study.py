@@ -512,13 +512,27 @@ def _storage(storage, out_dir: str):
                          f"None for <out_dir>/search.db. Received: storage={storage!r}")
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else \
         {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(
-            storage, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
-                max_retry=2))
+    import sqlalchemy
+
+    # Workers started together on a new database all create Optuna's tables; on PostgreSQL
+    # all but one then fail (a duplicate enum type, measured in the two-worker test). The
+    # tables exist by then: trying again joins them.
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(
+                    storage, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                        max_retry=2))
+            break
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            if attempt == 4:
+                raise
+            log.info("search: the storage was being set up by another worker (%s); trying "
+                     "again", type(e).__name__)
+            time.sleep(1 + attempt)
     shown = storage.split("@")[-1] if "@" in storage else storage  # no password in reports
     return rdb, shown
 
