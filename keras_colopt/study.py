@@ -498,6 +498,13 @@ class _Nodes:
         return self.fit(clustered, phases, 2, name)
 
 
+def _check_storage(storage) -> None:
+    if isinstance(storage, str) and "://" not in storage:
+        raise ValueError("`storage` must be an Optuna storage URL, e.g. "
+                         "'postgresql://user:password@host/db' or 'sqlite:///search.db', or "
+                         f"None for <out_dir>/search.db. Received: storage={storage!r}")
+
+
 def _storage(storage, out_dir: str):
     """An Optuna storage with heartbeats (a killed worker's trial is failed and retried)."""
     import optuna
@@ -506,10 +513,7 @@ def _storage(storage, out_dir: str):
         storage = f"sqlite:///{os.path.join(out_dir, 'search.db')}"
     if not isinstance(storage, str):
         return storage, type(storage).__name__
-    if "://" not in storage:
-        raise ValueError("`storage` must be an Optuna storage URL, e.g. "
-                         "'postgresql://user:password@host/db' or 'sqlite:///search.db', or "
-                         f"None for <out_dir>/search.db. Received: storage={storage!r}")
+    _check_storage(storage)
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else \
         {"pool_pre_ping": True}
     import sqlalchemy
@@ -539,8 +543,8 @@ def _storage(storage, out_dir: str):
 
 def _check_budget(budget):
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-        raise ValueError("`budget` must be a positive number of trials (trained, stopped early "
-                         f"or reused; every worker's together). Received: budget={budget!r}")
+        raise ValueError("`budget` must be a positive number of trials (trained or stopped "
+                         f"early; every worker's together). Received: budget={budget!r}")
     return int(budget)
 
 
@@ -623,8 +627,7 @@ def search(model, x, y=None, *, validation_data, out_dir, target=None,
                          f"({layers[0][0]}); leaving it out leaves nothing. Expected "
                          "space.leave_out=('none',).")
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if isinstance(storage, str) and "://" not in storage:  # before anything is written
-        _storage(storage, out_dir)
+    _check_storage(storage)  # before anything is written
     make_writable_folder(out_dir, "`out_dir`", "the search (`out_dir`)")
     os.makedirs(os.path.join(out_dir, "tflite"), exist_ok=True)
     fit_args = dict(fit_kwargs, batch_size=batch_size, verbose=2 if verbose >= 2 else 0)
